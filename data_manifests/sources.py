@@ -1,0 +1,176 @@
+"""Turn a manifest row's (file, fragment) into a PIL image.
+
+Container files (IDX, npz, ndjson) are decoded once and kept in a small LRU cache, because a
+dataset of thousands of rows hits the same file thousands of times. Cache keys include the file's
+mtime and size, so a rewritten file is read again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data_manifests.manifest import ManifestError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IDX_IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions (count, rows, cols)
+IDX_LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension (count)
+SKETCH_SIZE = 256  # Quick, Draw! drawings are rasterised onto a canvas this wide and high
+SKETCH_MARGIN = 16
+SKETCH_LINE_WIDTH = 3
+_CACHED_FILES = 4
+T = TypeVar("T")
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    """(path, mtime, size): raises FileNotFoundError for a missing file, and changes when it is rewritten."""
+    stat = Path(path).stat()
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """The uint8 array of an IDX file (optionally .gz) whose magic number must be `magic`; read-only, cached."""
+    return _read_idx(_file_key(path), magic)
+
+
+@lru_cache(maxsize=_CACHED_FILES)
+def _read_idx(key: tuple[str, int, int], magic: int) -> np.ndarray:
+    path = key[0]
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip raises these for corrupt or cut-short archives
+        raise ManifestError(f"{path}: cannot read IDX file: {e}") from e
+    found = int.from_bytes(data[:4], "big")
+    if len(data) < 4 or found != magic:
+        raise ManifestError(f"{path}: IDX magic number is {found}, expected {magic}; not the right IDX file")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise ManifestError(f"{path}: IDX header says shape {shape} ({expected} bytes), the file has {len(data)} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_ndjson_lines(path: Path) -> tuple[str, ...]:
+    """The non-blank lines of an ndjson file; a row's fragment is an index into this tuple. Cached."""
+    return _read_ndjson_lines(_file_key(path))
+
+
+@lru_cache(maxsize=_CACHED_FILES)
+def _read_ndjson_lines(key: tuple[str, int, int]) -> tuple[str, ...]:
+    with open(key[0], encoding="utf-8") as f:
+        return tuple(line for line in f.read().splitlines() if line.strip())
+
+
+@lru_cache(maxsize=_CACHED_FILES)
+def _read_npz_images(key: tuple[str, int, int]) -> np.ndarray:
+    with np.load(key[0], allow_pickle=False) as npz:
+        if "images" not in npz.files:
+            raise ValueError(f"{key[0]}: no 'images' array (it has {', '.join(npz.files)})")
+        return npz["images"]
+
+
+def _item(items: Sequence[T], fragment: str, path: Path) -> T:
+    """items[int(fragment)], with a message naming the file when the fragment is bad."""
+    try:
+        index = int(fragment)
+    except ValueError:
+        raise ValueError(f"{path}#{fragment}: the fragment must be an integer index") from None
+    if not 0 <= index < len(items):
+        raise IndexError(f"{path}#{fragment}: index out of range, the file holds {len(items)} items")
+    return items[index]
+
+
+def _kind(path: Path) -> str:
+    """'idx', 'npz', 'ndjson' or 'image', from the file name."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith("-ubyte") or name.endswith(".idx"):
+        return "idx"
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(".ndjson"):
+        return "ndjson"
+    return "image"
+
+
+def load_image(path: Path, fragment: str | None) -> Image.Image:
+    """The image a manifest row names, decoded now (so a broken file fails here), mode "L" or "RGB"."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "image":
+        if fragment is not None:
+            raise ValueError(f"{path}#{fragment}: an image file takes no '#fragment'")
+        return _open_image_file(path)
+    if fragment is None:
+        raise ValueError(f"{path}: a {kind} file holds many images; name one with '#<index>'")
+    if kind == "idx":
+        return Image.fromarray(_item(read_idx(path, IDX_IMAGES_MAGIC), fragment, path).copy())
+    if kind == "npz":
+        array = _item(_read_npz_images(_file_key(path)), fragment, path)
+        if array.dtype != np.uint8:
+            raise ValueError(f"{path}: 'images' must be uint8, it is {array.dtype}")
+        return Image.fromarray(array.copy())
+    line = _item(read_ndjson_lines(path), fragment, path)
+    try:
+        strokes = json.loads(line)["drawing"]
+        return rasterise_strokes(strokes)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{path}#{fragment}: not a Quick, Draw! drawing ({type(e).__name__}: {e})") from e
+
+
+def _open_image_file(path: Path) -> Image.Image:
+    """Decode fully and reduce to "L" (grey sources) or "RGB", putting transparency on white."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unknown, corrupt or cut-short files
+        raise OSError(f"{path}: cannot decode image: {e}") from e
+    if image.mode in ("L", "RGB"):
+        return image
+    grey = image.mode in ("1", "L", "LA", "La", "I", "I;16", "F")
+    if image.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert("L" if grey else "RGB")
+
+
+def rasterise_strokes(strokes: list) -> Image.Image:
+    """Draw Quick, Draw! strokes ([[x...], [y...], [t...]] each) black on white, mode "L".
+
+    The drawing's bounding box is scaled (aspect kept) and centred into the canvas inside a margin.
+    """
+    points = [list(zip(stroke[0], stroke[1])) for stroke in strokes]
+    xs = [x for stroke in points for x, _ in stroke]
+    ys = [y for stroke in points for _, y in stroke]
+    if not xs:
+        raise ValueError("the drawing has no points")
+    width, height = max(xs) - min(xs), max(ys) - min(ys)
+    inner = SKETCH_SIZE - 1 - 2 * SKETCH_MARGIN
+    scale = inner / max(width, height) if max(width, height) > 0 else 1.0
+    left = SKETCH_MARGIN + (inner - width * scale) / 2 - min(xs) * scale
+    top = SKETCH_MARGIN + (inner - height * scale) / 2 - min(ys) * scale
+
+    image = Image.new("L", (SKETCH_SIZE, SKETCH_SIZE), 255)
+    draw = ImageDraw.Draw(image)
+    radius = SKETCH_LINE_WIDTH / 2
+    for stroke in points:
+        xy = [(left + x * scale, top + y * scale) for x, y in stroke]
+        if len(xy) == 1:  # a tap: a dot as wide as a line
+            (x, y), = xy
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=0)
+        elif xy:
+            draw.line(xy, fill=0, width=SKETCH_LINE_WIDTH, joint="curve")
+    return image

@@ -1,0 +1,51 @@
+"""`featurestore inspect`: what a store holds, as one JSON-ready document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from featurestore.store import FeatureStore
+
+FAILED_IDS_SHOWN = 50
+
+
+def inspect_store(url: str) -> dict[str, Any]:
+    """Per run: run_id, spec, (timestep, block) -> array path and shape, image counts."""
+    store = FeatureStore.open(url, mode="r")
+    runs = []
+    for run in store.runs():
+        status = run.status()
+        runs.append({
+            "run_id": run.run_id,
+            "spec": run.spec,
+            "blocks": run.blocks,
+            "timesteps": run.timesteps,
+            "arrays": [
+                {
+                    "timestep": t,
+                    "block": block,
+                    "path": run.array_path(t, block),
+                    "shape": list(run.array(t, block).shape),
+                    "dtype": str(run.array(t, block).dtype),
+                    "chunks": list(run.array(t, block).chunks),
+                }
+                for t in run.timesteps
+                for block in run.blocks
+            ],
+            "images": status.images,
+            "done": status.done,
+            "failed": status.failed,
+            "pending": status.pending,
+            "failed_ids": dict(list(status.failed_ids.items())[:FAILED_IDS_SHOWN]),
+            "complete": status.pending == 0,
+            "created": run.attrs.get("created"),
+            "finished": run.attrs.get("finished"),
+            "provenance": run.provenance,
+            "sessions": run.attrs.get("sessions", []),
+        })
+    return {
+        "store": str(url),
+        "format_version": store.group.attrs["format_version"],
+        "images": len(store.images),
+        "runs": runs,
+    }
