@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_manifests.manifest import Manifest, load_dataset, load_manifest
+from data_manifests.manifest import Manifest, ManifestError, load_dataset, load_manifest
 from featurestore.store import FeatureStore, Run
 from pipelines.extract.backbone import Backbone, create_backbone
 from pipelines.extract.noise import NOISE_MODES, noisy_input
@@ -252,6 +252,11 @@ def _load_manifest(cfg: ExtractConfig) -> Manifest:
         if cfg.limit < 1:
             raise ValueError("--limit must be at least 1")
         manifest = manifest.head(cfg.limit)
+    if len(manifest.missing()) == len(manifest):
+        raise ManifestError(
+            f"none of the {len(manifest)} files of {manifest.name!r} exist under {manifest.root}; "
+            "point --data-root at the dataset"
+        )
     return manifest
 
 

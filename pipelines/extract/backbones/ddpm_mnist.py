@@ -44,8 +44,12 @@ class Denoiser(nn.Module):
         )
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
-        tau = (t.float() / TIMESTEPS)[:, None] * self.frequencies[None, :]
-        return self.time_embed(torch.cat([torch.sin(tau), torch.cos(tau) - 1], dim=1))
+        """Embed each distinct timestep once and gather per sample. The matmul then sees the same
+        rows whatever else the batch holds (CPU GEMMs round differently for 4 rows than for 32),
+        so a sample's features never depend on the batch size."""
+        steps, index = torch.unique(t, return_inverse=True)
+        tau = (steps.float() / TIMESTEPS)[:, None] * self.frequencies[None, :]
+        return self.time_embed(torch.cat([torch.sin(tau), torch.cos(tau) - 1], dim=1))[index]
 
     def features(self, z: torch.Tensor, t: torch.Tensor, last_block: int = 4):
         """Yield (index, output) of blocks 0..last_block; block 4 is the eps prediction."""
