@@ -92,7 +92,7 @@ class FeatureStore:
     @classmethod
     def open(cls, url: str, mode: str = "r") -> FeatureStore:
         """Open a store; mode "a" creates it when missing, "r" requires it to exist."""
-        url = str(url)
+        url = str(url).removeprefix("file://")  # a local path: zarr's LocalStore creates folders
         if mode == "r":
             try:
                 group = zarr.open_group(url, mode="r")

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,8 @@ class ExtractResult:
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run (or continue) the extraction of `cfg` into its store."""
+    check_device(cfg.device)
+    cfg = replace(cfg, timesteps=sorted(cfg.timesteps))  # the order given does not change the run
     manifest = _load_manifest(cfg)
     backbone = create_backbone(cfg.backbone, cfg.weights, read_backbone_config(cfg.backbone_config), cfg.device)
     blocks = resolve_blocks(backbone, cfg.blocks)
@@ -285,3 +287,15 @@ def _check_options(cfg: ExtractConfig, backbone: Backbone) -> None:
         raise ValueError(f"timesteps must be integers in 0..{n_t - 1} for {backbone.name}; got {cfg.timesteps}")
     if len(set(cfg.timesteps)) != len(cfg.timesteps):
         raise ValueError(f"timesteps repeat: {cfg.timesteps}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this torch cannot use, rather than failing mid-run or falling back."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device: {exc}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available to this torch build ({torch.__version__})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")

@@ -44,7 +44,7 @@ def test_every_array_entry_opens_at_its_path_with_its_shape(make_run):
         np.testing.assert_array_equal(arr[:], w.data[key])
 
 
-def test_document_is_plain_json(make_run, monkeypatch):
+def test_document_is_plain_json(make_run):
     w = make_run()
     w.run.record_session({"chunks": 2, "seconds": {"read": 0.25}})
     w.run.mark_finished()

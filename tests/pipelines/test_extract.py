@@ -224,6 +224,7 @@ def test_a_malformed_manifest_is_a_clear_error_and_writes_nothing(tmp_path):
     (["--prompt", "blip"], "unconditional"),
     (["--noise", "fancy"], "--noise 'fancy'"),
     (["--dataset", "nosuch"], "nosuch"),
+    (["--device", "tpu"], "not a torch device"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(tmp_path, option, message):
     store = tmp_path / "s.zarr"

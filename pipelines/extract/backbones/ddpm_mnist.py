@@ -100,7 +100,7 @@ class DDPMMnistBackbone(Backbone):
         return {f"block{i}": h for i, h in self.module.gt.features(x_t, t, last_block=max(wanted)) if i in wanted}
 
 
-@register_backbone("ddpm-mnist", "MNIST pixel DDPM (149k params, 28x28 grey), vendored weights; blocks block0..block3")
+@register_backbone("ddpm-mnist", "MNIST pixel DDPM (147k parameters, 28x28 grey), vendored weights; blocks block0..block3")
 def build(weights: Path | None, config: dict | None, device: str) -> DDPMMnistBackbone:
     if config:
         raise WeightsError("ddpm-mnist takes no --backbone-config")

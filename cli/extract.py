@@ -1,0 +1,64 @@
+"""`featurestore extract`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.app import EXIT_SOME_FAILED, app, parse_blocks, parse_pool, parse_timesteps, user_errors
+
+
+@app.command()
+@user_errors
+def extract(
+    store: Annotated[str, typer.Option(help="Store path or fsspec URL (created if missing).")],
+    backbone: Annotated[str, typer.Option(help="A registered backbone (featurestore backbones list).")] = "ddpm-mnist",
+    dataset: Annotated[Optional[str], typer.Option(help="A dataset of data_manifests/ (demo, mnist-test, ...).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="A manifest YAML or CSV instead of --dataset.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Overrides the manifest's root folder.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint file (.safetensors, or .pt/.pth/.th read weights-only).")] = None,
+    backbone_config: Annotated[Optional[Path], typer.Option(help="JSON config of a configurable backbone.")] = None,
+    timesteps: Annotated[str, typer.Option(help="Comma-separated integer timesteps.")] = "100",
+    blocks: Annotated[str, typer.Option(help="'all' or comma-separated block names.")] = "all",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images of the manifest.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward (does not change the values).")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the per-(image, t) noise.")] = 0,
+    prompt: Annotated[str, typer.Option(help="null|blip|classnames|fixed:TEXT|file:PATH (conditional backbones).")] = "null",
+    noise: Annotated[str, typer.Option(help="ddpm (q_sample) or none (the clean input at timestep t).")] = "ddpm",
+    device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
+    pool: Annotated[Optional[str], typer.Option(help="Adaptive average pool: SIZE for all, or BLOCK=SIZE,...")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored precision: float16 or float32.")] = "float16",
+    chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per chunk of a new run (default from block sizes).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Run the frozen backbone once per (image, timestep) and store every requested block."""
+    from pipelines.extract.runner import ExtractConfig, extract as run_extract
+
+    cfg = ExtractConfig(
+        store=store, backbone=backbone, dataset=dataset, manifest=manifest, data_root=data_root,
+        weights=weights, backbone_config=backbone_config, timesteps=parse_timesteps(timesteps),
+        blocks=parse_blocks(blocks), limit=limit, batch_size=batch_size, seed=seed, noise=noise,
+        prompt=prompt, pool=parse_pool(pool), dtype=dtype, device=device, chunk_rows=chunk_rows,
+        progress=not json_out and sys.stderr.isatty(),
+    )
+    result = run_extract(cfg)
+    if json_out:
+        typer.echo(result.to_json())
+    else:
+        s = result.seconds
+        typer.echo(
+            f"run {result.run_id}: {result.done}/{result.images} images done, {len(result.failed)} failed; "
+            f"wrote {result.chunks_written} chunks, {result.chunks_skipped} already done"
+        )
+        if result.chunks_written:
+            typer.echo(
+                f"{s['total']:.1f} s ({result.images_timesteps_per_s:.1f} images*t/s); waiting on read "
+                f"{s['read']:.1f} s, compute {s['compute']:.1f} s, waiting on write {s['write']:.1f} s"
+            )
+        for image_id, error in list(result.failed.items())[:20]:
+            typer.echo(f"failed: {image_id}: {error}", err=True)
+    if result.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)

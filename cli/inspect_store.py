@@ -1,0 +1,33 @@
+"""`featurestore inspect`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from cli.app import app, user_errors
+
+
+@app.command()
+@user_errors
+def inspect(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full JSON document.")] = False,
+) -> None:
+    """Runs, specs, arrays and image counts of a store."""
+    from featurestore.inspect import inspect_store
+
+    doc = inspect_store(store)
+    if json_out:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    typer.echo(f"{doc['store']}: {doc['images']} images, {len(doc['runs'])} runs")
+    for run in doc["runs"]:
+        spec = run["spec"]
+        typer.echo(
+            f"  {run['run_id']}  {spec['backbone']} on {spec['dataset']}  t={spec['timesteps']}  "
+            f"blocks={','.join(spec['blocks'])}  done {run['done']}/{run['images']}, failed {run['failed']}, "
+            f"pending {run['pending']}"
+        )
