@@ -30,7 +30,10 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def parse_timesteps(text: str) -> list[int]:
+def parse_timesteps(text: str | None) -> list[int] | None:
+    """`10,100,300`; None or empty: the backbone's defaults."""
+    if not text:
+        return None
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:

@@ -24,15 +24,15 @@ def backbones_list() -> None:
 @user_errors
 def backbones_show(
     name: Annotated[str, typer.Argument(help="Backbone name.")],
-    weights: Annotated[Optional[Path], typer.Option(help="Load and check this checkpoint strictly.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Load and check this checkpoint strictly (default: meta weights, nothing loaded).")] = None,
     backbone_config: Annotated[Optional[Path], typer.Option(help="JSON config of a configurable backbone.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Parameter count, input and block table (C, H, W) of a backbone; nothing is downloaded."""
-    from pipelines.extract.backbone import create_backbone
+    from pipelines.extract.backbone import META, create_backbone
     from pipelines.extract.runner import read_backbone_config
 
-    doc = create_backbone(name, weights, read_backbone_config(backbone_config)).describe()
+    doc = create_backbone(name, weights or META, read_backbone_config(backbone_config)).describe()
     if json_out:
         typer.echo(json.dumps(doc, indent=2))
         return

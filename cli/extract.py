@@ -19,19 +19,27 @@ def extract(
     dataset: Annotated[Optional[str], typer.Option(help="A dataset of data_manifests/ (demo, mnist-test, ...).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="A manifest YAML or CSV instead of --dataset.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Overrides the manifest's root folder.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint file (.safetensors, or .pt/.pth/.th read weights-only).")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="Checkpoint (.safetensors, .pt/.pth/.th read weights-only), model folder, or 'random'.")] = None,
     backbone_config: Annotated[Optional[Path], typer.Option(help="JSON config of a configurable backbone.")] = None,
-    timesteps: Annotated[str, typer.Option(help="Comma-separated integer timesteps.")] = "100",
+    timesteps: Annotated[Optional[str], typer.Option(help="Comma-separated integer timesteps (default: the backbone's).")] = None,
     blocks: Annotated[str, typer.Option(help="'all' or comma-separated block names.")] = "all",
+    attention_maps: Annotated[bool, typer.Option(help="Also store cross-attention maps <block>.attn.")] = False,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images of the manifest.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward (does not change the values).")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the per-(image, t) noise.")] = 0,
     prompt: Annotated[str, typer.Option(help="null|blip|classnames|fixed:TEXT|file:PATH (conditional backbones).")] = "null",
-    noise: Annotated[str, typer.Option(help="ddpm (q_sample) or none (the clean input at timestep t).")] = "ddpm",
+    noise: Annotated[str, typer.Option(help="ddpm (q_sample), ddim-inversion, or none (the clean input at t).")] = "ddpm",
+    ddim_steps: Annotated[int, typer.Option(help="DDIM inversion steps up to the largest timestep.")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance of the DDIM inversion.")] = 1.0,
+    captioner: Annotated[Optional[str], typer.Option(help="BLIP folder or hub id in the local cache (--prompt blip).")] = None,
+    caption_max_tokens: Annotated[int, typer.Option(help="Longest BLIP caption, in tokens.")] = 30,
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     pool: Annotated[Optional[str], typer.Option(help="Adaptive average pool: SIZE for all, or BLOCK=SIZE,...")] = None,
     dtype: Annotated[str, typer.Option(help="Stored precision: float16 or float32.")] = "float16",
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per chunk of a new run (default from block sizes).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Run on an existing dask cluster at this address.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run the frozen backbone once per (image, timestep) and store every requested block."""
@@ -40,8 +48,10 @@ def extract(
     cfg = ExtractConfig(
         store=store, backbone=backbone, dataset=dataset, manifest=manifest, data_root=data_root,
         weights=weights, backbone_config=backbone_config, timesteps=parse_timesteps(timesteps),
-        blocks=parse_blocks(blocks), limit=limit, batch_size=batch_size, seed=seed, noise=noise,
-        prompt=prompt, pool=parse_pool(pool), dtype=dtype, device=device, chunk_rows=chunk_rows,
+        blocks=parse_blocks(blocks), attention_maps=attention_maps, limit=limit, batch_size=batch_size,
+        seed=seed, noise=noise, ddim_steps=ddim_steps, guidance_scale=guidance_scale, prompt=prompt,
+        captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), dtype=dtype,
+        device=device, chunk_rows=chunk_rows, workers=workers, scheduler=scheduler,
         progress=not json_out and sys.stderr.isatty(),
     )
     result = run_extract(cfg)

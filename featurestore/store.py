@@ -4,6 +4,7 @@ Layout (every path is a zarr array or group)::
 
     store.zarr/
       images/{dataset,id,label,class_name,split,domain,source}   one row per image, union of all runs
+      captions/<captioner key>/{text,done}   one caption per images row, reused by every run
       runs/<run_id>/                 attrs: spec, blocks, timesteps, provenance, times
         rows                         (N,) int64: row i of every feature array is images row rows[i]
         t<T>/<block>                 (N, C, H, W) features, chunked along N by `chunk_rows`
@@ -149,6 +150,33 @@ class FeatureStore:
                 g[c].resize((start + len(appended),))
                 g[c][start:] = new[c][appended]
         return rows
+
+    # -- captions -----------------------------------------------------------------------------
+    def captions(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(text, done) per images-table row for one captioner; rows never captioned are not done."""
+        n = self.group["images"]["id"].shape[0]
+        if "captions" not in self.group or key not in self.group["captions"]:
+            return np.full(n, "", dtype=str), np.zeros(n, dtype=bool)
+        g = self.group["captions"][key]
+        text, done = _read_column(g["text"]), g["done"][:].astype(bool)
+        pad = n - len(text)  # images added after the last captioning
+        return np.concatenate([text, np.full(pad, "", dtype=str)]), np.concatenate([done, np.zeros(pad, bool)])
+
+    def write_captions(self, key: str, rows: np.ndarray, texts: Sequence[str], info: Mapping[str, Any]) -> None:
+        """Store captions of images-table rows under the captioner's key, with its provenance."""
+        n = self.group["images"]["id"].shape[0]
+        g = self.group.require_group("captions").require_group(key)
+        if "text" not in g:
+            g.create_array("text", shape=(n,), dtype=str, chunks=(_TABLE_CHUNK,))
+            g.create_array("done", shape=(n,), dtype="uint8", chunks=(_TABLE_CHUNK,), fill_value=0)
+            g.attrs.update({**info, "created": _now()})
+        for name in ("text", "done"):
+            if g[name].shape[0] < n:
+                g[name].resize((n,))
+        order = np.argsort(rows)
+        rows = np.asarray(rows)[order]
+        g["text"].set_coordinate_selection(rows, np.asarray(list(texts), dtype=str)[order])
+        g["done"].set_coordinate_selection(rows, np.ones(len(rows), dtype=np.uint8))
 
     # -- runs ---------------------------------------------------------------------------------
     def run_ids(self) -> list[str]:

@@ -31,31 +31,63 @@ class InputSpec:
     value_range: tuple[float, float]
 
 
+@dataclass
+class Prepared:
+    """What a backbone computes once per image and every timestep shares: the clean input the
+    noise is added to (pixels, or VAE latents) and the conditioning (e.g. text embeddings)."""
+
+    x0: torch.Tensor
+    cond: torch.Tensor | None = None
+
+
 class Backbone(ABC):
-    """A frozen model whose intermediate blocks are extracted."""
+    """A frozen model whose intermediate blocks are extracted.
+
+    Diffusion backbones are called once per (batch, t) on the noised `Prepared.x0`; a backbone
+    with `timestep_free = True` (an expert such as a ResNet) is called once per batch with t = None
+    and its arrays are stored under the timestep None.
+    """
 
     name: str
     input: InputSpec
     module: nn.Module
     weights_digest: str
-    conditional: bool = False  # whether it takes a prompt
+    conditional: bool = False  # takes a prompt: prepare() receives one string per image
+    timestep_free: bool = False
+    default_timesteps: tuple[int, ...] = ()
 
     @property
     @abstractmethod
     def blocks(self) -> dict[str, tuple[int, int, int]]:
         """Every block this backbone offers, in forward order, with its (C, H, W)."""
 
-    @abstractmethod
+    @property
+    def attention_maps(self) -> dict[str, tuple[int, int, int]]:
+        """Cross-attention maps offered as extra arrays, `<block>.attn` -> (tokens, H, W)."""
+        return {}
+
     def alphas_cumprod(self) -> torch.Tensor:
         """The training noise schedule, indexed by integer timestep (alpha-bar)."""
+        raise NotImplementedError(f"{self.name} has no noise schedule")
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Work done once per image, not per timestep (e.g. a VAE encode). Pixel models: identity."""
-        return images
+    def prepare(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> Prepared:
+        """Work done once per image, not per timestep (a VAE encode, a text encode)."""
+        return Prepared(images)
 
     @abstractmethod
-    def forward_blocks(self, x_t: torch.Tensor, t: torch.Tensor, blocks: Sequence[str]) -> dict[str, torch.Tensor]:
-        """One forward of the noisy input at integer timesteps t, stopping after the last block asked."""
+    def forward_blocks(
+        self, x_t: torch.Tensor, t: torch.Tensor | None, blocks: Sequence[str], cond: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One forward at integer timesteps t (None for timestep-free backbones), returning every
+        requested block (and `<block>.attn` map) and stopping after the last one it needs."""
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's noise prediction (used by DDIM inversion)."""
+        raise NotImplementedError(f"{self.name} does not predict noise")
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Conditioning for prompts (conditional backbones; the empty prompt is the unconditional one)."""
+        raise NotImplementedError(f"{self.name} takes no prompt")
 
     @property
     def parameters(self) -> int:
@@ -69,7 +101,9 @@ class Backbone(ABC):
             "blocks": {b: list(chw) for b, chw in self.blocks.items()},
             "input": {"size": self.input.size, "channels": self.input.channels,
                       "value_range": list(self.input.value_range)},
-            "timesteps": int(self.alphas_cumprod().shape[0]),
+            "attention_maps": {b: list(shape) for b, shape in self.attention_maps.items()},
+            "timesteps": None if self.timestep_free else int(self.alphas_cumprod().shape[0]),
+            "default_timesteps": list(self.default_timesteps),
             "conditional": self.conditional,
             "weights_digest": self.weights_digest,
         }
@@ -107,21 +141,60 @@ def list_backbones() -> list[BackboneEntry]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
+RANDOM = "random"  # --weights random: seeded random init, for shapes and speed work
+META = "meta"  # no storage at all: enough for the block table and the parameter count
+
+
 def create_backbone(
     name: str, weights: str | Path | None = None, config: dict | None = None, device: str = "cpu"
 ) -> Backbone:
-    """Build a registered backbone, in eval mode, frozen, on `device`."""
+    """Build a registered backbone, in eval mode, frozen, on `device`.
+
+    `weights`: a local file or folder, RANDOM, META, or None for the backbone's default
+    (vendored weights, or the local Hugging Face cache; never a download).
+    """
     _import_backbones()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    backbone = _REGISTRY[name].factory(weights=Path(weights) if weights else None, config=config, device=device)
+    if weights is not None and str(weights) not in (RANDOM, META):
+        weights = Path(weights)
+    backbone = _REGISTRY[name].factory(weights=weights, config=config, device=device)
     backbone.module.eval().requires_grad_(False)
     return backbone
 
 
 def _import_backbones() -> None:
-    """Import every backbone file so its @register_backbone runs (heavy imports stay inside them)."""
-    from pipelines.extract import backbones  # noqa: F401
+    """Import every module of pipelines/extract/backbones so each @register_backbone runs: a new
+    backbone is one new file there. Heavy imports (diffusers...) stay inside the factories."""
+    import importlib
+    import pkgutil
+
+    from pipelines.extract import backbones
+
+    for info in pkgutil.iter_modules(backbones.__path__):
+        importlib.import_module(f"{backbones.__name__}.{info.name}")
+
+
+def materialize(
+    build: Callable[[], nn.Module], weights: str | Path | None, default: Path | None, device: str,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> tuple[nn.Module, str]:
+    """Build a module and fill it: META (no storage), RANDOM (seed 0), or a checkpoint loaded
+    strictly (`weights`, else `default`); returns the module on `device` and the weights digest.
+    `convert` maps a checkpoint's keys onto the module's when the layouts differ by design."""
+    if weights == META:
+        with torch.device("meta"):
+            return build(), META
+    if weights == RANDOM:
+        torch.manual_seed(0)
+        return build().to(device), RANDOM
+    path = weights or default
+    if path is None:
+        raise WeightsError("no default weights for this backbone: pass --weights PATH (or --weights random)")
+    module = build()
+    state = read_state_dict(Path(path))
+    load_strict(module, convert(state) if convert else state, str(path))
+    return module.to(device), file_digest(Path(path))
 
 
 # -- weights ----------------------------------------------------------------------------------

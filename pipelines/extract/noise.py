@@ -1,4 +1,5 @@
-"""Noising the input to timestep t, deterministically per (seed, image id, t).
+"""The model input at timestep t: q_sample with a deterministic eps per (seed, image id, t),
+deterministic DDIM inversion, or the clean input.
 
 The eps of an image depends only on (seed, image id, t) -- never on batch order, batch size,
 worker count or device -- so every run of a spec writes bit-identical arrays.
@@ -7,11 +8,13 @@ worker count or device -- so every run of a spec writes bit-identical arrays.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-NOISE_MODES = ("ddpm", "none")
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t per sample) -> eps
+
+NOISE_MODES = ("ddpm", "ddim-inversion", "none")
 
 
 def image_eps(seed: int, image_id: str, t: int, shape: Sequence[int]) -> torch.Tensor:
@@ -21,14 +24,51 @@ def image_eps(seed: int, image_id: str, t: int, shape: Sequence[int]) -> torch.T
     return torch.randn(tuple(shape), generator=generator)
 
 
-def noisy_input(
-    x0: torch.Tensor, image_ids: Sequence[str], t: int, mode: str, seed: int, alphas_cumprod: torch.Tensor
-) -> torch.Tensor:
-    """The model input at timestep t: q_sample of x0 (`ddpm`) or x0 itself (`none`)."""
-    if mode == "none":
-        return x0
-    if mode != "ddpm":
-        raise ValueError(f"unknown noise mode {mode!r}; use one of {', '.join(NOISE_MODES)}")
+def q_sample(x0: torch.Tensor, image_ids: Sequence[str], t: int, seed: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sqrt(a_t) x0 + sqrt(1 - a_t) eps, with each image's own deterministic eps."""
     eps = torch.stack([image_eps(seed, i, t, x0.shape[1:]) for i in image_ids]).to(x0.device, x0.dtype)
     alpha_bar = alphas_cumprod[t].to(x0.device, x0.dtype)
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+
+
+def ddim_grid(timesteps: Sequence[int], steps: int) -> list[int]:
+    """0, then `steps` even steps up to the largest timestep, with every requested timestep on it."""
+    top = max(timesteps)
+    even = {round(top * k / steps) for k in range(steps + 1)}
+    return sorted(even | set(timesteps) | {0})
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
+    """Move x from noise level a_from to a_to along the deterministic DDIM path of eps."""
+    x0_pred = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+    return a_to.sqrt() * x0_pred + (1 - a_to).sqrt() * eps
+
+
+def ddim_invert(
+    x0: torch.Tensor, timesteps: Sequence[int], eps_model: EpsModel, alphas_cumprod: torch.Tensor, steps: int
+) -> dict[int, torch.Tensor]:
+    """Deterministic DDIM inversion of x0 to every requested timestep along one trajectory."""
+    alphas = alphas_cumprod.to(x0.device, torch.float32)
+    grid = ddim_grid(timesteps, steps)
+    wanted = set(timesteps)
+    out = {0: x0} if 0 in wanted else {}
+    x = x0.float()
+    for t_from, t_to in zip(grid[:-1], grid[1:]):
+        eps = eps_model(x.to(x0.dtype), torch.full((len(x),), t_from, device=x.device, dtype=torch.long)).float()
+        x = ddim_step(x, eps, alphas[t_from], alphas[t_to])
+        if t_to in wanted:
+            out[t_to] = x.to(x0.dtype)
+    return out
+
+
+def ddim_reconstruct(
+    x_t: torch.Tensor, t: int, eps_model: EpsModel, alphas_cumprod: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """DDIM sampling from x_t back to t = 0 on the same grid: the inverse of `ddim_invert`."""
+    alphas = alphas_cumprod.to(x_t.device, torch.float32)
+    grid = ddim_grid([t], steps)
+    x = x_t.float()
+    for t_from, t_to in zip(grid[:0:-1], grid[-2::-1]):
+        eps = eps_model(x.to(x_t.dtype), torch.full((len(x),), t_from, device=x.device, dtype=torch.long)).float()
+        x = ddim_step(x, eps, alphas[t_from], alphas[t_to])
+    return x.to(x_t.dtype)

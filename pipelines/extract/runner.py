@@ -1,9 +1,11 @@
 """The extraction runner: Reader -> Mapper -> Writer over the chunks of a run that are not done.
 
-Decoding of the next chunk and writing of the previous one run on background threads while the
-model computes the current one; each phase is timed. The expensive part, one forward per
-(batch, t) capturing every requested block, happens once per (image, timestep) for the life of
-a store: a re-run continues where the last one stopped and a finished spec writes nothing.
+`extract` resolves a config into a `Job` (manifest, backbone, blocks, timesteps, prompts),
+creates or reopens the run, and hands the chunks still to do to a distributor: the local loop
+below, or dask workers (`distribute.py`), which all call `run_chunks`. In that loop the next
+chunk is decoded and the previous one written on background threads while the model computes
+the current one, and each phase is timed. One forward per (batch, t) captures every requested
+block; work that does not depend on t (decode, VAE and text encode) happens once per image.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from data_manifests.manifest import Manifest, ManifestError, load_dataset, load_manifest
 from featurestore.store import FeatureStore, Run
 from pipelines.extract.backbone import Backbone, create_backbone
-from pipelines.extract.noise import NOISE_MODES, noisy_input
+from pipelines.extract.noise import NOISE_MODES, ddim_invert, q_sample
+from pipelines.extract.prompts import PromptSource, parse_prompt, prompts_for
 from pipelines.extract.reader import Chunk, read_chunk
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -32,26 +35,33 @@ MAX_CHUNK_ROWS = 256
 
 @dataclass
 class ExtractConfig:
-    """Everything `featurestore extract` takes. Fields in `spec()` decide the run id."""
+    """Everything `featurestore extract` takes. Fields in `run_spec()` decide the run id."""
 
     store: str
     backbone: str
     dataset: str | None = None
     manifest: Path | None = None
     data_root: Path | None = None
-    weights: Path | None = None
+    weights: str | Path | None = None
     backbone_config: Path | None = None
-    timesteps: list[int] = field(default_factory=lambda: [100])
+    timesteps: list[int] | None = None  # None: the backbone's defaults
     blocks: list[str] | None = None  # None: all blocks of the backbone
+    attention_maps: bool = False  # also store <block>.attn cross-attention maps
     limit: int | None = None
     batch_size: int = 32
     seed: int = 0
     noise: str = "ddpm"
+    ddim_steps: int = 50
+    guidance_scale: float = 1.0
     prompt: str = "null"
+    captioner: str | None = None  # BLIP folder or hub id (local cache) for --prompt blip
+    caption_max_tokens: int = 30
     pool: dict[str, int] = field(default_factory=dict)  # block -> output size; "*" for every block
     dtype: str = "float16"
     device: str = "cpu"
     chunk_rows: int | None = None  # layout of a new run; None: from the block sizes
+    workers: int | None = None  # dask LocalCluster with this many worker processes
+    scheduler: str | None = None  # address of an existing dask cluster
     progress: bool = True
 
 
@@ -71,74 +81,128 @@ class ExtractResult:
         return json.dumps(asdict(self), indent=2)
 
 
+@dataclass
+class Job:
+    """A config resolved against its manifest, backbone and store: what the chunk loop needs."""
+
+    cfg: ExtractConfig
+    manifest: Manifest
+    backbone: Backbone
+    blocks: list[str]  # in forward order, `<block>.attn` maps included
+    pool: dict[str, int]
+    timesteps: list[int | None]
+    prompt: PromptSource
+    prompts: list[str] | None  # one per manifest row, for conditional backbones
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        table = {**self.backbone.blocks, **self.backbone.attention_maps}
+        return {b: (table[b][0], self.pool[b], self.pool[b]) if b in self.pool else tuple(table[b]) for b in self.blocks}
+
+
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run (or continue) the extraction of `cfg` into its store."""
-    check_device(cfg.device)
-    cfg = replace(cfg, timesteps=sorted(cfg.timesteps))  # the order given does not change the run
-    manifest = _load_manifest(cfg)
-    backbone = create_backbone(cfg.backbone, cfg.weights, read_backbone_config(cfg.backbone_config), cfg.device)
-    blocks = resolve_blocks(backbone, cfg.blocks)
-    pool = resolve_pool(cfg.pool, blocks)
-    _check_options(cfg, backbone)
-    shapes = {b: (backbone.blocks[b][0], pool[b], pool[b]) if b in pool else backbone.blocks[b] for b in blocks}
-
+    job = prepare_job(cfg)
     store = FeatureStore.open(cfg.store, mode="a")
+    manifest = job.manifest
     rows = store.add_images(manifest.name, {
         "id": manifest.ids, "label": manifest.labels, "class_name": manifest.class_names,
         "split": manifest.splits, "domain": manifest.domains, "source": manifest.sources,
     })
+    caption_key = ensure_captions(store, job, rows) if job.prompt.kind == "blip" else None
+    job.prompts = job_prompts(job, store, rows, caption_key)
     run = store.create_run(
-        run_spec(cfg, manifest, backbone, blocks, pool),
-        arrays=shapes, timesteps=cfg.timesteps, rows=rows,
-        chunk_rows=cfg.chunk_rows or default_chunk_rows(shapes, cfg.dtype), dtype=cfg.dtype,
+        run_spec(job, caption_key), arrays=job.shapes, timesteps=job.timesteps, rows=rows,
+        chunk_rows=cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype), dtype=cfg.dtype,
         provenance={
-            "backbone": backbone.describe(),
+            "backbone": job.backbone.describe(),
             "weights": str(cfg.weights) if cfg.weights else "default",
             "manifest": {"name": manifest.name, "root": str(manifest.root), "digest": manifest.digest(),
                          "classes": list(manifest.classes)},
         },
     )
     todo = [c for c, done in enumerate(run.done_chunks()) if not done]
-    seconds = _run_chunks(run, todo, manifest, backbone, blocks, pool, cfg)
-    if not todo or run.done_chunks().all():
+    if todo and (cfg.workers or cfg.scheduler):
+        from pipelines.extract.distribute import run_on_dask
+
+        seconds = run_on_dask(cfg, run, todo)
+    else:
+        seconds = run_chunks(job, run, todo)
+    if todo:
+        run.record_session({"chunks": len(todo), "seconds": {k: round(v, 3) for k, v in seconds.items()}})
+    if run.done_chunks().all():
         run.mark_finished()
     status = run.status()
-    work = sum(run.chunk_len(c) for c in todo) * len(cfg.timesteps)
+    work = sum(run.chunk_len(c) for c in todo) * len(job.timesteps)
     return ExtractResult(
-        store=str(cfg.store), run_id=run.run_id, images=len(run), done=status.done,
-        failed=status.failed_ids,
+        store=str(cfg.store), run_id=run.run_id, images=len(run), done=status.done, failed=status.failed_ids,
         chunks_written=len(todo), chunks_skipped=run.n_chunks - len(todo), seconds=seconds,
         images_timesteps_per_s=work / seconds["total"] if todo else 0.0,
     )
 
 
-def run_spec(cfg: ExtractConfig, manifest: Manifest, backbone: Backbone, blocks: list[str], pool: dict[str, int]) -> dict:
-    """What decides the arrays' values, hence the run id. Batch size, device and paths do not."""
+def prepare_job(cfg: ExtractConfig) -> Job:
+    """Check every option and build the backbone; nothing is written yet."""
+    check_device(cfg.device)
+    prompt = parse_prompt(cfg.prompt)
+    manifest = _load_manifest(cfg)
+    backbone = create_backbone(cfg.backbone, cfg.weights, read_backbone_config(cfg.backbone_config), cfg.device)
+    timesteps = resolve_timesteps(backbone, cfg.timesteps)
+    _check_options(cfg, backbone, prompt)
+    blocks = resolve_blocks(backbone, cfg.blocks, cfg.attention_maps)
+    return Job(cfg, manifest, backbone, blocks, resolve_pool(cfg.pool, blocks), timesteps, prompt, None)
+
+
+def run_spec(job: Job, caption_key: str | None) -> dict:
+    """What decides the arrays' values, hence the run id. Batch size, device, paths and the
+    number of workers do not."""
+    cfg, backbone = job.cfg, job.backbone
     return {
-        "dataset": manifest.name,
-        "manifest_digest": manifest.digest(),
-        "images": len(manifest),
+        "dataset": job.manifest.name,
+        "manifest_digest": job.manifest.digest(),
+        "images": len(job.manifest),
         "backbone": backbone.name,
         "backbone_config": read_backbone_config(cfg.backbone_config),
         "weights_digest": backbone.weights_digest,
-        "timesteps": list(cfg.timesteps),
-        "blocks": blocks,
-        "noise": cfg.noise,
+        "timesteps": job.timesteps,
+        "blocks": job.blocks,
+        "noise": None if backbone.timestep_free else cfg.noise,
+        "ddim": {"steps": cfg.ddim_steps, "guidance_scale": cfg.guidance_scale} if cfg.noise == "ddim-inversion" else None,
         "seed": cfg.seed,
-        "prompt": cfg.prompt,
-        "pool": pool,
+        "prompt": job.prompt.spec if backbone.conditional else None,
+        "captions": caption_key,
+        "pool": job.pool,
         "dtype": cfg.dtype,
     }
 
 
-def resolve_blocks(backbone: Backbone, blocks: Sequence[str] | None) -> list[str]:
-    """The requested blocks in forward order; None means all."""
-    if not blocks:
-        return list(backbone.blocks)
-    unknown = [b for b in blocks if b not in backbone.blocks]
-    if unknown:
-        raise ValueError(f"{backbone.name} has no block {', '.join(unknown)}; blocks: {', '.join(backbone.blocks)}")
-    return [b for b in backbone.blocks if b in set(blocks)]
+def resolve_timesteps(backbone: Backbone, timesteps: Sequence[int] | None) -> list[int | None]:
+    """Sorted timesteps (their order does not change the run); [None] for timestep-free experts."""
+    if backbone.timestep_free:
+        if timesteps:
+            raise ValueError(f"{backbone.name} ignores timesteps (it is stored once per image): drop --timesteps")
+        return [None]
+    timesteps = list(timesteps or backbone.default_timesteps)
+    n_t = backbone.alphas_cumprod().shape[0]
+    if not timesteps or any(not 0 <= t < n_t for t in timesteps):
+        raise ValueError(f"timesteps must be integers in 0..{n_t - 1} for {backbone.name}; got {timesteps}")
+    if len(set(timesteps)) != len(timesteps):
+        raise ValueError(f"timesteps repeat: {timesteps}")
+    return sorted(timesteps)
+
+
+def resolve_blocks(backbone: Backbone, blocks: Sequence[str] | None, attention_maps: bool = False) -> list[str]:
+    """The requested blocks in forward order (None: all), each followed by its `.attn` map when asked."""
+    if blocks:
+        unknown = [b for b in blocks if b not in backbone.blocks]
+        if unknown:
+            raise ValueError(f"{backbone.name} has no block {', '.join(unknown)}; blocks: {', '.join(backbone.blocks)}")
+    chosen = [b for b in backbone.blocks if not blocks or b in set(blocks)]
+    if not attention_maps:
+        return chosen
+    if not backbone.attention_maps:
+        raise ValueError(f"{backbone.name} has no cross-attention maps (--attention-maps)")
+    return [name for b in chosen for name in (b, f"{b}.attn") if name in backbone.blocks or name in backbone.attention_maps]
 
 
 def resolve_pool(pool: dict[str, int], blocks: list[str]) -> dict[str, int]:
@@ -158,39 +222,100 @@ def default_chunk_rows(shapes: dict[str, tuple[int, int, int]], dtype: str) -> i
     return 1 << (rows.bit_length() - 1)
 
 
-def compute_chunk(
-    backbone: Backbone, chunk: Chunk, ids: Sequence[str], blocks: list[str], pool: dict[str, int],
-    cfg: ExtractConfig, on_batch: Callable[[int], None] = lambda n: None,
-) -> dict[tuple[int, str], np.ndarray]:
-    """Mapper: every (t, block) of one chunk; failed rows stay zero. One forward per (batch, t)."""
-    n = len(ids)
+# -- prompts and captions -----------------------------------------------------------------------
+
+def ensure_captions(store: FeatureStore, job: Job, rows: np.ndarray) -> str:
+    """Caption (once, batched) every image of the job that the store has no caption of yet;
+    returns the captioner's key, under which later runs find and reuse the captions."""
+    from PIL import Image
+
+    from data_manifests.sources import load_image
+    from pipelines.extract.captioners import BlipCaptioner
+
+    cfg = job.cfg
+    captioner = BlipCaptioner(cfg.captioner, device=cfg.device, max_new_tokens=cfg.caption_max_tokens)
+    _, done = store.captions(captioner.key)
+    todo = np.flatnonzero(~done[rows])
+    batch = captioner.batch_size
+    for start in range(0, len(todo), batch):
+        index = todo[start : start + batch]
+        images = []
+        for i in index:
+            try:
+                images.append(load_image(*job.manifest.path_of(int(i))).convert("RGB"))
+            except Exception:  # noqa: BLE001 - an unreadable image fails later, in the reader, with its error
+                images.append(Image.new("RGB", (job.backbone.input.size,) * 2))
+        store.write_captions(captioner.key, rows[index], captioner.caption(images), captioner.info)
+    return captioner.key
+
+
+def job_prompts(job: Job, store: FeatureStore, rows: np.ndarray, caption_key: str | None) -> list[str] | None:
+    if not job.backbone.conditional:
+        return None
+    captions = None
+    if caption_key is not None:
+        text, done = store.captions(caption_key)
+        if not done[rows].all():
+            raise ValueError(f"captions {caption_key} are missing for {int((~done[rows]).sum())} images of this run")
+        captions = text[rows].tolist()
+    return prompts_for(job.prompt, job.manifest.ids, job.manifest.class_names, captions)
+
+
+# -- the chunk loop -----------------------------------------------------------------------------
+
+def compute_chunk(job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int], None] = lambda n: None
+                  ) -> dict[tuple[int | None, str], np.ndarray]:
+    """Mapper: every (t, block) of one chunk of rows; failed rows stay zero.
+    One prepare per batch, then one forward per (batch, t)."""
+    cfg, backbone = job.cfg, job.backbone
+    ids = job.manifest.ids[rows]
+    prompts = job.prompts[rows] if job.prompts is not None else None
     ok = np.flatnonzero(~chunk.failed)
-    store_dtype = DTYPES[cfg.dtype]
-    out: dict[tuple[int, str], np.ndarray] = {}
-    alphas = backbone.alphas_cumprod()
+    shapes = job.shapes
+    out = {(t, b): np.zeros((len(ids), *shapes[b]), dtype=cfg.dtype) for t in job.timesteps for b in job.blocks}
     for start in range(0, len(ok), cfg.batch_size):
-        rows = ok[start : start + cfg.batch_size]
-        batch_ids = [ids[i] for i in rows]
+        batch = ok[start : start + cfg.batch_size]
         with torch.inference_mode():
-            x0 = backbone.prepare(torch.from_numpy(chunk.pixels[rows]).to(cfg.device))
-            for t in cfg.timesteps:
-                x_t = noisy_input(x0, batch_ids, t, cfg.noise, cfg.seed, alphas)
-                t_batch = torch.full((len(rows),), t, device=x0.device, dtype=torch.long)
-                for block, h in backbone.forward_blocks(x_t, t_batch, blocks).items():
-                    if block in pool:
-                        h = F.adaptive_avg_pool2d(h, pool[block])
-                    values = h.to(store_dtype).cpu().numpy()
-                    if (t, block) not in out:
-                        out[(t, block)] = np.zeros((n, *values.shape[1:]), dtype=values.dtype)
-                    out[(t, block)][rows] = values
-        on_batch(len(rows))
+            pixels = torch.from_numpy(chunk.pixels[batch]).to(cfg.device)
+            prepared = backbone.prepare(pixels, [prompts[i] for i in batch] if prompts is not None else None)
+            for t, x_t in model_inputs(job, prepared, [ids[i] for i in batch]):
+                t_batch = None if t is None else torch.full((len(batch),), t, device=pixels.device, dtype=torch.long)
+                for block, h in backbone.forward_blocks(x_t, t_batch, job.blocks, prepared.cond).items():
+                    if block in job.pool:
+                        h = F.adaptive_avg_pool2d(h, job.pool[block])
+                    out[(t, block)][batch] = h.to(DTYPES[cfg.dtype]).cpu().numpy()
+        on_batch(len(batch))
     return out
 
 
-def _run_chunks(
-    run: Run, todo: list[int], manifest: Manifest, backbone: Backbone, blocks: list[str],
-    pool: dict[str, int], cfg: ExtractConfig,
-) -> dict[str, float]:
+def model_inputs(job: Job, prepared, ids: list[str]):
+    """(t, model input) for every timestep of the job: q_sample, DDIM inversion or the clean input."""
+    cfg, backbone = job.cfg, job.backbone
+    if backbone.timestep_free:
+        yield None, prepared.x0
+        return
+    if cfg.noise == "ddim-inversion":
+        yield from ddim_invert(prepared.x0, job.timesteps, guided_eps(backbone, prepared.cond, cfg.guidance_scale),
+                               backbone.alphas_cumprod(), cfg.ddim_steps).items()
+        return
+    for t in job.timesteps:
+        yield t, (prepared.x0 if cfg.noise == "none" else q_sample(prepared.x0, ids, t, cfg.seed, backbone.alphas_cumprod()))
+
+
+def guided_eps(backbone: Backbone, cond: torch.Tensor | None, scale: float):
+    """eps(x, t) under the conditioning, with classifier-free guidance when scale != 1."""
+    if cond is None or scale == 1.0:
+        return lambda x, t: backbone.predict_eps(x, t, cond)
+    uncond = backbone.encode_prompts([""]).expand_as(cond)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        e_uncond, e_cond = backbone.predict_eps(x, t, uncond), backbone.predict_eps(x, t, cond)
+        return e_uncond + scale * (e_cond - e_uncond)
+
+    return eps
+
+
+def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
     """Read ahead one chunk, compute the current one, write the previous one in the background."""
     from rich.progress import (
         BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
@@ -200,23 +325,23 @@ def _run_chunks(
     if not todo:
         return seconds
     begin = time.perf_counter()
-    total = sum(run.chunk_len(c) for c in todo)
+    n_t = len(job.timesteps)
     progress = Progress(
         TextColumn("[bold]extract[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=not cfg.progress,
+        disable=not job.cfg.progress,
     )
-    task = progress.add_task(f"{run.run_id} ({len(cfg.timesteps)} t x {len(blocks)} blocks)", total=total, rate="")
+    task = progress.add_task(f"{run.run_id} ({n_t} t x {len(job.blocks)} blocks)",
+                             total=sum(run.chunk_len(c) for c in todo), rate="")
 
     def advance(n: int) -> None:
         progress.advance(task, n)
-        elapsed = time.perf_counter() - begin
-        speed = progress.tasks[task].completed / elapsed if elapsed else 0.0
-        progress.update(task, rate=f"{speed:.1f} img/s ({speed * len(cfg.timesteps):.1f} img*t/s)")
+        speed = progress.tasks[task].completed / (time.perf_counter() - begin)
+        progress.update(task, rate=f"{speed:.1f} img/s ({speed * n_t:.1f} img*t/s)")
 
     def read(c: int) -> Chunk:
         s = run.chunk_slice(c)
-        return read_chunk(manifest, range(s.start, s.stop), backbone.input, decoders)
+        return read_chunk(job.manifest, range(s.start, s.stop), job.backbone.input, decoders)
 
     with ThreadPoolExecutor(4) as decoders, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, progress:
         next_chunk: Future = reader.submit(read, todo[0])
@@ -229,8 +354,7 @@ def _run_chunks(
             seconds["read"] += time.perf_counter() - tic
 
             tic = time.perf_counter()
-            s = run.chunk_slice(c)
-            features = compute_chunk(backbone, chunk, manifest.ids[s], blocks, pool, cfg, advance)
+            features = compute_chunk(job, chunk, run.chunk_slice(c), advance)
             seconds["compute"] += time.perf_counter() - tic
 
             tic = time.perf_counter()
@@ -242,9 +366,10 @@ def _run_chunks(
         last_write.result()
         seconds["write"] += time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - begin
-    run.record_session({"chunks": len(todo), "seconds": {k: round(v, 3) for k, v in seconds.items()}})
     return seconds
 
+
+# -- checks -------------------------------------------------------------------------------------
 
 def _load_manifest(cfg: ExtractConfig) -> Manifest:
     if (cfg.dataset is None) == (cfg.manifest is None):
@@ -272,21 +397,23 @@ def read_backbone_config(path: Path | None) -> dict | None:
         raise ValueError(f"cannot read --backbone-config {path}: {exc}") from exc
 
 
-def _check_options(cfg: ExtractConfig, backbone: Backbone) -> None:
+def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource) -> None:
     if cfg.noise not in NOISE_MODES:
-        raise ValueError(f"--noise {cfg.noise!r} is not available for {backbone.name}; use one of {', '.join(NOISE_MODES)}")
+        raise ValueError(f"--noise {cfg.noise!r} is not available; use one of {', '.join(NOISE_MODES)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
-    if cfg.prompt != "null" and not backbone.conditional:
+    if prompt.kind != "null" and not backbone.conditional:
         raise ValueError(f"{backbone.name} is unconditional: it takes no prompt (use --prompt null)")
     if cfg.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    n_t = backbone.alphas_cumprod().shape[0]
-    bad = [t for t in cfg.timesteps if not 0 <= t < n_t]
-    if bad or not cfg.timesteps:
-        raise ValueError(f"timesteps must be integers in 0..{n_t - 1} for {backbone.name}; got {cfg.timesteps}")
-    if len(set(cfg.timesteps)) != len(cfg.timesteps):
-        raise ValueError(f"timesteps repeat: {cfg.timesteps}")
+    if cfg.noise == "ddim-inversion" and cfg.ddim_steps < 1:
+        raise ValueError("--ddim-steps must be at least 1")
+    if cfg.guidance_scale != 1.0 and not (backbone.conditional and cfg.noise == "ddim-inversion"):
+        raise ValueError("--guidance-scale applies to ddim-inversion with a conditional backbone only")
+    if cfg.workers is not None and cfg.scheduler is not None:
+        raise ValueError("give --workers N (a local cluster) or --scheduler ADDRESS, not both")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ValueError("--workers must be at least 1")
 
 
 def check_device(device: str) -> None:

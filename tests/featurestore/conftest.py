@@ -44,12 +44,9 @@ def _build(
     undone_failed = {5: "killed"} if undone_failed is None else undone_failed
     store = FeatureStore.open(store_path, "a")
     n_images = n + 4
-    labels = rng.integers(0, 5, n_images)
-    store.add_images("other", manifest(["o1", "o2"], [7, 8]))
-    table_rows = store.add_images("toy", manifest([f"im{i:03d}" for i in range(n_images - 2)], labels[2:]))
-    table_rows = np.concatenate([[0, 1], table_rows])  # table row k holds image k
-    all_ids = np.array(["o1", "o2"] + [f"im{i:03d}" for i in range(n_images - 2)])
-    all_labels = np.concatenate([[7, 8], labels[2:]])
+    all_ids = np.array([f"im{i:03d}" for i in range(n_images)])
+    all_labels = rng.integers(0, 5, n_images)
+    table_rows = store.add_images("toy", manifest(all_ids, all_labels))  # table row k holds image k
     run_rows = rng.permutation(n_images)[:n]
     run = store.create_run(
         spec or SPEC, arrays=blocks, timesteps=list(timesteps), rows=table_rows[run_rows],
@@ -75,7 +72,7 @@ def _templates(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def make_run(store_path, _templates):
-    """Factory: a store with n+4 images (two datasets) and one run over n of them in a shuffled
+    """Factory: a store with n+4 images and one run over n of them in a shuffled
     order, so that run rows and table rows differ. By default chunks 0 and 2 of N=10, chunk_rows=4
     are written (chunk 2 is the partial last one), rows 1 and 9 failed, and chunk 1 is not done
     but has a failure flag on row 5 (as if killed between the failure columns and the done flag).

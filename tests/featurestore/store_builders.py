@@ -1,7 +1,8 @@
 """Helpers for tests/featurestore: stores built through the store API with random numpy data.
 
-The `make_run(...)` fixture (conftest.py) builds a store in tmp_path, writes some chunks of random features (with failed rows),
-and returns a `Written` record holding, independently of the store, what every array should contain.
+The `make_run(...)` fixture (conftest.py) builds a store in tmp_path, writes some chunks of random
+features (with failed rows), and returns a `Written` record holding, independently of the store, what
+every array should contain.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import zarr
+from store_builders import BLOCKS, SPEC, TIMESTEPS
 
 from featurestore.inspect import FAILED_IDS_SHOWN, inspect_store
 from featurestore.store import FORMAT_VERSION, StoreError, run_id_of
-from store_builders import BLOCKS, SPEC, TIMESTEPS
 
 
 def test_document_describes_the_run(make_run):
@@ -104,6 +104,7 @@ def test_empty_store(store_path):
 @pytest.mark.xfail(
     reason="one run whose creation was interrupted (no 'created' attribute) makes inspect_store "
     "raise StoreError for the whole store instead of describing the other runs",
+    raises=StoreError,
     strict=True,
 )
 def test_store_with_an_interrupted_run_can_still_be_inspected(make_run):

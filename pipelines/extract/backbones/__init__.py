@@ -1,3 +1,1 @@
-"""Backbones, one registered file each. Importing this package registers them all."""
-
-from pipelines.extract.backbones import ddpm_mnist  # noqa: F401
+"""Backbones, one registered file each (see pipelines.extract.backbone._import_backbones)."""

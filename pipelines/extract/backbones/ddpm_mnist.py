@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.extract.backbone import (
-    Backbone, InputSpec, WeightsError, file_digest, load_strict, read_state_dict, register_backbone,
-)
+from pipelines.extract.backbone import Backbone, InputSpec, materialize, register_backbone
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "ddpm-mnist" / "ddpm_mnist_epoch400.safetensors"
 SIZE = 28
@@ -80,6 +78,7 @@ class MnistDDPM(nn.Module):
 class DDPMMnistBackbone(Backbone):
     name = "ddpm-mnist"
     input = InputSpec(size=SIZE, channels=1, value_range=(-0.5, 0.5))  # pixel / 255 - 0.5
+    default_timesteps = (100,)
 
     def __init__(self, module: MnistDDPM, weights_digest: str):
         self.module = module
@@ -92,19 +91,18 @@ class DDPMMnistBackbone(Backbone):
     def alphas_cumprod(self) -> torch.Tensor:
         return self.module.alpha_t
 
-    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.module.gt(z_t, t)
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.module.gt(x_t, t)
 
-    def forward_blocks(self, x_t: torch.Tensor, t: torch.Tensor, blocks: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward_blocks(
+        self, x_t: torch.Tensor, t: torch.Tensor, blocks: Sequence[str], cond: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         wanted = {int(b.removeprefix("block")) for b in blocks}
         return {f"block{i}": h for i, h in self.module.gt.features(x_t, t, last_block=max(wanted)) if i in wanted}
 
 
 @register_backbone("ddpm-mnist", "MNIST pixel DDPM (147k parameters, 28x28 grey), vendored weights; blocks block0..block3")
-def build(weights: Path | None, config: dict | None, device: str) -> DDPMMnistBackbone:
+def build(weights: Path | str | None, config: dict | None, device: str) -> DDPMMnistBackbone:
     if config:
-        raise WeightsError("ddpm-mnist takes no --backbone-config")
-    path = weights or DEFAULT_WEIGHTS
-    module = MnistDDPM()
-    load_strict(module, read_state_dict(path), str(path))
-    return DDPMMnistBackbone(module.to(device), file_digest(path))
+        raise ValueError("ddpm-mnist takes no --backbone-config")
+    return DDPMMnistBackbone(*materialize(MnistDDPM, weights, DEFAULT_WEIGHTS, device))

@@ -1,0 +1,50 @@
+"""`featurestore knn`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from cli.app import app, user_errors
+
+
+@app.command()
+@user_errors
+def knn(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    block: Annotated[str, typer.Option(help="Block to classify with.")],
+    timestep: Annotated[str, typer.Option(help="Timestep (an integer, or none for an expert).")],
+    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    k: Annotated[str, typer.Option("--k", help="Neighbour counts, comma-separated.")] = "10,20,100,200",
+    temperature: Annotated[float, typer.Option(help="Vote weight exp(cosine / T).")] = 0.07,
+    pool: Annotated[Optional[int], typer.Option(help="Average-pool the map to SIZE x SIZE first.")] = 4,
+    train_split: Annotated[str, typer.Option(help="Manifest split searched (the neighbours).")] = "train",
+    test_split: Annotated[str, typer.Option(help="Manifest split classified (the queries).")] = "test",
+    holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, or cuda (needs faiss-gpu).")] = "cpu",
+    slab_rows: Annotated[int, typer.Option(help="Train rows searched at a time (rounded to whole store chunks).")] = 4096,
+    out: Annotated[Optional[str], typer.Option(help="Results folder [default: results/ next to the store].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Weighted kNN (DINO protocol) from the cache: cosine similarity, exact FAISS search, top-1/top-5."""
+    from featurestore.store import FeatureStore, timestep_key
+    from pipelines.analysis import parse_timestep, results_dir, write_json
+    from pipelines.analysis.knn import knn_run
+
+    try:
+        ks = [int(value) for value in k.split(",")]
+    except ValueError:
+        raise ValueError(f"--k takes integers separated by commas, got {k!r}") from None
+    t = parse_timestep(timestep)
+    result = knn_run(FeatureStore.open(store), run, t, block, ks, pool, train_split, test_split, holdout, seed,
+                     temperature, device, slab_rows)
+    saved = write_json(result.to_dict(), results_dir(store, out) / f"knn-{result.run_id}-{timestep_key(t)}-{block}.json")
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for value in ks:
+        typer.echo(f"{block} t={t} k={value}: top-1 {result.top1[value]:.4f} top-5 {result.top5[value]:.4f}")
+    typer.echo(f"({result.train} train / {result.test} test images, {result.features} features; saved {saved})")

@@ -1,0 +1,50 @@
+"""`featurestore sweep`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from cli.app import app, parse_blocks, user_errors
+
+
+@app.command()
+@user_errors
+def sweep(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    timesteps: Annotated[str, typer.Option(help="all or T,... (none for experts).")] = "all",
+    blocks: Annotated[str, typer.Option(help="all or NAME,...")] = "all",
+    pool: Annotated[Optional[int], typer.Option(help="Average-pool the maps to SIZE x SIZE first.")] = 4,
+    k: Annotated[int, typer.Option("--k", help="Neighbours of the weighted kNN.")] = 20,
+    temperature: Annotated[float, typer.Option(help="kNN vote weight exp(cosine / T).")] = 0.07,
+    train_split: Annotated[str, typer.Option(help="Manifest split to train on.")] = "train",
+    test_split: Annotated[str, typer.Option(help="Manifest split to test on.")] = "test",
+    holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")] = None,
+    c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the logistic regression.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
+    device: Annotated[str, typer.Option(help="kNN search device: cpu, or cuda (needs faiss-gpu).")] = "cpu",
+    out: Annotated[Optional[str], typer.Option(help="Results folder [default: results/ next to the store].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Linear probe and weighted kNN for every (t, block) of a run: a table (CSV, JSON) and plots of
+    accuracy vs t and vs block."""
+    from featurestore.store import FeatureStore
+    from pipelines.analysis import parse_timesteps, results_dir
+    from pipelines.analysis.sweep import save_sweep, sweep_run
+
+    result = sweep_run(
+        FeatureStore.open(store), run, parse_timesteps(timesteps),
+        parse_blocks(blocks), pool, k, train_split, test_split, holdout, c, seed, temperature, device,
+    )
+    saved = save_sweep(result, results_dir(store, out))
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    typer.echo(f"| t | block | linear top-1 | kNN top-1 (k={result.knn_k}) | kNN top-5 |")
+    typer.echo("|---|---|---|---|---|")
+    for r in result.rows:
+        typer.echo(f"| {r.timestep} | {r.block} | {r.linear_top1:.3f} | {r.knn_top1:.3f} | {r.knn_top5:.3f} |")
+    typer.echo(f"{len(result.rows)} (t, block) pairs in {result.seconds:.1f} s; saved " + ", ".join(str(p) for p in saved))

@@ -1,0 +1,72 @@
+"""Stage-2 analyses that read only the feature store: kNN, CKA and (t, block) sweeps.
+
+The helpers here are shared by every analysis: reading rows of a run in chunk-aligned slabs (a
+zarr read decodes whole chunks, so a slab of whole chunks is decoded exactly once), and where a
+result is saved.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurestore.store import Run
+from pipelines.heads.logistic import pooled
+
+SLAB_ROWS = 4096
+
+
+def row_slabs(run: Run, rows: np.ndarray, slab_rows: int = SLAB_ROWS) -> Iterator[slice]:
+    """Positions into the sorted run rows `rows`, one slice per window of whole store chunks of
+    about `slab_rows` rows (at least one chunk); empty windows are skipped."""
+    if slab_rows < 1:
+        raise ValueError("slab rows must be positive")
+    window = max(1, slab_rows // run.chunk_rows) * run.chunk_rows
+    bounds = np.searchsorted(rows, np.arange(0, len(run) + window, window))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop > start:
+            yield slice(int(start), int(stop))
+
+
+def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, pool: int | None) -> np.ndarray:
+    """Pooled, flattened float32 features of run rows given in any order (zarr wants them sorted)."""
+    order = np.argsort(rows, kind="stable")
+    features = pooled(run.numpy(timestep, block, rows[order]), pool)
+    out = np.empty_like(features)
+    out[order] = features
+    return out
+
+
+def parse_timestep(text: str) -> int | None:
+    """A timestep as the store keys it: an integer, or `none` for experts that ignore t."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"a timestep is an integer or 'none', got {text!r}") from None
+
+
+def parse_timesteps(text: str) -> list[int | None] | None:
+    """`all` (None: every timestep of the run) or a comma-separated list of timesteps."""
+    return None if text.strip() == "all" else [parse_timestep(t) for t in text.split(",") if t.strip()]
+
+
+def results_dir(store_url: str, out: str | Path | None) -> Path:
+    """Where results go: `out`, or `results/` next to a local store."""
+    if out is not None:
+        return Path(out)
+    local = str(store_url).removeprefix("file://")
+    if "://" in local:
+        raise ValueError(f"{store_url} is not a local path: give --out for the results")
+    return Path(local).resolve().parent / "results"
+
+
+def write_json(doc: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
+    return path

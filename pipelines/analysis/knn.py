@@ -1,0 +1,149 @@
+"""Weighted kNN classification from the cache (the DINO protocol), with exact FAISS search.
+
+Features are L2-normalised, neighbours are ranked by cosine similarity s, and each of the k nearest
+train images votes exp(s / T) for its class. The train set is searched slab by slab and the
+running top-k merged, so it never has to fit in memory; the queries (the test set) do.
+
+Layers: `search_topk` / `merge_topk` / `knn_accuracy` on arrays, `knn_run` reads one (t, block) of
+a run from the store.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from featurestore.store import FeatureStore
+from pipelines.analysis import SLAB_ROWS, read_pooled, row_slabs
+from pipelines.heads.logistic import resolve_run, split_rows
+
+KS = (10, 20, 100, 200)
+TEMPERATURE = 0.07
+
+
+@dataclass
+class KnnResult:
+    run_id: str
+    timestep: int | None
+    block: str
+    pool: int | None
+    features: int
+    train: int
+    test: int
+    temperature: float
+    top1: dict[int, float]  # k -> test accuracy
+    top5: dict[int, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def l2_normalized(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@functools.cache
+def _gpu_resources():
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
+def flat_ip_index(dim: int, device: str):
+    """An exact inner-product index on the CPU, or on the first GPU for `cuda` (faiss-gpu only:
+    asking for cuda without it is an error, never a silent CPU run)."""
+    import faiss
+
+    if device == "cpu":
+        return faiss.IndexFlatIP(dim)
+    if device != "cuda":
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        raise ValueError("--device cuda needs faiss with GPU support (pip install faiss-gpu) and a visible GPU; "
+                         "this faiss has none: use --device cpu")
+    return faiss.GpuIndexFlatIP(_gpu_resources(), dim)
+
+
+def search_topk(database: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The min(k, len(database)) most similar database rows of each query, best first: (sims, indices)."""
+    index = flat_ip_index(database.shape[1], device)
+    index.add(np.ascontiguousarray(database, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(database)))
+
+
+def merge_topk(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of two (sims, indices) lists per query, best first."""
+    sims = np.concatenate([a[0], b[0]], axis=1)
+    indices = np.concatenate([a[1], b[1]], axis=1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(indices, order, axis=1)
+
+
+def streamed_topk(slabs: Iterable[np.ndarray], queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over consecutive database slabs (normalised rows); indices count rows across all slabs,
+    so the result equals one search over their concatenation."""
+    best = (np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))
+    offset = 0
+    for slab in slabs:
+        sims, indices = search_topk(slab, queries, k, device)
+        best = merge_topk(best, (sims, indices + offset), k)
+        offset += len(slab)
+    return best
+
+
+def class_scores(sims: np.ndarray, neighbour_classes: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
+    """(queries, classes): the sum of exp(s / T) over the neighbours of each class."""
+    scores = np.zeros((len(sims), n_classes))
+    rows = np.broadcast_to(np.arange(len(sims))[:, None], sims.shape)
+    np.add.at(scores, (rows, neighbour_classes), np.exp(sims.astype(np.float64) / temperature))
+    return scores
+
+
+def in_top(scores: np.ndarray, classes: np.ndarray, n: int) -> np.ndarray:
+    """Whether each query's class ranks among its n best scores (ties go to the lower class index)."""
+    own = np.take_along_axis(scores, classes[:, None], axis=1)
+    lower_index = np.arange(scores.shape[1])[None, :] < classes[:, None]
+    rank = (scores > own).sum(axis=1) + ((scores == own) & lower_index).sum(axis=1)
+    return rank < n
+
+
+def knn_accuracy(
+    sims: np.ndarray, indices: np.ndarray, train_labels: np.ndarray, test_labels: np.ndarray,
+    ks: Sequence[int], temperature: float = TEMPERATURE,
+) -> dict[int, tuple[float, float]]:
+    """Top-1 and top-5 accuracy for each k from the neighbour lists of the largest k (best first).
+    A test label absent from the train set is never right."""
+    classes, train_classes = np.unique(train_labels, return_inverse=True)
+    known = np.isin(test_labels, classes)
+    test_classes = np.where(known, np.searchsorted(classes, test_labels).clip(max=len(classes) - 1), 0)
+    out = {}
+    for k in ks:
+        scores = class_scores(sims[:, :k], train_classes[indices[:, :k]], len(classes), temperature)
+        out[k] = tuple(float((in_top(scores, test_classes, n) & known).mean()) for n in (1, 5))
+    return out
+
+
+def knn_run(
+    store: FeatureStore, run_id: str | None, timestep: int | None, block: str, ks: Sequence[int] = KS,
+    pool: int | None = 4, train_split: str = "train", test_split: str = "test", holdout: float | None = None,
+    seed: int = 0, temperature: float = TEMPERATURE, device: str = "cpu", slab_rows: int = SLAB_ROWS,
+) -> KnnResult:
+    """Weighted kNN of one (t, block) of a run: the test features are read at once, the train
+    features streamed in chunk-aligned slabs of about `slab_rows` rows."""
+    run = resolve_run(store, run_id)
+    train, test = split_rows(run, train_split, test_split, holdout, seed)
+    if not ks or min(ks) < 1 or max(ks) > len(train):
+        raise ValueError(f"k must be between 1 and the {len(train)} train images, got {list(ks)}")
+    labels = run.labels
+    queries = l2_normalized(read_pooled(run, timestep, block, test, pool))
+    slabs = (l2_normalized(read_pooled(run, timestep, block, train[s], pool)) for s in row_slabs(run, train, slab_rows))
+    sims, indices = streamed_topk(slabs, queries, max(ks), device)
+    accuracy = knn_accuracy(sims, indices, labels[train], labels[test], ks, temperature)
+    return KnnResult(
+        run.run_id, timestep, block, pool, queries.shape[1], len(train), len(test), temperature,
+        top1={k: acc[0] for k, acc in accuracy.items()}, top5={k: acc[1] for k, acc in accuracy.items()},
+    )

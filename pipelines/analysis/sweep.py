@@ -1,0 +1,115 @@
+"""A linear probe and a weighted kNN for every (t, block) of a run: the accuracy-vs-t and
+accuracy-vs-block analyses (Fig. 3 / Fig. 5 / Table 9 style) from one store, with no extraction."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from featurestore.store import FeatureStore
+from pipelines.analysis import write_json
+from pipelines.analysis.knn import TEMPERATURE, knn_run
+from pipelines.heads.logistic import probe_run, resolve_run
+
+KNN_K = 20
+
+
+@dataclass
+class SweepRow:
+    timestep: int | None
+    block: str
+    features: int
+    train: int
+    test: int
+    linear_top1: float
+    linear_train_top1: float
+    knn_top1: float
+    knn_top5: float
+
+
+@dataclass
+class SweepResult:
+    run_id: str
+    pool: int | None
+    knn_k: int
+    seconds: float
+    rows: list[SweepRow]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sweep_run(
+    store: FeatureStore, run_id: str | None, timesteps: Sequence[int | None] | None = None,
+    blocks: Sequence[str] | None = None, pool: int | None = 4, knn_k: int = KNN_K, train_split: str = "train",
+    test_split: str = "test", holdout: float | None = None, c: float = 1.0, seed: int = 0,
+    temperature: float = TEMPERATURE, device: str = "cpu",
+) -> SweepResult:
+    """`probe_run` and `knn_run` (one k) for every (t, block), with the same split and pooling."""
+    tic = time.perf_counter()
+    run = resolve_run(store, run_id)
+    rows = []
+    for t in run.timesteps if timesteps is None else timesteps:
+        for block in blocks or run.blocks:
+            probe = probe_run(store, run.run_id, t, block, pool, train_split, test_split, holdout, c, seed)
+            knn = knn_run(store, run.run_id, t, block, [knn_k], pool, train_split, test_split, holdout, seed,
+                          temperature, device)
+            rows.append(SweepRow(t, block, probe.features, probe.train, probe.test, probe.top1, probe.train_top1,
+                                 knn.top1[knn_k], knn.top5[knn_k]))
+    return SweepResult(run.run_id, pool, knn_k, time.perf_counter() - tic, rows)
+
+
+def save_sweep(result: SweepResult, out: Path) -> list[Path]:
+    """The table as JSON and CSV and both plots, named after the run, in `out`."""
+    stem = out / f"sweep-{result.run_id}"
+    return [
+        write_json(result.to_dict(), stem.with_suffix(".json")),
+        write_csv(result, stem.with_suffix(".csv")),
+        plot_sweep(result, out / f"{stem.name}-vs-t.png", by="timestep"),
+        plot_sweep(result, out / f"{stem.name}-vs-block.png", by="block"),
+    ]
+
+
+def write_csv(result: SweepResult, path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(SweepRow.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in result.rows)
+    return path
+
+
+def plot_sweep(result: SweepResult, path: Path, by: str) -> Path:
+    """Linear and kNN top-1 side by side, against t (`by="timestep"`, a line per block; experts
+    stored without a timestep are left out) or against the block (`by="block"`, a line per t)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    line_of = "block" if by == "timestep" else "timestep"
+    blocks = list(dict.fromkeys(r.block for r in result.rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, metric, title in zip(axes, ("linear_top1", "knn_top1"), ("linear probe", f"weighted kNN (k={result.knn_k})")):
+        for line in dict.fromkeys(getattr(r, line_of) for r in result.rows):
+            points = [r for r in result.rows if getattr(r, line_of) == line]
+            if by == "timestep":
+                xy = sorted((r.timestep, getattr(r, metric)) for r in points if r.timestep is not None)
+            else:
+                xy = [(blocks.index(r.block), getattr(r, metric)) for r in points]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=f"t={line}" if line_of == "timestep" else line)
+        if by == "block":
+            ax.set_xticks(range(len(blocks)), blocks)
+        ax.set_xlabel("timestep t" if by == "timestep" else "block")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (test)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"run {result.run_id}, pool {result.pool}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

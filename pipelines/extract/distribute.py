@@ -1,0 +1,72 @@
+"""Scale-out on dask: the chunks still to do are split into shards of whole chunks; each worker
+process builds its backbone once and writes its own chunks (never a chunk another writes).
+
+Values depend only on (seed, image id, t), so the result is bit-identical to a local run. On a
+multi-GPU node start one worker per GPU (`dask worker ADDRESS --nworkers 1` with
+CUDA_VISIBLE_DEVICES set per worker, or `--workers N` for CPU); on several nodes every worker
+must reach the same store path (a shared file system) or URL (an object store through fsspec).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from featurestore.store import FeatureStore, Run
+from pipelines.extract.runner import ExtractConfig, Job, job_prompts, prepare_job, run_chunks
+
+SHARDS_PER_WORKER = 2  # a little slack so a slow worker does not hold up the end
+_JOBS: dict[str, Job] = {}  # per worker process: the resolved job, backbone included, built once
+
+
+def shards(todo: list[int], n: int) -> list[list[int]]:
+    """Split chunk indices into at most n contiguous, nearly equal, non-empty shards."""
+    n = max(1, min(n, len(todo)))
+    size, extra = divmod(len(todo), n)
+    out, start = [], 0
+    for k in range(n):
+        stop = start + size + (k < extra)
+        out.append(todo[start:stop])
+        start = stop
+    return out
+
+
+def extract_shard(cfg: ExtractConfig, run_id: str, chunks: list[int]) -> dict[str, float]:
+    """Worker function: compute and write the given chunks of a run that already exists."""
+    key = repr(cfg)
+    if key not in _JOBS:
+        _JOBS[key] = prepare_job(cfg)
+    job = _JOBS[key]
+    run = FeatureStore.open(cfg.store, mode="a").run(run_id)
+    job.prompts = job_prompts(job, run.store, run.rows, run.spec.get("captions"))
+    return run_chunks(job, run, chunks)
+
+
+def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> dict[str, float]:
+    """Distribute the chunks over a dask cluster; phase seconds are summed over workers."""
+    from distributed import Client, LocalCluster, as_completed
+
+    begin = time.perf_counter()
+    cluster = None
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+    else:
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        n_workers = len(client.scheduler_info()["workers"])
+        if n_workers == 0:
+            raise ValueError(f"the dask cluster at {cfg.scheduler} has no workers")
+        worker_cfg = replace(cfg, workers=None, scheduler=None, progress=False)
+        parts = shards(todo, n_workers * SHARDS_PER_WORKER)
+        futures = [client.submit(extract_shard, worker_cfg, run.run_id, part, pure=False) for part in parts]
+        seconds = {"read": 0.0, "compute": 0.0, "write": 0.0}
+        for future in as_completed(futures):
+            for phase, value in future.result().items():
+                if phase in seconds:
+                    seconds[phase] += value
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return {**seconds, "total": time.perf_counter() - begin, "workers": n_workers}

@@ -1,0 +1,160 @@
+"""`featurestore probe --head linear|mlp|attention|difformer|uhead`: trained heads from the cache.
+
+The runner layer: resolve the run (and expert run), split train/validation/test, build the grid
+of heads (one head per (timestep, block) for single-map heads, one fusing all of them for
+difformer and uhead; each times every learning rate), train it in one pass per epoch, test, and
+write one safetensors file per head plus `results.json` into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featurestore.store import FeatureStore, Run, run_id_of, timestep_key
+from pipelines.heads.data import StoreBatches
+from pipelines.heads.logistic import resolve_run, split_rows
+from pipelines.heads.modules import SINGLE_INPUT_KINDS, HeadSpec, Key, build_head, save_head
+from pipelines.heads.training import (
+    TrainConfig, Trainee, accuracy_metrics, carve_validation, predict, resolve_device, train_grid,
+)
+
+
+@dataclass
+class ProbeConfig:
+    head: str
+    blocks: list[str]
+    timesteps: list[int | None]
+    lrs: list[float] = field(default_factory=lambda: [1e-3])
+    run_id: str | None = None
+    classifier: str = "linear"
+    text_embeddings: str | None = None  # safetensors: "embeddings" (K, D), metadata {"classes": [...]}
+    expert_run: str | None = None  # uhead: run id of the expert in the same store
+    expert_blocks: list[str] | None = None  # default: all blocks of the expert run
+    head_options: dict[str, Any] = field(default_factory=dict)  # HeadSpec fields: pool, width, depth, ...
+    train_split: str = "train"
+    test_split: str = "test"
+    holdout: float | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str | None = None  # default: <store>/../results/probe-<head>-<config digest>
+
+
+def class_names(labels: np.ndarray, names: np.ndarray) -> list[str]:
+    """The class name of each label 0..max, from the images table ("" for a label no image has)."""
+    classes = [""] * (int(labels.max()) + 1)
+    values, first = np.unique(labels, return_index=True)
+    for label, row in zip(values.tolist(), first.tolist()):
+        classes[label] = str(names[row])
+    return classes
+
+
+def read_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
+    """The (K, D) class-name embeddings of `path`, refused unless its classes are the run's, in label order."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        if "embeddings" not in f.keys():
+            raise ValueError(f"--text-embeddings {path}: no tensor 'embeddings' (found: {', '.join(f.keys())})")
+        text = f.get_tensor("embeddings")
+        meta = f.metadata() or {}
+    if "classes" not in meta:
+        raise ValueError(f"--text-embeddings {path}: no 'classes' metadata (a JSON list of class names in label order)")
+    names = json.loads(meta["classes"])
+    if text.ndim != 2 or len(names) != text.shape[0]:
+        raise ValueError(f"--text-embeddings {path}: 'embeddings' {tuple(text.shape)} does not hold one row per class of {len(names)}")
+    if names != classes:
+        diff = next((k for k in range(min(len(names), len(classes))) if names[k] != classes[k]), min(len(names), len(classes)))
+        raise ValueError(f"--text-embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
+                         f"first difference at label {diff}: {names[diff:diff + 1]} vs {classes[diff:diff + 1]})")
+    return text.float()
+
+
+def head_name(kind: str, keys: list[Key], lr: float) -> str:
+    timesteps = "+".join(dict.fromkeys(timestep_key(t) for t, _ in keys))
+    blocks = "+".join(dict.fromkeys(b for _, b in keys))
+    return f"{kind}_{timesteps}_{blocks}_lr{lr:g}"
+
+
+def grid(cfg: ProbeConfig, run: Run, expert: Run | None, expert_keys: list[Key], num_classes: int,
+         text: torch.Tensor | None) -> list[tuple[str, HeadSpec, float]]:
+    """(name, spec, lr) of every head to train."""
+    keys = [(t, b) for t in cfg.timesteps for b in cfg.blocks]
+    groups = [[k] for k in keys] if cfg.head in SINGLE_INPUT_KINDS else [keys]
+    specs = [HeadSpec(
+        kind=cfg.head, inputs={k: tuple(run.blocks[k[1]]) for k in group}, num_classes=num_classes,
+        expert_inputs={k: tuple(expert.blocks[k[1]]) for k in expert_keys}, classifier=cfg.classifier,
+        text_dim=None if text is None else text.shape[1], **cfg.head_options,
+    ) for group in groups]
+    return [(head_name(cfg.head, list(spec.inputs), lr), spec, lr) for spec in specs for lr in cfg.lrs]
+
+
+def output_dir(store: FeatureStore, cfg: ProbeConfig) -> Path:
+    if cfg.out is not None:
+        return Path(cfg.out)
+    if "://" in store.url:
+        raise ValueError(f"{store.url} is not a local path: give --out for the results")
+    digest = run_id_of(asdict(cfg))[:8]
+    return Path(store.url).resolve().parent / "results" / f"probe-{cfg.head}-{digest}"
+
+
+def probe_heads(store: FeatureStore, cfg: ProbeConfig) -> dict:
+    """Train and test the grid of `cfg`; returns the results document (also written as results.json)."""
+    device = resolve_device(cfg.train.device)
+    run = resolve_run(store, cfg.run_id)
+    if cfg.expert_run is not None and cfg.head != "uhead":
+        raise ValueError(f"--expert-run feeds the uhead only, not the {cfg.head} head")
+    if cfg.expert_blocks and cfg.expert_run is None:
+        raise ValueError("--expert-blocks needs --expert-run")
+    expert = store.run(cfg.expert_run) if cfg.expert_run is not None else None
+    expert_keys = [(t, b) for t in expert.timesteps for b in (cfg.expert_blocks or expert.blocks)] if expert else []
+    table = run.images
+    labels = table.label.astype(np.int64)
+    classes = class_names(labels, table.class_name)
+    text = read_text_embeddings(cfg.text_embeddings, classes) if cfg.text_embeddings else None
+
+    keys = [(t, b) for t in cfg.timesteps for b in cfg.blocks]
+    data = StoreBatches(run, keys, labels, expert=expert, expert_keys=expert_keys,
+                        batch_size=cfg.train.batch_size, window_chunks=cfg.train.window_chunks)
+    train_rows, test_rows = split_rows(run, cfg.train_split, cfg.test_split, cfg.holdout, cfg.train.seed)
+    train_rows, val_rows = carve_validation(train_rows, cfg.train.val_fraction, cfg.train.seed)
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.train.batch_size)
+    trainees = []
+    for name, spec, lr in grid(cfg, run, expert, expert_keys, len(classes), text):
+        torch.manual_seed(cfg.train.seed)  # the same initial weights whatever else is in the grid
+        trainees.append(Trainee(name, build_head(spec, text), lr, cfg.train, steps_per_epoch, device))
+
+    log = train_grid(data, trainees, train_rows, val_rows, cfg.train)
+    order, logits = predict(data, {t.name: t.head for t in trainees}, test_rows, device)
+
+    out = output_dir(store, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    heads = []
+    for t in trainees:
+        weights = out / f"{t.name}.safetensors"
+        save_head(t.head, weights, extra={"lr": t.lr, "run_id": run.run_id, "expert_run_id": cfg.expert_run})
+        heads.append({
+            "name": t.name, "kind": cfg.head, "lr": t.lr,
+            "keys": [list(k) for k in t.head.keys], "expert_keys": [list(k) for k in t.head.expert_keys],
+            **accuracy_metrics(logits[t.name], labels[order], classes),
+            "val_top1": t.val_top1[t.best_epoch], "best_epoch": t.best_epoch + 1, "epochs": len(t.val_top1),
+            "weights": weights.name, "spec": t.head.spec.to_json(),
+        })
+    best = max(heads, key=lambda h: h["val_top1"])  # chosen on validation, never on test
+    doc = {
+        "task": "probe", "store": store.url, "run_id": run.run_id, "expert_run_id": cfg.expert_run,
+        "config": asdict(cfg), "classes": classes,
+        "images": {"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
+        "best_head": best["name"], "top1": best["top1"], "top5": best["top5"],
+        "epochs_run": len(log.epoch_seconds),
+        "seconds_per_epoch": float(np.mean(log.epoch_seconds)),
+        "read_seconds_per_epoch": float(np.mean(log.read_seconds)),
+        "out": str(out), "heads": heads,
+    }
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    return doc
