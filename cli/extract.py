@@ -37,6 +37,7 @@ def extract(
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     pool: Annotated[Optional[str], typer.Option(help="Adaptive average pool: SIZE for all, or BLOCK=SIZE,...")] = None,
     dtype: Annotated[str, typer.Option(help="Stored precision: float16 or float32.")] = "float16",
+    autocast: Annotated[Optional[str], typer.Option(help="Compute precision on CUDA: bf16 (default there), fp16, none.")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per chunk of a new run (default from block sizes).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Run on an existing dask cluster at this address.")] = None,
@@ -51,7 +52,7 @@ def extract(
         blocks=parse_blocks(blocks), attention_maps=attention_maps, limit=limit, batch_size=batch_size,
         seed=seed, noise=noise, ddim_steps=ddim_steps, guidance_scale=guidance_scale, prompt=prompt,
         captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), dtype=dtype,
-        device=device, chunk_rows=chunk_rows, workers=workers, scheduler=scheduler,
+        device=device, autocast=autocast, chunk_rows=chunk_rows, workers=workers, scheduler=scheduler,
         progress=not json_out and sys.stderr.isatty(),
     )
     result = run_extract(cfg)

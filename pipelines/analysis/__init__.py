@@ -33,11 +33,17 @@ def row_slabs(run: Run, rows: np.ndarray, slab_rows: int = SLAB_ROWS) -> Iterato
 
 
 def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, pool: int | None) -> np.ndarray:
-    """Pooled, flattened float32 features of run rows given in any order (zarr wants them sorted)."""
+    """Pooled, flattened float32 features of run rows given in any order. Read chunk by chunk: a
+    slice of whole chunks reads ~3x faster than zarr's integer selection, and only one raw chunk
+    is held at a time."""
     order = np.argsort(rows, kind="stable")
-    features = pooled(run.numpy(timestep, block, rows[order]), pool)
-    out = np.empty_like(features)
-    out[order] = features
+    ordered = rows[order]
+    parts = []
+    for group in np.split(ordered, np.flatnonzero(np.diff(ordered // run.chunk_rows)) + 1):
+        chunk = run.chunk_slice(int(group[0]) // run.chunk_rows)
+        parts.append(pooled(run.numpy(timestep, block, chunk)[group - chunk.start], pool))
+    out = np.empty((len(rows), parts[0].shape[1]), np.float32)
+    out[order] = np.concatenate(parts)
     return out
 
 

@@ -259,15 +259,15 @@ def cka_run(
     r = [position[v.key] for v in rows]
     c = [position[v.key] for v in cols]
     return CkaResult(
-        result_name(grid, unique), grid, method, images, pool, [v.label for v in rows], [v.label for v in cols],
+        result_name(grid, method, unique), grid, method, images, pool, [v.label for v in rows], [v.label for v in cols],
         {name: m[np.ix_(r, c)].tolist() for name, m in matrices.items()},
         {v.label: [v.run.run_id, v.timestep, v.block] for v in [*rows, *cols]},
     )
 
 
-def result_name(grid: str, views: Sequence[View]) -> str:
-    """cka-<grid>-<run ids>[-t<T> when one timestep][-<block> when one block]."""
-    parts = ["cka", grid, *dict.fromkeys(v.run.run_id[:8] for v in views)]
+def result_name(grid: str, method: str, views: Sequence[View]) -> str:
+    """cka-<grid>-<method>-<run ids>[-t<T> when one timestep][-<block> when one block]."""
+    parts = ["cka", grid, method, *dict.fromkeys(v.run.run_id[:8] for v in views)]
     timesteps = {v.timestep for v in views}
     blocks = {v.block for v in views}
     parts += [timestep_key(t) for t in timesteps if len(timesteps) == 1]

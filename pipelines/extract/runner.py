@@ -10,11 +10,12 @@ block; work that does not depend on t (decode, VAE and text encode) happens once
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from pipelines.extract.prompts import PromptSource, parse_prompt, prompts_for
 from pipelines.extract.reader import Chunk, read_chunk
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+AUTOCAST = ("none", "bf16", "fp16")
 CHUNK_TARGET_BYTES = 16 << 20  # the largest array's chunk stays near this
 MAX_CHUNK_ROWS = 256
 
@@ -59,6 +61,7 @@ class ExtractConfig:
     pool: dict[str, int] = field(default_factory=dict)  # block -> output size; "*" for every block
     dtype: str = "float16"
     device: str = "cpu"
+    autocast: str | None = None  # none | bf16 | fp16; None: bf16 on CUDA, none elsewhere
     chunk_rows: int | None = None  # layout of a new run; None: from the block sizes
     workers: int | None = None  # dask LocalCluster with this many worker processes
     scheduler: str | None = None  # address of an existing dask cluster
@@ -144,6 +147,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 def prepare_job(cfg: ExtractConfig) -> Job:
     """Check every option and build the backbone; nothing is written yet."""
     check_device(cfg.device)
+    if cfg.autocast is None:
+        cfg = replace(cfg, autocast="bf16" if torch.device(cfg.device).type == "cuda" else "none")
+    if cfg.autocast not in AUTOCAST:
+        raise ValueError(f"--autocast must be one of {', '.join(AUTOCAST)}, not {cfg.autocast!r}")
+    autocast(torch.device(cfg.device), cfg.autocast)  # refuse bf16/fp16 off CUDA before any work
     prompt = parse_prompt(cfg.prompt)
     manifest = _load_manifest(cfg)
     backbone = create_backbone(cfg.backbone, cfg.weights, read_backbone_config(cfg.backbone_config), cfg.device)
@@ -173,6 +181,7 @@ def run_spec(job: Job, caption_key: str | None) -> dict:
         "captions": caption_key,
         "pool": job.pool,
         "dtype": cfg.dtype,
+        "autocast": cfg.autocast,  # reduced-precision compute changes the values
     }
 
 
@@ -273,19 +282,42 @@ def compute_chunk(job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int],
     ok = np.flatnonzero(~chunk.failed)
     shapes = job.shapes
     out = {(t, b): np.zeros((len(ids), *shapes[b]), dtype=cfg.dtype) for t in job.timesteps for b in job.blocks}
+    device = torch.device(cfg.device)
     for start in range(0, len(ok), cfg.batch_size):
         batch = ok[start : start + cfg.batch_size]
-        with torch.inference_mode():
-            pixels = torch.from_numpy(chunk.pixels[batch]).to(cfg.device)
+        copies: list[tuple[tuple[int | None, str], torch.Tensor]] = []
+        with torch.inference_mode(), autocast(device, cfg.autocast):
+            pixels = torch.from_numpy(chunk.pixels[batch]).to(device)
             prepared = backbone.prepare(pixels, [prompts[i] for i in batch] if prompts is not None else None)
             for t, x_t in model_inputs(job, prepared, [ids[i] for i in batch]):
-                t_batch = None if t is None else torch.full((len(batch),), t, device=pixels.device, dtype=torch.long)
+                t_batch = None if t is None else torch.full((len(batch),), t, device=device, dtype=torch.long)
                 for block, h in backbone.forward_blocks(x_t, t_batch, job.blocks, prepared.cond).items():
                     if block in job.pool:
-                        h = F.adaptive_avg_pool2d(h, job.pool[block])
-                    out[(t, block)][batch] = h.to(DTYPES[cfg.dtype]).cpu().numpy()
+                        h = F.adaptive_avg_pool2d(h, job.pool[block])  # on the device, before the copy
+                    copies.append(((t, block), to_host(h.to(DTYPES[cfg.dtype]))))
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the copies ran while later forwards did
+        for key, host in copies:
+            out[key][batch] = host.numpy()
         on_batch(len(batch))
     return out
+
+
+def to_host(h: torch.Tensor) -> torch.Tensor:
+    """Start the copy to pinned host memory without waiting (CUDA); a plain copy elsewhere."""
+    if h.device.type != "cuda":
+        return h.cpu()
+    host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+    return host.copy_(h, non_blocking=True)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA; full precision (a no-op context) elsewhere."""
+    if precision == "none":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise ValueError(f"--autocast {precision} needs a CUDA device; on {device.type} use --autocast none")
+    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 def model_inputs(job: Job, prepared, ids: list[str]):

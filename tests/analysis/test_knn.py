@@ -1,0 +1,69 @@
+"""Weighted kNN on arrays: FAISS search + votes against a brute-force numpy implementation."""
+
+import numpy as np
+import pytest
+
+from pipelines.analysis.knn import knn_accuracy, l2_normalized, search_topk, streamed_topk
+
+
+def brute_force_knn(train_x, train_y, test_x, test_y, k, temperature=0.07):
+    """The DINO weighted vote written out plainly, in float64: (top-1, top-5)."""
+    train = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    test = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    classes = sorted(set(train_y.tolist()))
+    hits1 = hits5 = 0
+    for query, label in zip(test.astype(np.float64), test_y):
+        sims = train.astype(np.float64) @ query
+        nearest = np.argsort(-sims)[:k]
+        votes = {c: 0.0 for c in classes}
+        for i in nearest:
+            votes[train_y[i]] += np.exp(sims[i] / temperature)
+        ranking = sorted(classes, key=lambda c: (-votes[c], c))
+        hits1 += ranking[0] == label
+        hits5 += label in ranking[:5]
+    return hits1 / len(test_y), hits5 / len(test_y)
+
+
+@pytest.mark.parametrize("k", [1, 10, 20, 100])
+def test_matches_brute_force_vote(k):
+    rng = np.random.default_rng(k)
+    centres = rng.normal(size=(12, 16))
+    train_y, test_y = rng.integers(0, 12, 300), rng.integers(0, 12, 80)
+    train_x = centres[train_y] + 1.5 * rng.normal(size=(300, 16))
+    test_x = centres[test_y] + 1.5 * rng.normal(size=(80, 16))
+    sims, indices = search_topk(l2_normalized(train_x), l2_normalized(test_x), k)
+    top1, top5 = knn_accuracy(sims, indices, train_y, test_y, [k])[k]
+    expected = brute_force_knn(train_x, train_y, test_x, test_y, k)
+    assert (top1, top5) == pytest.approx(expected, abs=1e-12)
+    assert 0.2 < top1 < 1.0 and top5 > top1  # a task that is neither trivial nor hopeless
+
+
+def test_streamed_search_equals_one_search():
+    rng = np.random.default_rng(0)
+    train, queries = l2_normalized(rng.normal(size=(503, 24))), l2_normalized(rng.normal(size=(40, 24)))
+    expected = search_topk(train, queries, 50)
+    for bounds in ([0, 7, 100, 101, 350, 503], [0, 503], list(range(0, 504, 64)) + [503]):
+        slabs = [train[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        sims, indices = streamed_topk(slabs, queries, 50)
+        np.testing.assert_array_equal(indices, expected[1])
+        np.testing.assert_array_equal(sims, expected[0])
+
+
+def test_toy_two_classes_in_the_plane():
+    # Class 0 points right, class 1 points up; each query is nearest to its own class.
+    train_x = np.array([[1, 0.1], [1, -0.1], [1, 0], [0.1, 1], [-0.1, 1], [0, 1]], dtype=np.float32)
+    train_y = np.array([0, 0, 0, 1, 1, 1])
+    test_x = np.array([[5, 1], [1, 5], [3, -1]], dtype=np.float32)
+    test_y = np.array([0, 1, 1])  # the last one is labelled wrong on purpose
+    sims, indices = search_topk(l2_normalized(train_x), l2_normalized(test_x), 3)
+    assert set(indices[0]) == {0, 1, 2} and set(indices[1]) == {3, 4, 5}
+    accuracy = knn_accuracy(sims, indices, train_y, test_y, [1, 3, 6])
+    assert accuracy[1] == accuracy[3] == pytest.approx((2 / 3, 1.0))
+    # k=6: every train point votes, but the near class still wins by exp(s / 0.07).
+    assert accuracy[6] == pytest.approx((2 / 3, 1.0))
+
+
+def test_unknown_test_label_is_never_right():
+    x = l2_normalized(np.eye(3, dtype=np.float32))
+    sims, indices = search_topk(x, x, 1)
+    assert knn_accuracy(sims, indices, np.array([0, 1, 2]), np.array([0, 1, 9]), [1])[1] == pytest.approx((2 / 3, 2 / 3))
