@@ -29,7 +29,8 @@ def backbones_show(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Parameter count, input and block table (C, H, W) of a backbone; nothing is downloaded."""
-    from pipelines.extract.backbone import META, create_backbone
+    from pipelines.extract.backbone import create_backbone
+    from pipelines.extract.weights import META
     from pipelines.extract.runner import read_backbone_config
 
     doc = create_backbone(name, weights or META, read_backbone_config(backbone_config)).describe()

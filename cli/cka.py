@@ -22,7 +22,7 @@ def cka(
     blocks: Annotated[str, typer.Option(help="Blocks of --run: all or NAME,...")] = "all",
     timesteps: Annotated[str, typer.Option(help="Timesteps of the timesteps grid: all or T,... (none for experts).")] = "all",
     other_run: Annotated[Optional[str], typer.Option(help="Run compared with --run in the runs grid.")] = None,
-    other_timestep: Annotated[Optional[str], typer.Option(help="Its timestep [default: --timestep].")] = None,
+    other_timestep: Annotated[Optional[str], typer.Option(help="Its timestep (default: --timestep).")] = None,
     other_blocks: Annotated[str, typer.Option(help="Its blocks: all or NAME,...")] = "all",
     pool: Annotated[Optional[int], typer.Option(help="Average-pool the maps to SIZE x SIZE first.")] = 4,
     method: Annotated[str, typer.Option(help="feature (exact, biased and unbiased, streamed), minibatch "
@@ -32,7 +32,7 @@ def cka(
     batch_size: Annotated[int, typer.Option(help="Minibatch size of the minibatch method.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the minibatch shuffle.")] = 0,
     slab_rows: Annotated[int, typer.Option(help="Rows read at a time (rounded to whole store chunks).")] = 4096,
-    out: Annotated[Optional[str], typer.Option(help="Results folder [default: results/ next to the store].")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Linear CKA (biased and unbiased HSIC) between blocks, timesteps or runs, streamed over the store."""

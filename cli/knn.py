@@ -26,7 +26,7 @@ def knn(
     seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs faiss-gpu).")] = "cpu",
     slab_rows: Annotated[int, typer.Option(help="Train rows searched at a time (rounded to whole store chunks).")] = 4096,
-    out: Annotated[Optional[str], typer.Option(help="Results folder [default: results/ next to the store].")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Weighted kNN (DINO protocol) from the cache: cosine similarity, exact FAISS search, top-1/top-5."""

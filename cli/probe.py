@@ -1,4 +1,4 @@
-"""`featurestore probe`."""
+"""`featurestore probe`: the logistic probe (default) or a grid of trained heads, from the cache."""
 
 from __future__ import annotations
 
@@ -9,29 +9,113 @@ import typer
 
 from cli.app import app, user_errors
 
+HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead")
+
+
+def split_items(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated values as one list, without repeats."""
+    return list(dict.fromkeys(v.strip() for text in values or [] for v in text.split(",") if v.strip()))
+
+
+def parse_timestep(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--timestep takes integers or 'none' (experts), got {text!r}") from None
+
+
+def parse_lr(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--lr takes numbers, got {text!r}") from None
+
 
 @app.command()
 @user_errors
 def probe(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
-    block: Annotated[str, typer.Option(help="Block to probe.")],
-    timestep: Annotated[int, typer.Option(help="Timestep to probe.")],
+    block: Annotated[Optional[list[str]], typer.Option(help="Block(s) to probe; repeat or separate by commas.")] = None,
+    timestep: Annotated[Optional[list[str]], typer.Option(help="Timestep(s); repeat or separate by commas; 'none' for experts.")] = None,
+    head: Annotated[str, typer.Option(help=f"Head: {'|'.join(HEADS)}.")] = "logistic",
     run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
-    pool: Annotated[Optional[int], typer.Option(help="Average-pool the map to SIZE x SIZE before the probe.")] = 4,
+    pool: Annotated[Optional[int], typer.Option(help="logistic, linear, mlp: average-pool the map to SIZE x SIZE.")] = 4,
     train_split: Annotated[str, typer.Option(help="Manifest split to train on.")] = "train",
     test_split: Annotated[str, typer.Option(help="Manifest split to test on.")] = "test",
     holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")] = None,
-    c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the logistic regression.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
+    c: Annotated[float, typer.Option("--c", help="logistic: inverse L2 strength.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of --holdout, the validation split, shuffling and initial weights.")] = 0,
+    lr: Annotated[Optional[list[str]], typer.Option(help="Learning rate(s); several train a grid.")] = None,
+    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping may end sooner).")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = 64,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warmup before the cosine decay.")] = 1.0,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of the train images held out for validation.")] = 0.1,
+    patience: Annotated[int, typer.Option(help="Stop a head after this many epochs without a better validation top-1; 0: never.")] = 5,
+    classifier: Annotated[str, typer.Option(help="linear | cosine (against --text-embeddings).")] = "linear",
+    text_embeddings: Annotated[Optional[str], typer.Option(help="safetensors: 'embeddings' (K, D), metadata 'classes' (JSON list in label order).")] = None,
+    temperature: Annotated[float, typer.Option(help="cosine: logits are cosines / temperature.")] = 0.07,
+    expert_run: Annotated[Optional[str], typer.Option(help="uhead: run id of an expert (e.g. a ResNet under timestep none) in this store.")] = None,
+    expert_blocks: Annotated[Optional[list[str]], typer.Option(help="uhead: blocks of the expert run (default: all).")] = None,
+    width: Annotated[int, typer.Option(help="attention, difformer: token width; uhead: pyramid width.")] = 128,
+    depth: Annotated[int, typer.Option(help="attention, difformer: transformer layers.")] = 2,
+    attn_heads: Annotated[int, typer.Option(help="attention, difformer, uhead: attention heads.")] = 4,
+    hidden: Annotated[int, typer.Option(help="mlp: hidden width.")] = 256,
+    expert_width: Annotated[int, typer.Option(help="uhead: channels of each adapted expert map.")] = 32,
+    pooling: Annotated[str, typer.Option(help="uhead: attention (learned query) | conv (1x1 conv + mean).")] = "attention",
+    device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
+    out: Annotated[Optional[str], typer.Option(help="Folder for weights and results.json (default: <store>/../results/...).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Linear probe from the cache: standardised features, multinomial logistic regression."""
+    """Probe blocks from the cache: logistic regression, or trained heads (a grid of blocks x
+    timesteps x learning rates in one pass over the cache per epoch)."""
     from featurestore.store import FeatureStore
-    from pipelines.heads.logistic import probe_run
+    from pipelines.heads.modules import DIFFORMER_BLOCKS, DIFFORMER_TIMESTEPS
 
-    result = probe_run(FeatureStore.open(store), run, timestep, block, pool, train_split, test_split, holdout, c, seed)
+    if head not in HEADS:
+        raise ValueError(f"unknown --head {head!r}; heads: {', '.join(HEADS)}")
+    blocks = split_items(block) or (list(DIFFORMER_BLOCKS) if head == "difformer" else [])
+    timesteps = [parse_timestep(t) for t in split_items(timestep)] or (list(DIFFORMER_TIMESTEPS) if head == "difformer" else [])
+    if not blocks or not timesteps:
+        raise ValueError(f"--head {head} needs --block and --timestep")
+    fs = FeatureStore.open(store)
+
+    if head == "logistic":
+        from pipelines.heads.logistic import probe_run
+
+        if len(blocks) != 1 or len(timesteps) != 1:
+            raise ValueError("the logistic probe takes one --block and one --timestep")
+        result = probe_run(fs, run, timesteps[0], blocks[0], pool, train_split, test_split, holdout, c, seed)
+        if json_out:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            typer.echo(f"{result.block} t={result.timestep}: top-1 {result.top1:.4f} "
+                       f"(train {result.train_top1:.4f}; {result.train} train / {result.test} test images)")
+        return
+
+    from pipelines.heads.probe import ProbeConfig, probe_heads
+    from pipelines.heads.training import TrainConfig
+
+    options = dict(width=width, depth=depth, num_heads=attn_heads, hidden=hidden, expert_width=expert_width,
+                   pooling=pooling, temperature=temperature)
+    if pool is not None:
+        options["pool"] = pool
+    cfg = ProbeConfig(
+        head=head, blocks=blocks, timesteps=timesteps, lrs=[parse_lr(x) for x in split_items(lr)] or [1e-3],
+        run_id=run, classifier=classifier, text_embeddings=text_embeddings, expert_run=expert_run,
+        expert_blocks=split_items(expert_blocks) or None, head_options=options,
+        train_split=train_split, test_split=test_split, holdout=holdout, out=out,
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                          val_fraction=val_fraction, patience=patience, seed=seed, device=device),
+    )
+    doc = probe_heads(fs, cfg)
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        typer.echo(f"{result.block} t={result.timestep}: top-1 {result.top1:.4f} "
-                   f"(train {result.train_top1:.4f}; {result.train} train / {result.test} test images)")
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    for h in doc["heads"]:
+        typer.echo(f"{h['name']}: top-1 {h['top1']:.4f}  top-5 {h['top5']:.4f}  "
+                   f"(val {h['val_top1']:.4f} at epoch {h['best_epoch']}/{h['epochs']})")
+    typer.echo(f"best on validation: {doc['best_head']}; {doc['seconds_per_epoch']:.2f} s per epoch; "
+               f"weights and results.json in {doc['out']}")

@@ -26,7 +26,7 @@ def sweep(
     c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the logistic regression.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
     device: Annotated[str, typer.Option(help="kNN search device: cpu, or cuda (needs faiss-gpu).")] = "cpu",
-    out: Annotated[Optional[str], typer.Option(help="Results folder [default: results/ next to the store].")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Linear probe and weighted kNN for every (t, block) of a run: a table (CSV, JSON) and plots of

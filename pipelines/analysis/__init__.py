@@ -7,6 +7,7 @@ result is saved.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ def row_slabs(run: Run, rows: np.ndarray, slab_rows: int = SLAB_ROWS) -> Iterato
         raise ValueError("slab rows must be positive")
     window = max(1, slab_rows // run.chunk_rows) * run.chunk_rows
     bounds = np.searchsorted(rows, np.arange(0, len(run) + window, window))
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         if stop > start:
             yield slice(int(start), int(stop))
 

@@ -22,6 +22,7 @@ CKA = HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y)) from either.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ class FeatureSpaceHsic:
         z = np.concatenate([np.asarray(v, dtype=np.float64) for v in views], axis=1)
         if self.n == 0:
             bounds = np.cumsum([0] + [v.shape[1] for v in views])
-            self.slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            self.slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
             self.shift = z.mean(axis=0)
             self.sum = np.zeros(z.shape[1])
             self.zz = np.zeros((z.shape[1], z.shape[1]))
@@ -189,6 +190,8 @@ def grid_views(
     """Row and column views of a grid: `blocks` (block x block at `timestep`), `timesteps` (t x t at
     `block`), or `runs` (blocks of one run vs blocks of another over the same images)."""
     run = resolve_run(store, run_id)
+    if grid in ("blocks", "runs") and timestep is None and None not in run.timesteps:
+        raise ValueError(f"--grid {grid} needs --timestep (run {run.run_id} has {run.timesteps})")
     if grid == "blocks":
         views = [View(run, timestep, b, b) for b in blocks or run.blocks]
         cols = views
@@ -213,18 +216,16 @@ def grid_views(
 
 def aligned_rows(runs: Sequence[Run]) -> list[np.ndarray]:
     """Per run, the run rows of the images usable in every run (done, not failed), in the first
-    run's order (sorted rows of the first run). Runs must cover the same images."""
+    run's row order. Runs must cover the same images (rows of the store's images table)."""
     first = runs[0]
-    usable = set(first.rows[first.rows_done() & ~first.failed].tolist())
+    common = first.rows[first.rows_done() & ~first.failed]
     for other in runs[1:]:
-        if set(other.rows.tolist()) != set(first.rows.tolist()):
-            only_first = len(set(first.rows.tolist()) - set(other.rows.tolist()))
-            only_other = len(set(other.rows.tolist()) - set(first.rows.tolist()))
+        if not np.array_equal(np.sort(first.rows), np.sort(other.rows)):
             raise ValueError(f"runs {first.run_id} and {other.run_id} cover different images "
-                             f"({only_first} only in the first, {only_other} only in the second)")
-        usable &= set(other.rows[other.rows_done() & ~other.failed].tolist())
-    first_rows = np.flatnonzero(np.isin(first.rows, list(usable)))
-    table_rows = first.rows[first_rows]
+                             f"({np.setdiff1d(first.rows, other.rows).size} only in the first, "
+                             f"{np.setdiff1d(other.rows, first.rows).size} only in the second)")
+        common = np.intersect1d(common, other.rows[other.rows_done() & ~other.failed])
+    table_rows = first.rows[np.isin(first.rows, common)]
     out = []
     for run in runs:
         run_row_of = np.empty(run.rows.max() + 1, dtype=np.int64)
@@ -241,7 +242,9 @@ def cka_run(
     rows: Sequence[View], cols: Sequence[View], grid: str, pool: int | None = 4, method: Method = "auto",
     max_features: int = MAX_FEATURES, batch_size: int = BATCH_SIZE, seed: int = 0, slab_rows: int = SLAB_ROWS,
 ) -> CkaResult:
-    """CKA of every row view against every column view, one streamed pass over the store."""
+    """CKA of every row view against every column view, in one pass over the store in slabs of the
+    first run's chunks. A run stored in another row order is read by image, so each slab touches
+    many of its chunks: slower, same numbers."""
     unique = list({v.key: v for v in [*rows, *cols]}.values())
     position = {v.key: i for i, v in enumerate(unique)}
     runs = list({v.run.run_id: v.run for v in unique}.values())

@@ -53,19 +53,24 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
-def flat_ip_index(dim: int, device: str):
-    """An exact inner-product index on the CPU, or on the first GPU for `cuda` (faiss-gpu only:
-    asking for cuda without it is an error, never a silent CPU run)."""
+def check_device(device: str) -> None:
+    """cpu, or cuda when faiss has GPU support: asking for cuda without it is an error, never a
+    silent CPU run."""
     import faiss
 
-    if device == "cpu":
-        return faiss.IndexFlatIP(dim)
-    if device != "cuda":
+    if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+    if device == "cuda" and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0):
         raise ValueError("--device cuda needs faiss with GPU support (pip install faiss-gpu) and a visible GPU; "
                          "this faiss has none: use --device cpu")
-    return faiss.GpuIndexFlatIP(_gpu_resources(), dim)
+
+
+def flat_ip_index(dim: int, device: str):
+    """An exact inner-product index on the CPU or on the first GPU."""
+    import faiss
+
+    check_device(device)
+    return faiss.IndexFlatIP(dim) if device == "cpu" else faiss.GpuIndexFlatIP(_gpu_resources(), dim)
 
 
 def search_topk(database: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +139,7 @@ def knn_run(
 ) -> KnnResult:
     """Weighted kNN of one (t, block) of a run: the test features are read at once, the train
     features streamed in chunk-aligned slabs of about `slab_rows` rows."""
+    check_device(device)
     run = resolve_run(store, run_id)
     train, test = split_rows(run, train_split, test_split, holdout, seed)
     if not ks or min(ks) < 1 or max(ks) > len(train):

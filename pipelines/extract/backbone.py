@@ -7,7 +7,6 @@ every requested block, stopping after the last one it needs.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,9 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class WeightsError(ValueError):
-    """A checkpoint that does not fit the backbone, or cannot be read."""
+from pipelines.extract.weights import META, RANDOM
 
 
 @dataclass(frozen=True)
@@ -141,10 +138,6 @@ def list_backbones() -> list[BackboneEntry]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
-RANDOM = "random"  # --weights random: seeded random init, for shapes and speed work
-META = "meta"  # no storage at all: enough for the block table and the parameter count
-
-
 def create_backbone(
     name: str, weights: str | Path | None = None, config: dict | None = None, device: str = "cpu"
 ) -> Backbone:
@@ -175,75 +168,3 @@ def _import_backbones() -> None:
         importlib.import_module(f"{backbones.__name__}.{info.name}")
 
 
-def materialize(
-    build: Callable[[], nn.Module], weights: str | Path | None, default: Path | None, device: str,
-    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-) -> tuple[nn.Module, str]:
-    """Build a module and fill it: META (no storage), RANDOM (seed 0), or a checkpoint loaded
-    strictly (`weights`, else `default`); returns the module on `device` and the weights digest.
-    `convert` maps a checkpoint's keys onto the module's when the layouts differ by design."""
-    if weights == META:
-        with torch.device("meta"):
-            return build(), META
-    if weights == RANDOM:
-        torch.manual_seed(0)
-        return build().to(device), RANDOM
-    path = weights or default
-    if path is None:
-        raise WeightsError("no default weights for this backbone: pass --weights PATH (or --weights random)")
-    module = build()
-    state = read_state_dict(Path(path))
-    load_strict(module, convert(state) if convert else state, str(path))
-    return module.to(device), file_digest(Path(path))
-
-
-# -- weights ----------------------------------------------------------------------------------
-
-def file_digest(path: Path) -> str:
-    """sha256 of a weights file, recorded with every run."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file, or a .pt/.pth/.th file with weights_only=True (never pickle code)."""
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix in (".pt", ".pth", ".th", ".bin", ".ckpt"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the user's input error
-            raise WeightsError(f"cannot read {path} as a weights-only torch checkpoint: {exc}") from exc
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
-        return obj
-    raise WeightsError(f"{path}: unknown weights format {path.suffix!r} (use .safetensors, .pt, .pth or .th)")
-
-
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `module` only if keys and shapes match exactly; name the first mismatches."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if items:
-            shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-            problems.append(f"{len(items)} {label}: {shown}")
-    if problems:
-        raise WeightsError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)

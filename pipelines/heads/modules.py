@@ -89,10 +89,12 @@ class HeadSpec:
 
 # -- building blocks ------------------------------------------------------------------------------
 def conv_block(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
-    """Conv + GroupNorm + SiLU, the unit of the uhead's levels, fusions and adapters."""
+    """Conv + GroupNorm + SiLU, the unit of the uhead's levels, fusions and adapters. Up to 32
+    groups of at least 8 channels: a group of one channel would subtract each channel's spatial
+    mean, and with it any class signal carried by a channel's overall level."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2),
-        nn.GroupNorm(math.gcd(8, c_out), c_out),
+        nn.GroupNorm(math.gcd(32, c_out, max(1, c_out // 8)), c_out),
         nn.SiLU(),
     )
 

@@ -1,5 +1,7 @@
 """Linear CKA on arrays: the streamed feature-space estimators against the direct Gram formulas."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -61,7 +63,7 @@ def test_streaming_over_slabs_equals_in_memory():
     z = rng.normal(size=(203, 5)) + x[:, :5]
     whole, n = cka_matrices([[x, y, z]], "feature")
     cuts = [0, 4, 90, 91, 203]
-    streamed, n_streamed = cka_matrices([[v[a:b] for v in (x, y, z)] for a, b in zip(cuts[:-1], cuts[1:])], "feature")
+    streamed, n_streamed = cka_matrices([[v[a:b] for v in (x, y, z)] for a, b in itertools.pairwise(cuts)], "feature")
     assert n == n_streamed == 203
     for name in ("biased", "unbiased"):
         np.testing.assert_allclose(streamed[name], whole[name], atol=1e-10)

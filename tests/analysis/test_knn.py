@@ -1,5 +1,7 @@
 """Weighted kNN on arrays: FAISS search + votes against a brute-force numpy implementation."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -43,7 +45,7 @@ def test_streamed_search_equals_one_search():
     train, queries = l2_normalized(rng.normal(size=(503, 24))), l2_normalized(rng.normal(size=(40, 24)))
     expected = search_topk(train, queries, 50)
     for bounds in ([0, 7, 100, 101, 350, 503], [0, 503], list(range(0, 504, 64)) + [503]):
-        slabs = [train[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        slabs = [train[a:b] for a, b in itertools.pairwise(bounds)]
         sims, indices = streamed_topk(slabs, queries, 50)
         np.testing.assert_array_equal(indices, expected[1])
         np.testing.assert_array_equal(sims, expected[0])

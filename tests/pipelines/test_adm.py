@@ -12,19 +12,26 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipelines.extract.backbone import WeightsError, create_backbone
+from pipelines.extract.backbone import create_backbone
+from pipelines.extract.weights import WeightsError
 from pipelines.extract.backbones.adm import (
-    ADMFlags, ADMUNet, GroupNorm32, QKVAttention, ResBlock, schedule_alphas_cumprod, timestep_embedding,
+    ADMFlags,
+    ADMUNet,
+    GroupNorm32,
+    QKVAttention,
+    ResBlock,
+    schedule_alphas_cumprod,
+    timestep_embedding,
 )
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
 TINY_FLAGS_PATH = Path(__file__).parent / "adm_tiny_flags.json"
 TINY = json.loads(TINY_FLAGS_PATH.read_text())  # resblock up/down, scale-shift norm, legacy attention, learn_sigma
-TINY_PLAIN = dict(  # conv resampling, additive embedding, new attention order, 3 output channels
-    image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="32,16",
-    num_heads=2, resblock_updown=False, use_scale_shift_norm=False, use_new_attention_order=True,
-    learn_sigma=False, noise_schedule="cosine",
-)
+TINY_PLAIN = {  # conv resampling, additive embedding, new attention order, 3 output channels
+    "image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": "32,16",
+    "num_heads": 2, "resblock_updown": False, "use_scale_shift_norm": False, "use_new_attention_order": True,
+    "learn_sigma": False, "noise_schedule": "cosine",
+}
 
 
 def reference(name: str) -> dict:

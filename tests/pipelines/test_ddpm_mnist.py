@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipelines.extract.backbone import WeightsError, create_backbone, read_state_dict
+from pipelines.extract.backbone import create_backbone
+from pipelines.extract.weights import WeightsError, read_state_dict
 from pipelines.extract.backbones.ddpm_mnist import DEFAULT_WEIGHTS
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipelines.extract.backbone import META, RANDOM, WeightsError, create_backbone
+from pipelines.extract.backbone import create_backbone
+from pipelines.extract.weights import META, RANDOM, WeightsError
 from pipelines.extract.reader import to_input
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

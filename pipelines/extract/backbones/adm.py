@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.extract.backbone import Backbone, InputSpec, WeightsError, materialize, register_backbone
+from pipelines.extract.backbone import Backbone, InputSpec, register_backbone
+from pipelines.extract.weights import WeightsError, materialize
 
 NUM_CLASSES = 1000  # ImageNet, for class_cond models
 DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
@@ -111,12 +112,12 @@ def _has_type(value: Any, kind: type) -> bool:
 
 
 # The released 256x256 unconditional model (openai/guided-diffusion README, `256x256_diffusion_uncond.pt`).
-ADM256_UNCOND_FLAGS: dict[str, Any] = dict(
-    image_size=256, num_channels=256, num_res_blocks=2, channel_mult="", attention_resolutions="32,16,8",
-    num_head_channels=64, num_heads=4, num_heads_upsample=-1, resblock_updown=True, use_scale_shift_norm=True,
-    learn_sigma=True, class_cond=False, dropout=0.0, use_new_attention_order=False, use_fp16=False,
-    diffusion_steps=1000, noise_schedule="linear",
-)
+ADM256_UNCOND_FLAGS: dict[str, Any] = {
+    "image_size": 256, "num_channels": 256, "num_res_blocks": 2, "channel_mult": "", "attention_resolutions": "32,16,8",
+    "num_head_channels": 64, "num_heads": 4, "num_heads_upsample": -1, "resblock_updown": True, "use_scale_shift_norm": True,
+    "learn_sigma": True, "class_cond": False, "dropout": 0.0, "use_new_attention_order": False, "use_fp16": False,
+    "diffusion_steps": 1000, "noise_schedule": "linear",
+}
 
 
 def schedule_alphas_cumprod(schedule: str, steps: int) -> torch.Tensor:
@@ -401,7 +402,7 @@ class ADMBackbone(Backbone):
         return out
 
 
-def build_adm(name: str, flags: ADMFlags, weights: Path | str | None, device: str, weights_hint: str) -> ADMBackbone:
+def _build(name: str, flags: ADMFlags, weights: Path | str | None, device: str, weights_hint: str) -> ADMBackbone:
     """Refuse what extraction cannot run, then build and fill the UNet (see `materialize`)."""
     if flags.class_cond:
         raise ValueError("class-conditional ADM needs labels; not supported for extraction")
@@ -415,7 +416,7 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> ADMBa
     if config is None:
         raise ValueError("adm needs --backbone-config FILE: a JSON object of guided-diffusion flags "
                          '(e.g. {"image_size": 256, "num_channels": 256, ...})')
-    return build_adm("adm", ADMFlags.from_json(config), weights, device,
+    return _build("adm", ADMFlags.from_json(config), weights, device,
                      "the guided-diffusion checkpoint these flags describe")
 
 
@@ -423,5 +424,5 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> ADMBa
 def build_256_uncond(weights: Path | str | None, config: dict | None, device: str) -> ADMBackbone:
     if config is not None:
         raise ValueError("adm256-uncond is a fixed preset and takes no --backbone-config; use backbone adm for other flags")
-    return build_adm("adm256-uncond", ADMFlags.from_json(ADM256_UNCOND_FLAGS), weights, device,
+    return _build("adm256-uncond", ADMFlags.from_json(ADM256_UNCOND_FLAGS), weights, device,
                      "the official 256x256_diffusion_uncond.pt")

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.extract.backbone import Backbone, InputSpec, materialize, register_backbone
+from pipelines.extract.backbone import Backbone, InputSpec, register_backbone
+from pipelines.extract.weights import materialize
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "ddpm-mnist" / "ddpm_mnist_epoch400.safetensors"
 SIZE = 28

@@ -22,12 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.extract.backbone import (
-    Backbone,
-    InputSpec,
-    materialize,
-    register_backbone,
-)
+from pipelines.extract.backbone import Backbone, InputSpec, register_backbone
+from pipelines.extract.weights import materialize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

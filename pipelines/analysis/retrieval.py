@@ -1,0 +1,500 @@
+"""Zero-shot sketch-based image retrieval (ZS-SBIR) from the cache: exact cosine search, streamed
+over the gallery, and retrieval metrics with every variant named (ZS-SBIR codebases disagree on them).
+
+Layers: metrics on ranked relevance (`HitRanks`, `average_precision`, `precision_at`, `averaged`);
+exact search on arrays (`stream_topk`, `stream_ranks`); `retrieve_run` reads queries and gallery
+from the store and `save_grid` draws a few ranked lists.
+
+Ranking. Gallery items are ranked by descending cosine similarity as FAISS `IndexFlatIP` computes
+it (float32, on L2-normalised rows); equal similarities are ordered by ascending gallery position,
+the order of a stable argsort of -similarity. Both are packed into one uint64 key per (query, item)
+(`ranking_keys`), so "ranked before" is "smaller key" and merging lists is sorting keys.
+
+Metrics (R: relevant items of a query in the whole gallery, K: the cutoff, P(r): precision at rank r):
+- AP `noninterp`: the sum of P(r) over relevant ranks r <= K, divided by min(R, K) (normalisation
+  `min`; R for @all, so a perfect ranking scores 1) or by the relevant items retrieved within K
+  (`retrieved`; 0 when none is). `voc11`: PASCAL VOC 11-point interpolated, the mean over recall
+  levels 0, 0.1, ..., 1 of the best precision at any rank <= K whose recall (hits / R) reaches the
+  level (0 when none does).
+- P@K: relevant items in the top K divided by K (denominator `k`) or by min(K, R) (`min`).
+- averaging: over `queries`, or over `classes` (the mean over classes of the mean over each class's
+  queries).
+
+mAP@all without storing the full ranking. AP@all needs the rank of every relevant item. With the
+gallery streamed in slabs, `stream_ranks` makes two passes: the first keeps, per query, the keys of
+its relevant items (R per query, never the Q x G ranking); the second counts, per relevant item,
+the non-relevant items ranked before it. The j-th relevant item then has rank j + that count:
+exact, including ties, in O(sum of R) memory. Each pass searches every slab piece with k = its
+length, so FAISS computes the same similarities as the top-K search (checked in the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featurestore.store import FeatureStore, Run, timestep_key
+from pipelines.analysis import SLAB_ROWS, read_pooled, row_slabs, write_json
+from pipelines.analysis.knn import flat_ip_index, l2_normalized
+from pipelines.analysis.splits import load_split
+from pipelines.heads.logistic import resolve_run
+
+AP_KINDS = ("noninterp", "voc11")
+NORMALISATIONS = ("min", "retrieved")
+DENOMINATORS = ("k", "min")
+AVERAGES = ("queries", "classes")
+VARIANTS = {
+    "ap": {
+        "noninterp": "non-interpolated: sum of precision at each relevant rank within the cutoff / normalisation",
+        "voc11": "VOC 11-point interpolated: mean over recall 0, 0.1, ..., 1 of the best precision at that "
+                 "recall or above within the cutoff (recall = hits / R); no normalisation",
+    },
+    "normalisation": {"min": "min(R, K); R for @all", "retrieved": "relevant items retrieved within K (none: AP 0)"},
+    "denominator": {"k": "K", "min": "min(K, R)"},
+    "average": {"queries": "mean over queries", "classes": "mean over classes of the mean over their queries"},
+}
+# GPU FAISS selects at most 2048 neighbours per search, and a piece searched in full (k = its rows)
+# must stay under that; the cap on (queries x piece rows) bounds the per-piece key arrays (~8 bytes each).
+GPU_MAX_K = 2048
+PIECE_ENTRIES = 1 << 22
+_SIGN = np.uint32(0x80000000)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+# -- metrics on ranked relevance ----------------------------------------------------------------
+@dataclass(frozen=True)
+class HitRanks:
+    """Where each query's relevant gallery items are ranked.
+
+    ranks: (Q, H) float64, the 1-based ranks of relevant items, ascending, padded with inf;
+    n_relevant: (Q,) R, the relevant items in the whole gallery; depth: ranked positions known
+    (K for top-K lists); gallery_size: G (a ranking of depth G is complete).
+    """
+
+    ranks: np.ndarray
+    n_relevant: np.ndarray
+    depth: int
+    gallery_size: int
+
+    def __post_init__(self) -> None:
+        found = np.isfinite(self.ranks).sum(axis=1)
+        if (self.n_relevant < 1).any():
+            raise ValueError(f"queries {_first(np.flatnonzero(self.n_relevant < 1))} have no relevant gallery item; "
+                             "their AP is undefined: leave them out (e.g. with a split)")
+        if (found > self.n_relevant).any():
+            raise ValueError("more relevant items ranked than the query has (n_relevant too small)")
+
+    @classmethod
+    def from_relevance(cls, relevance: np.ndarray, n_relevant: np.ndarray, gallery_size: int | None = None) -> HitRanks:
+        """From ranked lists: relevance[q, i] says whether the item at rank i + 1 of query q is
+        relevant. gallery_size defaults to the list length (the lists rank the whole gallery)."""
+        relevance = np.asarray(relevance, dtype=bool)
+        depth = relevance.shape[1]
+        ranks = np.sort(np.where(relevance, np.arange(1, depth + 1, dtype=np.float64), np.inf), axis=1)
+        width = int(relevance.sum(axis=1).max(initial=0))
+        return cls(ranks[:, :width], np.asarray(n_relevant, dtype=np.int64), depth,
+                   depth if gallery_size is None else gallery_size)
+
+    def within(self, cutoff: int | None) -> np.ndarray:
+        """(Q, H) whether each relevant item is ranked within the cutoff (None: the whole gallery),
+        refusing cutoffs the ranked lists do not reach."""
+        if cutoff is None:
+            incomplete = np.flatnonzero(np.isfinite(self.ranks).sum(axis=1) < self.n_relevant)
+            if len(incomplete):
+                raise ValueError(f"@all needs the rank of every relevant item, but the ranked lists (depth "
+                                 f"{self.depth} of {self.gallery_size}) miss some for queries {_first(incomplete)}")
+            return np.isfinite(self.ranks)
+        if cutoff < 1:
+            raise ValueError(f"a cutoff is a positive integer, got {cutoff}")
+        if cutoff > self.depth and self.depth < self.gallery_size:
+            raise ValueError(f"cutoff {cutoff} is deeper than the ranked lists ({self.depth} of {self.gallery_size})")
+        return self.ranks <= cutoff
+
+
+def average_precision(hits: HitRanks, cutoff: int | None = None, ap: str = "noninterp",
+                      normalisation: str = "min") -> np.ndarray:
+    """Per-query AP within the cutoff (None: AP@all); see the module docstring for the variants."""
+    _check(ap, AP_KINDS, "ap")
+    _check(normalisation, NORMALISATIONS, "normalisation")
+    inside = hits.within(cutoff)
+    j = np.arange(1, hits.ranks.shape[1] + 1)
+    precision = np.where(inside, j / np.where(inside, hits.ranks, 1.0), 0.0)  # P at the j-th relevant rank
+    r = hits.n_relevant
+    if ap == "voc11":
+        if precision.shape[1] == 0:
+            return np.zeros(len(r))
+        best_after = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]  # max of P over hits j' >= j
+        levels = np.arange(11)
+        first = np.maximum((levels[None, :] * r[:, None] + 9) // 10, 1)  # least j with j / R >= level / 10
+        reached = first <= precision.shape[1]
+        interpolated = np.take_along_axis(best_after, np.minimum(first, precision.shape[1]) - 1, axis=1)
+        return np.where(reached, interpolated, 0.0).mean(axis=1)
+    if normalisation == "min":
+        norm = r if cutoff is None else np.minimum(r, cutoff)
+    else:
+        norm = inside.sum(axis=1)
+    return np.divide(precision.sum(axis=1), norm, out=np.zeros(len(r)), where=norm > 0)
+
+
+def precision_at(hits: HitRanks, k: int, denominator: str = "k") -> np.ndarray:
+    """Per-query precision of the top k: relevant items there / k (`k`) or / min(k, R) (`min`)."""
+    _check(denominator, DENOMINATORS, "denominator")
+    found = hits.within(k).sum(axis=1)
+    return found / (k if denominator == "k" else np.minimum(k, hits.n_relevant))
+
+
+def averaged(values: np.ndarray, classes: np.ndarray, average: str = "queries") -> float:
+    """The mean over queries, or over classes of the mean over each class's queries."""
+    _check(average, AVERAGES, "average")
+    if average == "queries":
+        return float(np.mean(values))
+    _, inverse = np.unique(classes, return_inverse=True)
+    return float(np.mean(np.bincount(inverse, weights=values) / np.bincount(inverse)))
+
+
+# -- exact search on arrays -----------------------------------------------------------------------
+def ranking_keys(sims: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """uint64 keys whose ascending order is the ranking: the float32 similarity, flipped to sort
+    descending, in the high 32 bits; the gallery position (ties: lower first) in the low 32."""
+    bits = (np.asarray(sims, dtype=np.float32) + np.float32(0)).view(np.uint32)  # + 0 turns -0.0 into 0.0
+    ascending = np.where(bits & _SIGN, ~bits, bits | _SIGN)  # unsigned order = float order
+    return ((~ascending).astype(np.uint64) << np.uint64(32)) | np.asarray(indices).astype(np.uint64)
+
+
+def key_indices(keys: np.ndarray) -> np.ndarray:
+    return (keys & _LOW32).astype(np.int64)
+
+
+def key_similarities(keys: np.ndarray) -> np.ndarray:
+    ascending = ~(keys >> np.uint64(32)).astype(np.uint32)
+    return np.where(ascending & _SIGN, ascending & ~_SIGN, ~ascending).astype(np.uint32).view(np.float32)
+
+
+def piece_rows(n_queries: int) -> int:
+    """Gallery rows per FAISS search: at most GPU_MAX_K, and queries x rows at most PIECE_ENTRIES."""
+    return int(np.clip(PIECE_ENTRIES // max(n_queries, 1), 1, GPU_MAX_K))
+
+
+def _pieces(slabs: Iterable[np.ndarray], rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset of the first row in the whole gallery, piece) for consecutive pieces of the slabs."""
+    offset = 0
+    for slab in slabs:
+        for start in range(0, len(slab), rows):
+            yield offset + start, slab[start:start + rows]
+        offset += len(slab)
+    if offset >= 1 << 32:
+        raise ValueError(f"a gallery of {offset} items is beyond the 2^32 positions of a ranking key")
+
+
+def _piece_keys(queries: np.ndarray, piece: np.ndarray, offset: int, k: int, device: str) -> np.ndarray:
+    """Keys of the k best rows of one piece for every query, best first (k = rows: all of them).
+
+    One more neighbour than asked is searched: when it ties with the k-th, which of the tied rows
+    FAISS kept is arbitrary, so the piece is ranked in full (same batch, same arithmetic) instead.
+    """
+    if piece.shape[1] != queries.shape[1]:
+        raise ValueError(f"queries have {queries.shape[1]} features, the gallery {piece.shape[1]}: "
+                         "choose (timestep, block, pool) of equal width on both sides")
+    index = flat_ip_index(piece.shape[1], device)
+    index.add(np.ascontiguousarray(piece, dtype=np.float32))
+    wide = min(k + 1, len(piece))
+    sims, ids = index.search(queries, wide)
+    if wide > k and (sims[:, k - 1] == sims[:, k]).any():
+        sims, ids = index.search(queries, len(piece))
+    if not np.isfinite(sims).all():
+        raise ValueError("non-finite cosine similarity: the features hold NaN or inf")
+    return np.sort(ranking_keys(sims, ids + offset), axis=1, kind="stable")[:, :k]  # FAISS orders ties arbitrarily
+
+
+def _merge(best: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
+    """The k smallest keys of two sorted key lists per query (a stable sort merges the two runs)."""
+    return np.sort(np.concatenate([best, new], axis=1), axis=1, kind="stable")[:, :k]
+
+
+def stream_topk(slabs: Iterable[np.ndarray], queries: np.ndarray, k: int, device: str = "cpu") -> np.ndarray:
+    """Ranking keys of the k best gallery rows per query, best first, over consecutive slabs of
+    L2-normalised rows (positions count across slabs); memory O(queries x (k + piece))."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best = np.empty((len(queries), 0), np.uint64)
+    for offset, piece in _pieces(slabs, piece_rows(len(queries))):
+        best = _merge(best, _piece_keys(queries, piece, offset, min(k, len(piece)), device), k)
+    return best
+
+
+def count_below(sorted_keys: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """(Q, P): how many of each row's sorted keys are smaller than each of its sorted probes."""
+    merged = np.concatenate([probes, sorted_keys], axis=1)
+    order = np.argsort(merged, axis=1, kind="stable")  # two sorted runs: a linear merge; probes first on ties
+    position = np.nonzero(order < probes.shape[1])[1].reshape(probes.shape)
+    return position - np.arange(probes.shape[1])
+
+
+def stream_ranks(
+    make_slabs: Callable[[], Iterable[np.ndarray]], queries: np.ndarray, query_classes: np.ndarray,
+    gallery_classes: np.ndarray, k: int, device: str = "cpu",
+) -> tuple[np.ndarray, HitRanks]:
+    """Top-k keys and the complete `HitRanks` (relevant: same class) in two passes over the gallery
+    (`make_slabs()` gives the slabs anew each time); memory O(sum of R + queries x (k + piece))."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = piece_rows(len(queries))
+    groups = {c: np.flatnonzero(query_classes == c) for c in np.unique(query_classes)}
+
+    def scan() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for offset, piece in _pieces(make_slabs(), rows):
+            keys = _piece_keys(queries, piece, offset, len(piece), device)
+            yield keys, gallery_classes[key_indices(keys)]
+
+    best = np.empty((len(queries), 0), np.uint64)
+    parts: dict = {c: [] for c in groups}
+    for keys, owner in scan():  # pass 1: the keys of every query's relevant items
+        best = _merge(best, keys[:, :k], k)
+        for c, members in groups.items():
+            mine = owner[members] == c  # the same count on every row of a class
+            parts[c].append(keys[members][mine].reshape(len(members), -1))
+    relevant = {c: np.sort(np.concatenate(p, axis=1), axis=1) for c, p in parts.items()}
+    before = {c: np.zeros(r.shape, np.int64) for c, r in relevant.items()}
+    for keys, owner in scan():  # pass 2: non-relevant items ranked before each relevant one
+        for c, members in groups.items():
+            others = keys[members][owner[members] != c].reshape(len(members), -1)  # still sorted
+            before[c] += count_below(others, relevant[c])
+
+    width = max((r.shape[1] for r in relevant.values()), default=0)
+    ranks = np.full((len(queries), width), np.inf)
+    for c, members in groups.items():
+        ranks[members, :before[c].shape[1]] = np.arange(1, before[c].shape[1] + 1) + before[c]
+    n_relevant = np.array([relevant[c].shape[1] for c in query_classes], dtype=np.int64)
+    return best, HitRanks(ranks, n_relevant, len(gallery_classes), len(gallery_classes))
+
+
+def _check(value: str, allowed: Sequence[str], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _first(items: np.ndarray, n: int = 5) -> str:
+    shown = ", ".join(str(int(i)) for i in items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+# -- the runner: queries and gallery from the store ----------------------------------------------
+@dataclass(frozen=True)
+class Side:
+    """Queries or gallery: images of one domain in a run (None: the store's only run), at (t, block)."""
+
+    run: str | None
+    timestep: int | None
+    block: str
+    domain: str
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    query: Side
+    gallery: Side
+    split: str | None = None  # a split file, or the name of a shipped one: unseen classes only
+    pool: int | None = 4
+    map_at: tuple[int | None, ...] = (None, 200)  # None: mAP@all
+    precision_at: tuple[int, ...] = (100, 200)
+    ap: str = "noninterp"
+    normalisation: str = "min"
+    precision_denominator: str = "k"
+    average: str = "queries"
+    device: str = "cpu"
+    slab_rows: int = SLAB_ROWS
+    examples: int = 5  # queries shown with their top EXAMPLE_DEPTH in the results and the grid
+
+    def __post_init__(self) -> None:
+        _check(self.ap, AP_KINDS, "--ap")
+        _check(self.normalisation, NORMALISATIONS, "--map-normalisation")
+        _check(self.precision_denominator, DENOMINATORS, "--precision-denominator")
+        _check(self.average, AVERAGES, "--average")
+        if not self.map_at and not self.precision_at:
+            raise ValueError("nothing to compute: give --map-at and/or --precision-at")
+        if any(k is not None and k < 1 for k in (*self.map_at, *self.precision_at)):
+            raise ValueError("cutoffs are positive integers (or 'all' for mAP)")
+
+
+EXAMPLE_DEPTH = 10
+
+
+@dataclass
+class RetrievalResult:
+    query: dict  # run_id, timestep, block, domain, images
+    gallery: dict
+    pool: int | None
+    split: str | None
+    classes: list[str]
+    features: int
+    device: str
+    metrics: dict[str, dict]  # name -> {"value", its variant names, "average"}
+    per_class: dict[str, dict[str, float]]  # class -> name -> mean over the class's queries
+    examples: list[dict]
+    variants: dict = field(default_factory=lambda: VARIANTS)
+    grid: str | None = None
+    grid_note: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def stem(self) -> str:
+        """File name of the results: runs, (t, block) of both sides and the split."""
+        q, g = self.query, self.gallery
+        name = f"retrieve-{q['run_id']}-{timestep_key(q['timestep'])}-{q['block']}"
+        if (g["run_id"], g["timestep"], g["block"]) != (q["run_id"], q["timestep"], q["block"]):
+            name += f"-vs-{g['run_id']}-{timestep_key(g['timestep'])}-{g['block']}"
+        return name + (f"-{self.split}" if self.split else "")
+
+
+def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResult:
+    """Sketch queries against a photo gallery (any two domains) from one or two runs of a store.
+
+    The queries are read at once; the gallery is streamed in chunk-aligned slabs of about
+    `slab_rows` rows, once for top-K metrics and twice more when mAP@all is asked for.
+    """
+    query_run, gallery_run = resolve_run(store, config.query.run), resolve_run(store, config.gallery.run)
+    query_rows, query_names = _usable(query_run, config.query.domain)
+    gallery_rows, gallery_names = _usable(gallery_run, config.gallery.domain)
+    split = None
+    if config.split is not None:
+        split = load_split(config.split)
+        split.check(set(query_names), set(gallery_names))
+        query_keep, gallery_keep = np.isin(query_names, split.unseen), np.isin(gallery_names, split.unseen)
+        query_rows, query_names = query_rows[query_keep], query_names[query_keep]
+        gallery_rows, gallery_names = gallery_rows[gallery_keep], gallery_names[gallery_keep]
+    lacking = sorted(set(query_names) - set(gallery_names))
+    if lacking:
+        raise ValueError(f"no gallery image of query class(es) {', '.join(lacking)} in domain "
+                         f"{config.gallery.domain!r}: their AP is undefined; leave them out with --split")
+    classes = np.array(sorted(set(query_names) | set(gallery_names)))
+    query_classes, gallery_classes = np.searchsorted(classes, query_names), np.searchsorted(classes, gallery_names)
+
+    q, g = config.query, config.gallery
+    queries = l2_normalized(read_pooled(query_run, q.timestep, q.block, query_rows, config.pool))
+
+    def slabs() -> Iterator[np.ndarray]:
+        for part in row_slabs(gallery_run, gallery_rows, config.slab_rows):
+            yield l2_normalized(read_pooled(gallery_run, g.timestep, g.block, gallery_rows[part], config.pool))
+
+    cutoffs = [k for k in (*config.map_at, *config.precision_at) if k is not None]
+    k = min(max([*cutoffs, EXAMPLE_DEPTH]), len(gallery_rows))
+    n_relevant = np.bincount(gallery_classes, minlength=len(classes))[query_classes]
+    if None in config.map_at:
+        top, hits = stream_ranks(slabs, queries, query_classes, gallery_classes, k, config.device)
+    else:
+        top = stream_topk(slabs(), queries, k, config.device)
+        relevance = gallery_classes[key_indices(top)] == query_classes[:, None]
+        hits = HitRanks.from_relevance(relevance, n_relevant, len(gallery_rows))
+    metrics, per_class = _metrics(hits, query_names, config)
+
+    query_images, gallery_images = query_run.images.take(query_rows), gallery_run.images.take(gallery_rows)
+    shown = [int(np.flatnonzero(query_names == c)[0]) for c in sorted(set(query_names))][: config.examples]
+    examples = [
+        {
+            "id": str(query_images.id[i]), "class": str(query_names[i]), "source": str(query_images.source[i]),
+            "top": [
+                {"id": str(gallery_images.id[j]), "class": str(gallery_names[j]), "source": str(gallery_images.source[j]),
+                 "similarity": float(s), "relevant": bool(gallery_names[j] == query_names[i])}
+                for j, s in zip(key_indices(top[i, :EXAMPLE_DEPTH]), key_similarities(top[i, :EXAMPLE_DEPTH]))
+            ],
+        }
+        for i in shown
+    ]
+    return RetrievalResult(
+        query={"run_id": query_run.run_id, "timestep": q.timestep, "block": q.block, "domain": q.domain,
+               "images": len(query_rows)},
+        gallery={"run_id": gallery_run.run_id, "timestep": g.timestep, "block": g.block, "domain": g.domain,
+                 "images": len(gallery_rows)},
+        pool=config.pool, split=split.name if split else None, classes=sorted(set(query_names)),
+        features=queries.shape[1], device=config.device, metrics=metrics, per_class=per_class, examples=examples,
+    )
+
+
+def _usable(run: Run, domain: str) -> tuple[np.ndarray, np.ndarray]:
+    """Finished, non-failed rows of a run in one domain, and their class names."""
+    images = run.images
+    ok = run.rows_done() & ~run.failed
+    rows = np.flatnonzero(ok & (images.domain == domain))
+    if not len(rows):
+        found = sorted(set(images.domain[ok].tolist()))
+        raise ValueError(f"run {run.run_id} has no finished images in domain {domain!r} "
+                         f"(its domains: {', '.join(found) or 'none'}); choose --query-domain/--gallery-domain")
+    return rows, images.class_name[rows]
+
+
+def _metrics(hits: HitRanks, query_names: np.ndarray, config: RetrievalConfig) -> tuple[dict, dict]:
+    """Every asked metric averaged as configured, with its variant names, and per class."""
+    per_query: dict[str, tuple[np.ndarray, dict]] = {}
+    for cutoff in config.map_at:
+        name = f"mAP@{'all' if cutoff is None else cutoff}"
+        variant = {"ap": config.ap, "normalisation": None if config.ap == "voc11" else config.normalisation}
+        per_query[name] = (average_precision(hits, cutoff, config.ap, config.normalisation), variant)
+    for k in config.precision_at:
+        per_query[f"P@{k}"] = (precision_at(hits, k, config.precision_denominator),
+                               {"denominator": config.precision_denominator})
+    per_query["chance"] = (hits.n_relevant / hits.gallery_size, {"definition": "R / gallery size"})
+    metrics = {name: {"value": averaged(values, query_names, config.average), **variant, "average": config.average}
+               for name, (values, variant) in per_query.items()}
+    per_class = {str(c): {name: float(values[query_names == c].mean()) for name, (values, _) in per_query.items()}
+                 for c in sorted(set(query_names))}
+    return metrics, per_class
+
+
+def save_results(result: RetrievalResult, folder: Path, data_root: str | Path | None,
+                 query_data_root: str | Path | None = None) -> Path:
+    """Write the grid PNG (or the reason it was skipped, kept in the result) and the results JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png = folder / f"{result.stem()}.png"
+    result.grid_note = save_grid(result.examples, png, data_root, query_data_root)
+    result.grid = None if result.grid_note else str(png)
+    return write_json(result.to_dict(), folder / f"{result.stem()}.json")
+
+
+def save_grid(examples: list[dict], path: Path, data_root: str | Path | None,
+              query_data_root: str | Path | None = None) -> str | None:
+    """A PNG with one row per example query: the query, then its top gallery images framed green
+    (relevant) or red. The images are the store's `source` paths under the data roots (the query
+    root defaults to the gallery's). Returns None when drawn, else why it was skipped."""
+    from data_manifests.sources import load_image
+
+    if data_root is None:
+        return "grid skipped: no --data-root (the folder the gallery's sources are relative to)"
+    if not examples:
+        return "grid skipped: no example queries"
+    roots = {"query": Path(query_data_root or data_root), "gallery": Path(data_root)}
+
+    def image(side: str, source: str):
+        file, _, fragment = source.partition("#")
+        return np.asarray(load_image(roots[side] / file, fragment or None).convert("RGB"))
+
+    try:
+        rows = [[image("query", e["source"])] + [image("gallery", t["source"]) for t in e["top"]] for e in examples]
+    except (OSError, ValueError) as exc:
+        return f"grid skipped: cannot read an image under {roots['gallery']} / {roots['query']}: {exc}"
+
+    from matplotlib.figure import Figure
+
+    columns = 1 + max(len(e["top"]) for e in examples)
+    fig = Figure(figsize=(1.4 * columns, 1.6 * len(examples)))
+    axes = fig.subplots(len(examples), columns, squeeze=False)
+    for example, images, row in zip(examples, rows, axes):
+        for col, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col >= len(images):
+                ax.set_axis_off()
+                continue
+            ax.imshow(images[col])
+            if col == 0:
+                ax.set_title(f"query: {example['class']}", fontsize=7)
+                continue
+            hit = example["top"][col - 1]
+            ax.set_title(f"{hit['class']} {hit['similarity']:.2f}", fontsize=6)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("green" if hit["relevant"] else "red")
+                spine.set_linewidth(2.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return None

@@ -1,0 +1,108 @@
+"""Reading minibatches from the store: whole chunks, once per pass, seeded shuffles, expert alignment."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pipelines.heads.data import StoreBatches
+
+N, CHUNK = 100, 8  # 13 chunks, the last one holds 4 rows
+
+
+class CountingArray:
+    """A zarr array that counts the chunks each read touches (and checks reads are whole chunks)."""
+
+    def __init__(self, array, chunk_rows: int):
+        self.array, self.chunk_rows, self.chunks = array, chunk_rows, Counter()
+
+    def __getitem__(self, selection):
+        assert isinstance(selection, slice) and selection.start % self.chunk_rows == 0
+        assert selection.stop - selection.start == self.chunk_rows  # whole chunk (zarr clips the last)
+        self.chunks[selection.start // self.chunk_rows] += 1
+        return self.array[selection]
+
+
+@pytest.fixture
+def stored(make_run, noise, rng):
+    labels = rng.integers(0, 3, N)
+    features = {(10, "a"): noise(rng, N, (3, 2, 2)), (10, "b"): noise(rng, N, (2, 4, 4))}
+    return make_run(features, labels, chunk_rows=CHUNK), features, labels
+
+
+def counted(data: StoreBatches) -> dict:
+    data.arrays = {k: CountingArray(a, CHUNK) for k, a in data.arrays.items()}
+    return data.arrays
+
+
+def test_a_pass_reads_each_chunk_once_and_yields_every_row_once_in_full_batches(stored, rng):
+    run, features, labels = stored
+    data = StoreBatches(run, list(features), labels, batch_size=10, window_chunks=3)
+    arrays = counted(data)
+    rows = rng.permutation(N)
+    groups = {"val": np.sort(rows[:23]), "train": np.sort(rows[23:95])}  # rows 95.. are in no group
+    seen = {"val": [], "train": []}
+    sizes = {"val": [], "train": []}
+    for group, batch in data.passes(groups, np.random.default_rng(1)):
+        seen[group].extend(batch.rows.tolist())
+        sizes[group].append(len(batch.rows))
+        for key, x in batch.features.items():
+            np.testing.assert_array_equal(x.numpy(), features[key][batch.rows])
+        np.testing.assert_array_equal(batch.labels.numpy(), labels[batch.rows])
+    for group, expected in groups.items():
+        assert sorted(seen[group]) == expected.tolist()
+        assert sizes[group] == [10] * (len(expected) // 10) + [len(expected) % 10]
+    needed = set((np.concatenate(list(groups.values())) // CHUNK).tolist())
+    for array in arrays.values():
+        assert array.chunks == Counter(dict.fromkeys(needed, 1))
+
+
+def test_shuffles_are_seeded_chunk_aware_and_differ_between_epochs(stored):
+    run, features, labels = stored
+    data = StoreBatches(run, [(10, "a")], labels, batch_size=7, window_chunks=1)
+
+    def order(rng):
+        return np.concatenate([b.rows for _, b in data.passes({"train": np.arange(N)}, rng)])
+
+    epoch0 = order(np.random.default_rng((0, 0)))
+    assert np.array_equal(epoch0, order(np.random.default_rng((0, 0))))
+    assert not np.array_equal(epoch0, order(np.random.default_rng((0, 1))))
+    assert not np.array_equal(epoch0, np.arange(N))
+    assert np.array_equal(order(None), np.arange(N))  # no rng: store order
+    # one chunk per window: each chunk's rows come together, in shuffled chunk order
+    chunk_runs = [chunk for chunk, _ in itertools.groupby((epoch0 // CHUNK).tolist())]
+    assert sorted(chunk_runs) == list(range(run.n_chunks)) and chunk_runs != sorted(chunk_runs)
+
+
+def test_expert_maps_belong_to_the_same_image_whatever_the_expert_row_order(make_run, noise, rng):
+    labels = rng.integers(0, 3, N)
+    features = {(10, "a"): noise(rng, N, (2, 2, 2))}
+    expert_features = {(None, "layer"): noise(rng, N, (3, 1, 1))}
+    run = make_run(features, labels, chunk_rows=CHUNK)
+    expert = make_run(expert_features, labels, chunk_rows=6, name="expert", order=rng.permutation(N))
+    data = StoreBatches(run, [(10, "a")], labels, expert=expert, expert_keys=[(None, "layer")], batch_size=16)
+    batches = [b for _, b in data.passes({"train": np.arange(N)}, np.random.default_rng(0))]
+    assert sum(len(b.rows) for b in batches) == N
+    for b in batches:  # run row r is image r (write_run's default order)
+        np.testing.assert_array_equal(b.expert[(None, "layer")].numpy(), expert_features[(None, "layer")][b.rows])
+
+
+def test_images_the_expert_lacks_are_refused(make_run, noise, rng):
+    labels = rng.integers(0, 3, N)
+    run = make_run({(10, "a"): noise(rng, N, (2, 2, 2))}, labels, chunk_rows=CHUNK)
+    expert = make_run({(None, "layer"): noise(rng, N, (3, 1, 1))}, labels, name="expert", order=np.arange(N - 5))
+    data = StoreBatches(run, [(10, "a")], labels, expert=expert, expert_keys=[(None, "layer")])
+    with pytest.raises(ValueError, match="lacks 5 of the probed images"):
+        next(data.passes({"train": np.arange(N)}, None))
+    assert len(list(data.passes({"train": np.arange(N - 5)}, None))) == 2
+
+
+def test_unknown_blocks_and_timesteps_are_named(stored):
+    run, _, labels = stored
+    with pytest.raises(ValueError, match="no block 'nope'"):
+        StoreBatches(run, [(10, "nope")], labels)
+    with pytest.raises(ValueError, match="no timestep 11"):
+        StoreBatches(run, [(11, "a")], labels)
