@@ -48,4 +48,5 @@ def inspect_store(url: str) -> dict[str, Any]:
         "format_version": store.group.attrs["format_version"],
         "images": len(store.images),
         "runs": runs,
+        "incomplete_runs": store.incomplete_run_ids(),  # killed while being created; rebuilt by a re-run
     }

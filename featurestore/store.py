@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,23 +90,26 @@ class FeatureStore:
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
         self.url = url
+        self._images: ImagesTable | None = None  # read once per handle; add_images keeps it current
 
     @classmethod
     def open(cls, url: str, mode: str = "r") -> FeatureStore:
         """Open a store; mode "a" creates it when missing, "r" requires it to exist."""
         url = str(url).removeprefix("file://")  # a local path: zarr's LocalStore creates folders
-        if mode == "r":
-            try:
-                group = zarr.open_group(url, mode="r")
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-                raise StoreError(f"no feature store at {url}") from exc
-        else:
-            group = zarr.open_group(url, mode="a")
-            if "format_version" not in group.attrs:
-                if len(list(group.keys())):
-                    raise StoreError(f"{url} is a zarr group but not a feature store; use another path")
-                group.attrs.update({"format_version": FORMAT_VERSION, "created_by": package_version()})
-                _create_images_table(group)
+        local = Path(url)
+        if "://" not in url and local.is_dir() and any(local.iterdir()) and not (local / "zarr.json").exists():
+            raise StoreError(f"{url} is a folder with other files in it, not a feature store; use another path")
+        try:
+            group = zarr.open_group(url, mode="r" if mode == "r" else "a")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(f"no feature store at {url}") from exc
+        except zarr.errors.ContainsArrayError as exc:
+            raise StoreError(f"{url} holds a zarr array, not a feature store") from exc
+        if mode != "r" and "format_version" not in group.attrs:
+            if len(list(group.keys())):
+                raise StoreError(f"{url} is a zarr group but not a feature store; use another path")
+            group.attrs.update({"format_version": FORMAT_VERSION, "created_by": package_version()})
+            _create_images_table(group)
         if group.attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 f"{url}: store format {group.attrs.get('format_version')!r}, this version reads {FORMAT_VERSION}"
@@ -115,8 +119,10 @@ class FeatureStore:
     # -- images -------------------------------------------------------------------------------
     @property
     def images(self) -> ImagesTable:
-        g = self.group["images"]
-        return ImagesTable(**{c: _read_column(g[c]) for c in IMAGE_COLUMNS})
+        if self._images is None:
+            g = self.group["images"]
+            self._images = ImagesTable(**{c: _read_column(g[c]) for c in IMAGE_COLUMNS})
+        return self._images
 
     def add_images(self, dataset: str, columns: Mapping[str, Sequence]) -> np.ndarray:
         """Merge a manifest's rows into the images table; returns each row's index in the table.
@@ -126,6 +132,9 @@ class FeatureStore:
         """
         new = {c: np.asarray(columns[c]) for c in IMAGE_COLUMNS if c != "dataset"}
         new["dataset"] = np.full(len(new["id"]), dataset)
+        ids, counts = np.unique(new["id"], return_counts=True)
+        if (counts > 1).any():
+            raise StoreError(f"image ids repeat within dataset {dataset!r}: {', '.join(map(str, ids[counts > 1][:5]))}")
         current = self.images
         index = {(d, i): r for r, (d, i) in enumerate(zip(current.dataset.tolist(), current.id.tolist()))}
         rows = np.empty(len(new["id"]), dtype=np.int64)
@@ -149,6 +158,7 @@ class FeatureStore:
             for c in IMAGE_COLUMNS:
                 g[c].resize((start + len(appended),))
                 g[c][start:] = new[c][appended]
+            self._images = None
         return rows
 
     # -- captions -----------------------------------------------------------------------------
@@ -180,11 +190,18 @@ class FeatureStore:
 
     # -- runs ---------------------------------------------------------------------------------
     def run_ids(self) -> list[str]:
-        if "runs" not in self.group:
-            return []
-        return sorted(self.group["runs"].group_keys())
+        """Runs that were fully created (one killed while being created is rebuilt by create_run)."""
+        return [r for r in self._run_groups() if "created" in self.group["runs"][r].attrs]
+
+    def incomplete_run_ids(self) -> list[str]:
+        return [r for r in self._run_groups() if "created" not in self.group["runs"][r].attrs]
+
+    def _run_groups(self) -> list[str]:
+        return sorted(self.group["runs"].group_keys()) if "runs" in self.group else []
 
     def run(self, run_id: str) -> Run:
+        if run_id in self.incomplete_run_ids():
+            raise StoreError(f"run {run_id} was never fully created (killed while starting); extract again to rebuild it")
         if run_id not in self.run_ids():
             raise StoreError(f"no run {run_id!r} in {self.url}; runs: {', '.join(self.run_ids()) or 'none'}")
         return Run(self.group["runs"][run_id], self)
@@ -352,12 +369,16 @@ class Run:
 
     def record_session(self, session: Mapping[str, Any]) -> None:
         """Append one extraction session (when, how long per phase) to the run's provenance."""
-        sessions = [*self.attrs.get("sessions", []), {"ended": _now(), **session}]
+        sessions = [*self._fresh_attrs().get("sessions", []), {"ended": _now(), **session}]
         self.group.attrs["sessions"] = self.attrs["sessions"] = sessions
 
     def mark_finished(self) -> None:
-        if self.attrs.get("finished") is None:
+        if self._fresh_attrs().get("finished") is None:
             self.group.attrs["finished"] = self.attrs["finished"] = _now()
+
+    def _fresh_attrs(self) -> dict[str, Any]:
+        """The attributes as stored now (another handle may have written since this one opened)."""
+        return zarr.open_group(self.group.store, path=self.group.path, mode="r").attrs.asdict()
 
     # -- views ----------------------------------------------------------------------------------
     def numpy(self, t: int | None, block: str, rows: slice | np.ndarray | None = None) -> np.ndarray:

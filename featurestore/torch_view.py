@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from featurestore.store import Run
+from featurestore.store import Run, timestep_key
 
 
 class FeatureDataset(Dataset):
     """Items are (features, label): one float32 tensor for one key, a dict {"t<T>/<block>": tensor}
+    (`tnone/<block>` for experts)
     for several keys. Only rows whose chunk is done and whose image did not fail are included."""
 
     def __init__(self, run: Run, keys: Sequence[tuple[int | None, str]], rows: np.ndarray | None = None):
@@ -51,7 +52,7 @@ class FeatureDataset(Dataset):
         label = int(self.labels[row])
         if len(values) == 1:
             return values[0], label
-        return {f"t{t}/{block}": v for (t, block), v in zip(self.keys, values)}, label
+        return {f"{timestep_key(t)}/{block}": v for (t, block), v in zip(self.keys, values)}, label
 
 
 class ChunkShuffleSampler(Sampler[int]):

@@ -199,14 +199,20 @@ def _piece_keys(queries: np.ndarray, piece: np.ndarray, offset: int, k: int, dev
         raise ValueError(f"queries have {queries.shape[1]} features, the gallery {piece.shape[1]}: "
                          "choose (timestep, block, pool) of equal width on both sides")
     index = flat_ip_index(piece.shape[1], device)
-    index.add(np.ascontiguousarray(piece, dtype=np.float32))
+    index.add(_finite_rows(piece, "gallery"))
     wide = min(k + 1, len(piece))
     sims, ids = index.search(queries, wide)
     if wide > k and (sims[:, k - 1] == sims[:, k]).any():
         sims, ids = index.search(queries, len(piece))
-    if not np.isfinite(sims).all():
-        raise ValueError("non-finite cosine similarity: the features hold NaN or inf")
     return np.sort(ranking_keys(sims, ids + offset), axis=1, kind="stable")[:, :k]  # FAISS orders ties arbitrarily
+
+
+def _finite_rows(x: np.ndarray, what: str) -> np.ndarray:
+    """Contiguous float32 rows, refusing NaN and inf (FAISS would silently leave such rows out)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"the {what} features hold NaN or inf")
+    return x
 
 
 def _merge(best: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
@@ -217,7 +223,7 @@ def _merge(best: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
 def stream_topk(slabs: Iterable[np.ndarray], queries: np.ndarray, k: int, device: str = "cpu") -> np.ndarray:
     """Ranking keys of the k best gallery rows per query, best first, over consecutive slabs of
     L2-normalised rows (positions count across slabs); memory O(queries x (k + piece))."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    queries = _finite_rows(queries, "query")
     best = np.empty((len(queries), 0), np.uint64)
     for offset, piece in _pieces(slabs, piece_rows(len(queries))):
         best = _merge(best, _piece_keys(queries, piece, offset, min(k, len(piece)), device), k)
@@ -238,7 +244,7 @@ def stream_ranks(
 ) -> tuple[np.ndarray, HitRanks]:
     """Top-k keys and the complete `HitRanks` (relevant: same class) in two passes over the gallery
     (`make_slabs()` gives the slabs anew each time); memory O(sum of R + queries x (k + piece))."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    queries = _finite_rows(queries, "query")
     rows = piece_rows(len(queries))
     groups = {c: np.flatnonzero(query_classes == c) for c in np.unique(query_classes)}
 
@@ -340,12 +346,12 @@ class RetrievalResult:
         return asdict(self)
 
     def stem(self) -> str:
-        """File name of the results: runs, (t, block) of both sides and the split."""
+        """File name of the results: runs, (t, block) of both sides, pooling and split."""
         q, g = self.query, self.gallery
         name = f"retrieve-{q['run_id']}-{timestep_key(q['timestep'])}-{q['block']}"
         if (g["run_id"], g["timestep"], g["block"]) != (q["run_id"], q["timestep"], q["block"]):
             name += f"-vs-{g['run_id']}-{timestep_key(g['timestep'])}-{g['block']}"
-        return name + (f"-{self.split}" if self.split else "")
+        return name + (f"-pool{self.pool}" if self.pool else "") + (f"-{self.split}" if self.split else "")
 
 
 def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResult:

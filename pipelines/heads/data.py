@@ -52,10 +52,11 @@ def read_rows(array: zarr.Array, chunk_rows: int, rows: np.ndarray) -> np.ndarra
 def expert_rows(run: Run, expert: Run) -> np.ndarray:
     """For each row of `run`, the row of the same image in `expert`; -1 where the expert lacks
     the image, has not written it yet, or failed on it."""
-    position = np.full(len(run.store.images), -1, dtype=np.int64)
+    run_images, expert_images = run.rows, expert.rows  # rows of the images table
+    position = np.full(max(run_images.max(initial=-1), expert_images.max(initial=-1)) + 1, -1, dtype=np.int64)
     usable = expert.rows_done() & ~expert.failed
-    position[expert.rows[usable]] = np.flatnonzero(usable)
-    return position[run.rows]
+    position[expert_images[usable]] = np.flatnonzero(usable)
+    return position[run_images]
 
 
 class StoreBatches:

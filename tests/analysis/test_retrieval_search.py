@@ -148,7 +148,7 @@ def test_errors_name_the_problem():
         stream_topk([gallery[:, :5]], queries, 3)
     bad = gallery.copy()
     bad[3, 0] = np.nan
-    with pytest.raises(ValueError, match="non-finite cosine similarity"):
+    with pytest.raises(ValueError, match="the gallery features hold NaN or inf"):
         stream_topk([bad], queries, 3)
     with pytest.raises(ValueError, match="no relevant gallery item"):
         stream_ranks(lambda: [gallery], queries, query_classes + 100, gallery_classes, 3)
@@ -157,9 +157,10 @@ def test_errors_name_the_problem():
 @pytest.mark.slow
 def test_100k_gallery_streams_in_bounded_memory(capsys):
     """1,000 queries against 100,000 random 64-d vectors generated slab by slab: the streamed
-    top-100 equals one in-memory IndexFlatIP search, and the traced peak stays far below the
-    gallery's 25.6 MB (FAISS's own C++ buffers are not seen by tracemalloc)."""
-    dim, n, slab = 64, 100_000, 4096
+    top-100 equals one in-memory IndexFlatIP search (ties put in gallery order), and the traced peak
+    stays far below the gallery's 25.6 MB (FAISS's own C++ buffers are not seen by tracemalloc).
+    About 8 s on 2 idle cores, most of it the two FAISS searches."""
+    dim, n, slab = 64, 100_000, 2048
     queries = unit_rows(np.random.default_rng(1).standard_normal((1000, dim)))
 
     def make_slab(i: int) -> np.ndarray:
@@ -176,10 +177,16 @@ def test_100k_gallery_streams_in_bounded_memory(capsys):
     gallery = np.concatenate([make_slab(i) for i in range(n_slabs)])
     index = faiss.IndexFlatIP(dim)
     index.add(gallery)
-    sims, ids = index.search(queries, 100)
-    assert np.array_equal(key_indices(top), ids)
-    assert np.array_equal(key_similarities(top), sims)
-    assert peak < gallery.nbytes / 4
+    sims, ids = index.search(queries, 101)
+    assert (sims[:, 98] > sims[:, 100]).all()  # no 3-way tie at the cutoff: the 101 hold the exact top 100
+    # Random float32 similarities do tie exactly now and then (4 pairs here); FAISS orders those
+    # arbitrarily, our ranking by gallery position, so its lists are brought to that order first.
+    order = np.lexsort((ids, -sims))[:, :100]
+    assert np.array_equal(key_indices(top), np.take_along_axis(ids, order, axis=1))
+    assert np.array_equal(key_similarities(top), np.take_along_axis(sims, order, axis=1))
+    # About 6 MiB, the same for a quarter of the gallery: the queries, one generated slab, and per
+    # piece FAISS's output and the merged top-100 keys (1,000 x 201 x 8 bytes).
+    assert peak < 8 * 2**20 < gallery.nbytes / 3
     with capsys.disabled():
         print(f"\n100k streaming: traced peak {peak / 2**20:.1f} MiB (gallery {gallery.nbytes / 2**20:.1f} MiB), "
               f"{streamed_s:.1f} s")

@@ -77,11 +77,6 @@ def test_open_refuses_other_format_version(store_path, mode, other_version):
         FeatureStore.open(store_path, mode)
 
 
-@pytest.mark.xfail(
-    reason="a path holding a zarr array (not a group) raises zarr's ContainsArrayError, not StoreError",
-    raises=zarr.errors.ContainsArrayError,
-    strict=True,
-)
 @pytest.mark.parametrize("mode", ["r", "a"])
 def test_open_refuses_zarr_array_path(tmp_path, mode):
     path = tmp_path / "array.zarr"
@@ -176,12 +171,6 @@ def test_string_columns_are_numpy_unicode(store_path):
     assert s.images.id.tolist() == ["a", "bb"]
 
 
-@pytest.mark.xfail(
-    reason="add_images appends an id repeated inside one manifest twice, so (dataset, id) is no longer "
-    "a key of the images table",
-    raises=AssertionError,
-    strict=True,
-)
 def test_id_repeated_within_one_manifest_is_one_image(store_path):
     s = FeatureStore.open(store_path, "a")
     try:
@@ -483,12 +472,6 @@ def test_record_session_appends(make_run, monkeypatch):
     json.dumps(sessions)
 
 
-@pytest.mark.xfail(
-    reason="record_session appends to the Run's attribute snapshot taken when it was opened, so a "
-    "second Run handle on the same run overwrites the sessions recorded through the first",
-    raises=AssertionError,
-    strict=True,
-)
 def test_record_session_through_two_handles_keeps_both(make_run):
     w = make_run()
     first = w.store.run(w.run.run_id)

@@ -89,11 +89,6 @@ def test_two_keys_give_a_dict(written):
         assert y == written.labels[row]
 
 
-@pytest.mark.xfail(
-    reason='FeatureDataset names a timestep-None key "tNone/<block>" while the store names it "tnone"',
-    raises=AssertionError,
-    strict=True,
-)
 def test_dict_key_of_timestep_none_follows_store_naming(written):
     ds = FeatureDataset(written.run, [(10, "mid"), (None, "mid")])
     x, _ = ds[0]

@@ -1,0 +1,85 @@
+"""`featurestore retrieve`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from cli.app import app, user_errors
+
+
+def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
+    """`all,200` -> (None, 200); empty -> ()."""
+    values: list[int | None] = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if allow_all and item == "all":
+            values.append(None)
+            continue
+        try:
+            values.append(int(item))
+        except ValueError:
+            raise ValueError(f"{option} takes {'all or ' if allow_all else ''}integers separated by commas, "
+                             f"got {text!r}") from None
+    return tuple(values)
+
+
+@app.command()
+@user_errors
+def retrieve(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    block: Annotated[str, typer.Option(help="Block of the queries (and of the gallery unless --gallery-block).")],
+    timestep: Annotated[str, typer.Option(help="Timestep of the queries (and gallery): an integer, or none.")],
+    run: Annotated[Optional[str], typer.Option(help="Run of queries and gallery (needed when the store holds several).")] = None,
+    query_run: Annotated[Optional[str], typer.Option(help="Run of the queries [default: --run].")] = None,
+    gallery_run: Annotated[Optional[str], typer.Option(help="Run of the gallery [default: --run].")] = None,
+    gallery_timestep: Annotated[Optional[str], typer.Option(help="Timestep of the gallery [default: --timestep].")] = None,
+    gallery_block: Annotated[Optional[str], typer.Option(help="Block of the gallery [default: --block].")] = None,
+    query_domain: Annotated[str, typer.Option(help="Domain of the queries.")] = "sketch",
+    gallery_domain: Annotated[str, typer.Option(help="Domain of the gallery.")] = "photo",
+    split: Annotated[Optional[str], typer.Option(help="Zero-shot split (a JSON file or a data_manifests/splits "
+                                                       "name): unseen classes only.")] = None,
+    pool: Annotated[Optional[int], typer.Option(help="Average-pool the maps to SIZE x SIZE first (1: global pool).")] = 4,
+    map_at: Annotated[str, typer.Option(help="mAP cutoffs: all and/or integers, comma-separated.")] = "all,200",
+    precision_at: Annotated[str, typer.Option(help="Precision cutoffs, comma-separated.")] = "100,200",
+    ap: Annotated[str, typer.Option(help="noninterp (mean precision at relevant ranks) or voc11 (11-point).")] = "noninterp",
+    map_normalisation: Annotated[str, typer.Option(help="mAP@K divides by min (min(R, K)) or retrieved "
+                                                        "(relevant items in the top K).")] = "min",
+    precision_denominator: Annotated[str, typer.Option(help="P@K divides by k (K) or min (min(K, R)).")] = "k",
+    average: Annotated[str, typer.Option(help="queries (mean over queries) or classes (mean of class means).")] = "queries",
+    device: Annotated[str, typer.Option(help="cpu, or cuda (needs faiss-gpu).")] = "cpu",
+    slab_rows: Annotated[int, typer.Option(help="Gallery rows read at a time (rounded to whole store chunks).")] = 4096,
+    examples: Annotated[int, typer.Option(help="Queries shown with their top 10 (one per class).")] = 5,
+    data_root: Annotated[Optional[str], typer.Option(help="Folder of the gallery images, for the grid PNG "
+                                                          "(no grid without it).")] = None,
+    query_data_root: Annotated[Optional[str], typer.Option(help="Folder of the query images [default: --data-root].")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Results folder [default: results/ next to the store].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Zero-shot sketch-based image retrieval from the cache: exact cosine search (FAISS), mAP and P@K."""
+    from featurestore.store import FeatureStore
+    from pipelines.analysis import parse_timestep, results_dir
+    from pipelines.analysis.retrieval import RetrievalConfig, Side, retrieve_run, save_results
+
+    t = parse_timestep(timestep)
+    config = RetrievalConfig(
+        query=Side(query_run or run, t, block, query_domain),
+        gallery=Side(gallery_run or run, t if gallery_timestep is None else parse_timestep(gallery_timestep),
+                     gallery_block or block, gallery_domain),
+        split=split, pool=pool, map_at=_cutoffs(map_at, "--map-at", True),
+        precision_at=_cutoffs(precision_at, "--precision-at", False), ap=ap, normalisation=map_normalisation,
+        precision_denominator=precision_denominator, average=average, device=device, slab_rows=slab_rows,
+        examples=examples,
+    )
+    result = retrieve_run(FeatureStore.open(store), config)
+    saved = save_results(result, results_dir(store, out), data_root, query_data_root)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for name, metric in result.metrics.items():
+        variant = ", ".join(f"{k}={v}" for k, v in metric.items() if k != "value" and v is not None)
+        typer.echo(f"{name}: {metric['value']:.4f}  ({variant})")
+    typer.echo(f"({result.query['images']} {result.query['domain']} queries, {result.gallery['images']} "
+               f"{result.gallery['domain']} gallery images, {len(result.classes)} classes, {result.features} features; "
+               f"saved {saved}; {result.grid_note or 'grid ' + str(result.grid)})")
