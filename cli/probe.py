@@ -37,8 +37,8 @@ def parse_lr(text: str) -> float:
 @user_errors
 def probe(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
-    block: Annotated[Optional[list[str]], typer.Option(help="Block(s) to probe; repeat or separate by commas.")] = None,
-    timestep: Annotated[Optional[list[str]], typer.Option(help="Timestep(s); repeat or separate by commas; 'none' for experts.")] = None,
+    block: Annotated[Optional[list[str]], typer.Option(help="Block(s) to probe; repeat or separate by commas (difformer default: b19,b24,b30).")] = None,
+    timestep: Annotated[Optional[list[str]], typer.Option(help="Timestep(s); repeat or separate by commas; 'none' for experts (difformer default: 90,150,300).")] = None,
     head: Annotated[str, typer.Option(help=f"Head: {'|'.join(HEADS)}.")] = "logistic",
     run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
     pool: Annotated[Optional[int], typer.Option(help="logistic, linear, mlp: average-pool the map to SIZE x SIZE.")] = 4,
@@ -98,8 +98,8 @@ def probe(
     from pipelines.heads.probe import ProbeConfig, probe_heads
     from pipelines.heads.training import TrainConfig
 
-    options = dict(width=width, depth=depth, num_heads=attn_heads, hidden=hidden, expert_width=expert_width,
-                   pooling=pooling, temperature=temperature)
+    options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden,
+               "expert_width": expert_width, "pooling": pooling, "temperature": temperature}
     if pool is not None:
         options["pool"] = pool
     cfg = ProbeConfig(

@@ -60,7 +60,12 @@ def retrieve(
     """Zero-shot sketch-based image retrieval from the cache: exact cosine search (FAISS), mAP and P@K."""
     from featurestore.store import FeatureStore
     from pipelines.analysis import parse_timestep, results_dir
-    from pipelines.analysis.retrieval import RetrievalConfig, Side, retrieve_run, save_results
+    from pipelines.analysis.retrieval import (
+        RetrievalConfig,
+        Side,
+        retrieve_run,
+        save_results,
+    )
 
     t = parse_timestep(timestep)
     config = RetrievalConfig(

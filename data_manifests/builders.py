@@ -188,3 +188,5 @@ BUILDERS: dict[str, Callable[..., Manifest]] = {
 }
 # Builders that ship their data: the root used when neither --data-root, an env var nor the YAML gives one.
 EMBEDDED_ROOTS = {"demo": DEMO_DIR}
+
+import data_manifests.zs_sbir  # noqa: E402,F401  (registers sketch_photo and quickdraw_photos in BUILDERS)

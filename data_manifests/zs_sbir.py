@@ -12,7 +12,14 @@ import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 
-from data_manifests.builders import BUILDERS, _class_folders, _manifest, image_folder, pacs, quickdraw
+from data_manifests.builders import (
+    BUILDERS,
+    _class_folders,
+    _manifest,
+    image_folder,
+    pacs,
+    quickdraw,
+)
 from data_manifests.manifest import Manifest, ManifestError
 
 DOMAINS = ("photo", "sketch")

@@ -60,7 +60,7 @@ def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> dict[str, floa
         worker_cfg = replace(cfg, workers=None, scheduler=None, progress=False)
         parts = shards(todo, n_workers * SHARDS_PER_WORKER)
         futures = [client.submit(extract_shard, worker_cfg, run.run_id, part, pure=False) for part in parts]
-        seconds = {"read": 0.0, "compute": 0.0, "write": 0.0}
+        seconds = {"read": 0.0, "compute": 0.0, "prepare": 0.0, "write": 0.0}
         for future in as_completed(futures):
             for phase, value in future.result().items():
                 if phase in seconds:

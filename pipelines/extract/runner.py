@@ -77,7 +77,7 @@ class ExtractResult:
     failed: dict[str, str]  # image id -> error, over the whole run
     chunks_written: int
     chunks_skipped: int
-    seconds: dict[str, float]  # read (waiting for decode), compute, write (waiting for the writer), total
+    seconds: dict[str, float]  # waiting on read, compute (prepare: its once-per-image part), waiting on write, total
     images_timesteps_per_s: float
 
     def to_json(self) -> str:
@@ -272,10 +272,10 @@ def job_prompts(job: Job, store: FeatureStore, rows: np.ndarray, caption_key: st
 
 # -- the chunk loop -----------------------------------------------------------------------------
 
-def compute_chunk(job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int], None] = lambda n: None
-                  ) -> dict[tuple[int | None, str], np.ndarray]:
+def compute_chunk(job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int], None] = lambda n: None,
+                  seconds: dict[str, float] | None = None) -> dict[tuple[int | None, str], np.ndarray]:
     """Mapper: every (t, block) of one chunk of rows; failed rows stay zero.
-    One prepare per batch, then one forward per (batch, t)."""
+    One prepare per batch (its time added to seconds["prepare"]), then one forward per (batch, t)."""
     cfg, backbone = job.cfg, job.backbone
     ids = job.manifest.ids[rows]
     prompts = job.prompts[rows] if job.prompts is not None else None
@@ -287,8 +287,11 @@ def compute_chunk(job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int],
         batch = ok[start : start + cfg.batch_size]
         copies: list[tuple[tuple[int | None, str], torch.Tensor]] = []
         with torch.inference_mode(), autocast(device, cfg.autocast):
+            tic = time.perf_counter()
             pixels = torch.from_numpy(chunk.pixels[batch]).to(device)
             prepared = backbone.prepare(pixels, [prompts[i] for i in batch] if prompts is not None else None)
+            if seconds is not None:
+                seconds["prepare"] = seconds.get("prepare", 0.0) + time.perf_counter() - tic
             for t, x_t in model_inputs(job, prepared, [ids[i] for i in batch]):
                 t_batch = None if t is None else torch.full((len(batch),), t, device=device, dtype=torch.long)
                 for block, h in backbone.forward_blocks(x_t, t_batch, job.blocks, prepared.cond).items():
@@ -353,7 +356,7 @@ def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
         BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
     )
 
-    seconds = {"read": 0.0, "compute": 0.0, "write": 0.0, "total": 0.0}
+    seconds = {"read": 0.0, "compute": 0.0, "prepare": 0.0, "write": 0.0, "total": 0.0}  # prepare is part of compute
     if not todo:
         return seconds
     begin = time.perf_counter()
@@ -386,7 +389,7 @@ def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
             seconds["read"] += time.perf_counter() - tic
 
             tic = time.perf_counter()
-            features = compute_chunk(job, chunk, run.chunk_slice(c), advance)
+            features = compute_chunk(job, chunk, run.chunk_slice(c), advance, seconds)
             seconds["compute"] += time.perf_counter() - tic
 
             tic = time.perf_counter()

@@ -20,9 +20,21 @@ import torch
 from featurestore.store import FeatureStore, Run, run_id_of, timestep_key
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import resolve_run, split_rows
-from pipelines.heads.modules import SINGLE_INPUT_KINDS, HeadSpec, Key, build_head, save_head
+from pipelines.heads.modules import (
+    SINGLE_INPUT_KINDS,
+    HeadSpec,
+    Key,
+    build_head,
+    save_head,
+)
 from pipelines.heads.training import (
-    TrainConfig, Trainee, accuracy_metrics, carve_validation, predict, resolve_device, train_grid,
+    TrainConfig,
+    Trainee,
+    accuracy_metrics,
+    carve_validation,
+    predict,
+    resolve_device,
+    train_grid,
 )
 
 
@@ -59,8 +71,9 @@ def read_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        if "embeddings" not in f.keys():
-            raise ValueError(f"--text-embeddings {path}: no tensor 'embeddings' (found: {', '.join(f.keys())})")
+        tensors = list(f.keys())  # a safe_open handle is not iterable
+        if "embeddings" not in tensors:
+            raise ValueError(f"--text-embeddings {path}: no tensor 'embeddings' (found: {', '.join(tensors)})")
         text = f.get_tensor("embeddings")
         meta = f.metadata() or {}
     if "classes" not in meta:

@@ -63,6 +63,12 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def logits_of(head: Head, batch: Batch, device: torch.device) -> torch.Tensor:
+    """float32 logits of a batch (already on `device`), in mixed precision on CUDA."""
+    with autocast(device):
+        return head(batch.features, batch.expert).float()
+
+
 def carve_validation(train_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) rows: a seeded random `fraction` of the train rows (at least one)."""
     order = np.random.default_rng(seed).permutation(train_rows)
@@ -100,13 +106,9 @@ class Trainee:
         """0-based epoch of the best validation top-1 (the earliest on ties)."""
         return int(np.argmax(self.val_top1))
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        with autocast(self.device):
-            return self.head(batch.features, batch.expert).float()
-
     def step(self, batch: Batch) -> None:
         self.head.train()
-        loss = F.cross_entropy(self.logits(batch), batch.labels)
+        loss = F.cross_entropy(logits_of(self.head, batch, self.device), batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -153,7 +155,7 @@ def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.n
             with torch.no_grad():
                 for i, t in enumerate(active):
                     t.head.eval()
-                    correct[i] += int((t.logits(batch).argmax(1) == batch.labels).sum())
+                    correct[i] += int((logits_of(t.head, batch, t.device).argmax(1) == batch.labels).sum())
             seen += len(batch.labels)
         for i, t in enumerate(active):
             t.end_epoch(correct[i] / seen)
@@ -173,8 +175,7 @@ def predict(data: StoreBatches, heads: Mapping[str, Head], rows: np.ndarray, dev
         order.append(batch.rows)
         for name, head in heads.items():
             head.eval()
-            with autocast(device):
-                logits[name].append(head(batch.features, batch.expert).float().cpu().numpy())
+            logits[name].append(logits_of(head, batch, device).cpu().numpy())
     return np.concatenate(order), {name: np.concatenate(v) for name, v in logits.items()}
 
 

@@ -5,7 +5,12 @@ from fractions import Fraction as F
 import numpy as np
 import pytest
 
-from pipelines.analysis.retrieval import HitRanks, average_precision, averaged, precision_at
+from pipelines.analysis.retrieval import (
+    HitRanks,
+    average_precision,
+    averaged,
+    precision_at,
+)
 
 # A gallery of 8 items, fully ranked for 3 queries (1 = relevant, rank 1 first).
 #   q1, class A, R = 3:  1 0 1 0 0 1 0 0   relevant at ranks 1, 3, 6

@@ -4,6 +4,7 @@ and plainly written metrics; a 100,000-item gallery streamed in bounded memory."
 import time
 import tracemalloc
 from fractions import Fraction
+from itertools import pairwise
 
 import faiss
 import numpy as np
@@ -80,7 +81,7 @@ def basis_problem(seed: int = 0, dim: int = 12, n: int = 700, duplicates: int = 
 
 
 def slabs_of(gallery: np.ndarray, bounds: list[int]) -> list[np.ndarray]:
-    return [gallery[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [gallery[a:b] for a, b in pairwise(bounds)]
 
 
 LAYOUTS = [[0, 760], [0, 1, 99, 100, 517, 760], list(range(0, 760, 128)) + [760]]
@@ -114,9 +115,28 @@ def test_streamed_equals_brute_force(bounds, piece_entries, monkeypatch):
                 assert ours_top[name][q] == pytest.approx(ours_full[name][q], abs=1e-12), (name, q)
 
 
-def test_ties_are_ranked_by_gallery_position():
+class LastTieIndex:
+    """IndexFlatIP over the rows in reverse order: of equal similarities the CPU FAISS heap keeps
+    the row it saw first, here the last one, as another FAISS build (GPU) may."""
+
+    def __init__(self, dim: int):
+        self.index = faiss.IndexFlatIP(dim)
+
+    def add(self, rows: np.ndarray) -> None:
+        self.n = len(rows)
+        self.index.add(np.ascontiguousarray(rows[::-1]))
+
+    def search(self, queries: np.ndarray, k: int):
+        sims, ids = self.index.search(queries, k)
+        return sims, self.n - 1 - ids
+
+
+@pytest.mark.parametrize("keeps", ["first tie", "last tie"])
+def test_ties_are_ranked_by_gallery_position(keeps, monkeypatch):
     """A gallery of 5 distinct vectors repeated 400 times: every cutoff falls inside a block of
-    exact ties, which FAISS returns in arbitrary order; the ranking must still be the stable one."""
+    exact ties, of which FAISS may keep and order any; the ranking must still be the stable one."""
+    if keeps == "last tie":
+        monkeypatch.setattr(retrieval, "flat_ip_index", lambda dim, device: LastTieIndex(dim))
     rng = np.random.default_rng(3)
     distinct = unit_rows(rng.standard_normal((5, 8)))
     gallery = distinct[rng.integers(0, 5, 400)]
@@ -130,7 +150,7 @@ def test_ties_are_ranked_by_gallery_position():
     for bounds in ([0, 400], [0, 13, 250, 400]):
         top = stream_topk(slabs_of(gallery, bounds), queries, 37)
         assert np.array_equal(key_indices(top), order[:, :37])
-        _, hits = stream_ranks(lambda: slabs_of(gallery, bounds), queries, query_classes, gallery_classes, 37)
+        _, hits = stream_ranks(lambda b=bounds: slabs_of(gallery, b), queries, query_classes, gallery_classes, 37)
         relevance = gallery_classes[order] == query_classes[:, None]
         assert np.array_equal(hits.ranks, HitRanks.from_relevance(relevance, relevance.sum(axis=1)).ranks)
 

@@ -47,7 +47,7 @@ def write_store(path: Path, seed: int = 0) -> tuple[FeatureStore, dict]:
     values = (centres[[CLASSES.index(c) for c, _, _ in rows]] + 1.2 * rng.normal(size=(len(rows), 4, 2, 2)))
     values = values.astype(np.float32)
     failed = np.zeros(len(rows), bool)
-    failed[[k for k, (c, d, _) in enumerate(rows) if (c, d) == ("cow", "photo")][0]] = True
+    failed[next(k for k, (c, d, _) in enumerate(rows) if (c, d) == ("cow", "photo"))] = True
     n_chunks = -(-len(rows) // CHUNK)
     for chunk in range(n_chunks - 1):  # the last chunk stays undone
         s = run.chunk_slice(chunk)
@@ -73,8 +73,8 @@ def brute_force(truth: dict, classes: list[str]) -> tuple[HitRanks, np.ndarray]:
 
 
 def config(**changes) -> RetrievalConfig:
-    base = dict(query=Side(None, 10, "b", "sketch"), gallery=Side(None, 10, "b", "photo"), pool=1,
-                map_at=(None, 5), precision_at=(3, 10), slab_rows=CHUNK)
+    base = {"query": Side(None, 10, "b", "sketch"), "gallery": Side(None, 10, "b", "photo"), "pool": 1,
+            "map_at": (None, 5), "precision_at": (3, 10), "slab_rows": CHUNK}
     return RetrievalConfig(**{**base, **changes})
 
 
@@ -120,7 +120,7 @@ def test_split_uses_unseen_classes_only(toy):
 
 
 def test_class_average_and_variants_are_named(toy):
-    store, truth, split = toy
+    store, truth, _ = toy
     result = retrieve_run(store, config(ap="voc11", average="classes", precision_denominator="min"))
     hits, query_classes = brute_force(truth, CLASSES)
     per_class = [average_precision(hits, None, "voc11")[query_classes == c].mean() for c in CLASSES]
@@ -193,8 +193,8 @@ def test_results_files_and_grid(toy, tmp_path):
     assert result.grid is None and result.grid_note.startswith("grid skipped: cannot read")
 
 
-def test_two_runs_and_bad_input(toy, tmp_path):
-    store, truth, split = toy
+def test_two_runs_and_bad_input(toy):
+    store, truth, _ = toy
     second = store.create_run({"toy": "gallery"}, arrays={"c": (4, 1, 1)}, timesteps=[None],
                               rows=store.run(truth["run"]).rows, chunk_rows=100, dtype="float32", provenance={})
     second.write_chunk(0, {(None, "c"): truth["values"].mean(axis=(2, 3), keepdims=True)},

@@ -37,7 +37,8 @@ def write_png(path: Path, colour=(10, 20, 30), mode: str = "RGB") -> None:
 
 
 def test_registry_names():
-    assert set(BUILDERS) == {"mnist_idx", "image_folder", "pacs", "quickdraw", "imagenet", "demo"}
+    assert set(BUILDERS) == {"mnist_idx", "image_folder", "pacs", "quickdraw", "imagenet", "demo", "sketch_photo",
+                             "quickdraw_photos"}
 
 
 def test_mnist_idx_and_load_image(tmp_path):

@@ -17,7 +17,8 @@ from data_manifests.manifest import (
     load_manifest,
 )
 
-DATASETS = ["cifar10-test", "demo", "imagenet", "mnist-test", "pacs", "quickdraw"]
+DATASETS = ["cifar10-test", "demo", "imagenet", "mnist-test", "pacs", "quickdraw", "quickdraw-pacs", "quickdraw-sbir",
+            "sketchy", "tu-berlin"]
 HEADER = "id,source,label,class_name,split,domain\n"
 REST = ("img/a1.png", "img/a2.png", "img/a3.png")  # rows 1-3 of make_manifest's sources
 

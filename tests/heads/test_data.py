@@ -61,7 +61,7 @@ def test_a_pass_reads_each_chunk_once_and_yields_every_row_once_in_full_batches(
 
 
 def test_shuffles_are_seeded_chunk_aware_and_differ_between_epochs(stored):
-    run, features, labels = stored
+    run, _, labels = stored
     data = StoreBatches(run, [(10, "a")], labels, batch_size=7, window_chunks=1)
 
     def order(rng):

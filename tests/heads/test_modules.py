@@ -6,20 +6,26 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.heads.modules import CosineClassifier, HeadSpec, build_head, load_head, save_head
+from pipelines.heads.modules import (
+    CosineClassifier,
+    HeadSpec,
+    build_head,
+    load_head,
+    save_head,
+)
 
 B, K = 3, 5
 TWO_BLOCKS = {(90, "b19"): (16, 8, 8), (90, "b24"): (12, 16, 16), (150, "b19"): (16, 8, 8), (150, "b24"): (12, 16, 16)}
-SMALL = dict(width=16, num_heads=4, hidden=8, expert_width=8)
+SMALL = {"width": 16, "num_heads": 4, "hidden": 8, "expert_width": 8}
 CASES = {
-    "linear": dict(inputs={(10, "up1"): (12, 8, 8)}),
-    "mlp": dict(inputs={(None, "layer3"): (12, 6, 6)}),
-    "attention": dict(inputs={(10, "up1"): (12, 32, 32)}),
-    "difformer": dict(inputs=TWO_BLOCKS),
-    "uhead": dict(inputs={(90, "b24"): (12, 16, 16), (90, "b19"): (16, 8, 8), (90, "b30"): (8, 32, 32)}),
-    "uhead+expert": dict(inputs={(90, "b24"): (12, 16, 16), (90, "b19"): (16, 8, 8)},
-                         expert_inputs={(None, "layer2"): (6, 4, 4), (None, "layer4"): (10, 2, 2)}),
-    "uhead+conv": dict(inputs={(90, "b24"): (12, 16, 16), (90, "b19"): (16, 8, 8)}, pooling="conv"),
+    "linear": {"inputs": {(10, "up1"): (12, 8, 8)}},
+    "mlp": {"inputs": {(None, "layer3"): (12, 6, 6)}},
+    "attention": {"inputs": {(10, "up1"): (12, 32, 32)}},
+    "difformer": {"inputs": TWO_BLOCKS},
+    "uhead": {"inputs": {(90, "b24"): (12, 16, 16), (90, "b19"): (16, 8, 8), (90, "b30"): (8, 32, 32)}},
+    "uhead+expert": {"inputs": {(90, "b24"): (12, 16, 16), (90, "b19"): (16, 8, 8)},
+                     "expert_inputs": {(None, "layer2"): (6, 4, 4), (None, "layer4"): (10, 2, 2)}},
+    "uhead+conv": {"inputs": {(90, "b24"): (12, 16, 16), (90, "b19"): (16, 8, 8)}, "pooling": "conv"},
 }
 
 
@@ -92,10 +98,10 @@ def test_fusion_heads_refuse_a_single_block(kind):
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    (dict(kind="attention", inputs={(1, "a"): (4, 2, 2), (1, "b"): (4, 2, 2)}), "reads one"),
-    (dict(kind="linear", inputs={(1, "a"): (4, 2, 2)}, expert_inputs={(None, "e"): (4, 2, 2)}), "only the uhead"),
-    (dict(kind="linear", inputs={(1, "a"): (4, 2, 2)}, classifier="cosine"), "needs text embeddings"),
-    (dict(kind="transformer", inputs={(1, "a"): (4, 2, 2)}), "unknown head"),
+    ({"kind": "attention", "inputs": {(1, "a"): (4, 2, 2), (1, "b"): (4, 2, 2)}}, "reads one"),
+    ({"kind": "linear", "inputs": {(1, "a"): (4, 2, 2)}, "expert_inputs": {(None, "e"): (4, 2, 2)}}, "only the uhead"),
+    ({"kind": "linear", "inputs": {(1, "a"): (4, 2, 2)}, "classifier": "cosine"}, "needs text embeddings"),
+    ({"kind": "transformer", "inputs": {(1, "a"): (4, 2, 2)}}, "unknown head"),
 ])
 def test_bad_specs_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -17,7 +17,7 @@ from pipelines.heads.probe import ProbeConfig, probe_heads
 from pipelines.heads.training import TrainConfig
 
 N, CLASSES = 192, 4
-SMALL = dict(width=16, num_heads=4, hidden=32, expert_width=8)
+SMALL = {"width": 16, "num_heads": 4, "hidden": 32, "expert_width": 8}
 KINDS = ["linear", "mlp", "attention", "difformer", "uhead"]
 
 
@@ -59,7 +59,7 @@ def test_each_head_learns_a_separable_task(signal_run, head):
 
 @pytest.mark.parametrize("head", KINDS)
 def test_each_head_stays_near_chance_on_noise(noise_run, head):
-    doc = probe(noise_run, head)
+    doc = probe(noise_run, head, train={"epochs": 6, "patience": 2})
     assert doc["top1"] < 0.45, doc["heads"]  # chance 0.25; 96 test images: 0.45 is > 4 standard deviations
 
 
@@ -122,7 +122,7 @@ def numbers(doc: dict) -> dict:
 def test_the_same_seed_repeats_a_run_and_another_seed_does_not(signal_run, tmp_path):
     first = probe(signal_run, "mlp", train={"seed": 3, "epochs": 3}, out=str(tmp_path / "1"))
     again = probe(signal_run, "mlp", train={"seed": 3, "epochs": 3}, out=str(tmp_path / "2"))
-    other = probe(signal_run, "mlp", train={"seed": 4, "epochs": 3}, out=str(tmp_path / "3"))
+    probe(signal_run, "mlp", train={"seed": 4, "epochs": 3}, out=str(tmp_path / "3"))
     assert numbers(first) == numbers(again)
     assert json.loads((tmp_path / "1" / "results.json").read_text())["heads"] == first["heads"]
     name = first["heads"][0]["weights"]
@@ -167,14 +167,19 @@ def test_cosine_classifier_learns_and_refuses_other_classes(signal_run, tmp_path
         probe(signal_run, "attention", classifier="cosine", text_embeddings=swapped)
     with pytest.raises(ValueError, match="needs text embeddings"):
         probe(signal_run, "linear", classifier="cosine")
+    save_file({"embeddings": torch.zeros(CLASSES, 16)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ValueError, match="no 'classes' metadata"):
+        probe(signal_run, "linear", classifier="cosine", text_embeddings=str(tmp_path / "bare.safetensors"))
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    (dict(head="linear", blocks=("nope",)), "no block 'nope'"),
-    (dict(head="difformer", blocks=("a",)), "at least two --block"),
-    (dict(head="attention", expert_run="0123"), "uhead only"),
-    (dict(head="uhead", expert_run="0123"), "no run '0123'"),
-    (dict(head="linear", train={"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "nope"}), "--device"),
+    ({"head": "linear", "blocks": ("nope",)}, "no block 'nope'"),
+    ({"head": "difformer", "blocks": ("a",)}, "at least two --block"),
+    ({"head": "attention", "expert_run": "0123"}, "uhead only"),
+    ({"head": "uhead", "expert_run": "0123"}, "no run '0123'"),
+    ({"head": "linear", "train": {"device": "nope"}}, "--device 'nope' is not a torch device"),
+    pytest.param({"head": "linear", "train": {"device": "cuda"}}, "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_input_is_refused_with_a_clear_message(signal_run, kw, message):
     with pytest.raises(ValueError, match=message):

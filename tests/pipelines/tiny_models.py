@@ -29,30 +29,36 @@ def _clip_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[t
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def write_tiny_sd(folder: str | Path) -> Path:
-    """A diffusers SD folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), ~1M parameters.
-    The VAE downsamples 3 times like SD's (latents are image size // 8); the UNet's cross-attention
-    width matches the 32-wide text encoder; the scheduler has SD's scaled_linear betas."""
+def write_tiny_sd(folder: str | Path, full_size: bool = False) -> Path:
+    """A diffusers SD folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) with random
+    weights: ~1M parameters, or with `full_size` the real SD v1.5 shapes (UNet 860M, VAE 84M, a
+    768-wide 12-layer text encoder; ~4 GB on disk) for speed work. The VAE downsamples 3 times like
+    SD's (latents are image size // 8); the UNet's cross-attention width matches the text encoder;
+    the scheduler has SD's scaled_linear betas. The tokenizer is the small offline one either way."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from pipelines.extract.backbones.sd15 import SD15_UNET_CONFIG
+
     folder = Path(folder)
     vocab, merges = _clip_vocab_and_merges(WORDS)
+    if full_size:
+        unet = SD15_UNET_CONFIG
+        vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
+        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+    else:
+        unet = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+        vae = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, sample_size=64)
+        text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        UNet2DConditionModel(
-            sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-        ).save_pretrained(folder / "unet")
-        AutoencoderKL(
-            block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, sample_size=64,
-        ).save_pretrained(folder / "vae")
-        CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        )).save_pretrained(folder / "text_encoder")
+        UNet2DConditionModel(**unet).save_pretrained(folder / "unet")
+        AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                      latent_channels=4, **vae).save_pretrained(folder / "vae")
+        CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                     pad_token_id=1, **text)).save_pretrained(folder / "text_encoder")
     CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(folder / "tokenizer")
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                   skip_prk_steps=True).save_pretrained(folder / "scheduler")
