@@ -62,6 +62,16 @@ def sweep_run(
     return SweepResult(run.run_id, pool, knn_k, time.perf_counter() - tic, rows)
 
 
+def pivot_table(result: SweepResult, metric: str = "linear_top1") -> str:
+    """One metric as a Markdown table: a row per timestep, a column per block."""
+    blocks = list(dict.fromkeys(r.block for r in result.rows))
+    value = {(r.timestep, r.block): getattr(r, metric) for r in result.rows}
+    lines = ["| t | " + " | ".join(blocks) + " |", "|---|" + "---|" * len(blocks)]
+    for t in dict.fromkeys(r.timestep for r in result.rows):
+        lines.append(f"| {t} | " + " | ".join(f"{value[(t, b)]:.3f}" if (t, b) in value else "" for b in blocks) + " |")
+    return "\n".join(lines)
+
+
 def save_sweep(result: SweepResult, out: Path) -> list[Path]:
     """The table as JSON and CSV and both plots, named after the run, in `out`."""
     stem = out / f"sweep-{result.run_id}"

@@ -26,10 +26,7 @@ from featurestore.store import FeatureStore
 from pipelines.analysis import results_dir
 from pipelines.analysis.cka import CkaResult, plot_cka
 from pipelines.analysis.sweep import SweepResult, SweepRow, plot_sweep
-from pipelines.heads.logistic import ProbeResult
 
-DEMO_RESULTS = "probe_results.json"  # what `featurestore demo` writes next to its store ...
-DEMO_PLOT = "accuracy_vs_t.png"  # ... with this plot beside it
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES_SHOWN = 30
 JSON_CHARS_SHOWN = 200_000  # a huge results file must not make the page unusable
@@ -48,7 +45,7 @@ class Figure:
 
 @dataclass
 class Loaded(Generic[T]):
-    """One results file understood as a known kind (sweep, CKA, demo probes) or shown as JSON."""
+    """One results file understood as a known kind (sweep, CKA) or shown as JSON."""
 
     name: str  # path relative to the folder it was found in
     value: T
@@ -80,19 +77,18 @@ class ReportData:
     results_found: bool
     sweeps: list[Loaded[SweepResult]] = field(default_factory=list)
     ckas: list[Loaded[CkaResult]] = field(default_factory=list)
-    demo_probes: list[Loaded[list[ProbeResult]]] = field(default_factory=list)
     others: list[Loaded[Any]] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
 
     @property
     def sections(self) -> list[str]:
         present = {"store": True, "images": bool(self.datasets), "sweeps": bool(self.sweeps), "cka": bool(self.ckas),
-                   "demo": bool(self.demo_probes), "results": bool(self.others), "unreadable": bool(self.unreadable)}
+                   "results": bool(self.others), "unreadable": bool(self.unreadable)}
         return [name for name, shown in present.items() if shown]
 
     @property
     def results_count(self) -> int:
-        return sum(map(len, (self.sweeps, self.ckas, self.demo_probes, self.others, self.unreadable)))
+        return sum(map(len, (self.sweeps, self.ckas, self.others, self.unreadable)))
 
 
 @dataclass(frozen=True)
@@ -107,8 +103,7 @@ class ReportSummary:
 
 # -- collecting ------------------------------------------------------------------------------------
 def collect_report(store_url: str, results: str | Path | None = None) -> ReportData:
-    """The store summary plus every results JSON under the results folder (and the demo's
-    `probe_results.json`, which `featurestore demo` writes next to the store, not into results/)."""
+    """The store summary plus every results JSON under the results folder."""
     doc = inspect_store(store_url)
     try:
         folder = results_dir(store_url, results).resolve()
@@ -116,9 +111,6 @@ def collect_report(store_url: str, results: str | Path | None = None) -> ReportD
         raise ValueError(f"{store_url} is not a local path: give --results DIR") from None
     data = ReportData(doc, dataset_summaries(FeatureStore.open(store_url)), folder, folder.is_dir())
     files = result_files(folder) if data.results_found else []
-    demo = Path(str(store_url).removeprefix("file://")).resolve().parent / DEMO_RESULTS
-    if demo.is_file() and demo not in files:
-        files.append(demo)
     for path in files:
         name = str(path.relative_to(folder)) if path.is_relative_to(folder) else path.name
         try:
@@ -162,18 +154,6 @@ def add_result(data: ReportData, name: str, path: Path) -> None:
                 raise ValueError(f"the {estimator} matrix is not {len(cka.rows)} x {len(cka.cols)}")
         figures = pngs_of(path) or [Figure("linear CKA", drawn(lambda p: plot_cka(cka, p)), drawn=True)]
         data.ckas.append(Loaded(name, cka, figures))
-    elif isinstance(doc, list) and doc and all(isinstance(d, dict) and {"timestep", "block", "top1"} <= d.keys() for d in doc):
-        probes = [ProbeResult(**d) for d in doc]
-        numbers([p.top1 for p in probes], "probe accuracies")
-        plot = path.parent / DEMO_PLOT
-        if plot.is_file():
-            figure = png_figure(plot)
-        else:
-            # demo.py imports the extraction runner (torch): only worth it to redraw a missing plot
-            from pipelines.report.demo import plot_accuracy_vs_t
-
-            figure = Figure("accuracy vs t", drawn(lambda p: plot_accuracy_vs_t(probes, p)), drawn=True)
-        data.demo_probes.append(Loaded(name, probes, [figure]))
     else:
         data.others.append(Loaded(name, doc, pngs_of(path)))
 
@@ -391,14 +371,6 @@ def render_ckas(ckas: Sequence[Loaded[CkaResult]]) -> Html:
     return section("cka", "CKA", *parts)
 
 
-def render_demo(demos: Sequence[Loaded[list[ProbeResult]]]) -> Html:
-    parts = []
-    for item in demos:
-        parts += [tag("h3", item.name), pivot({(p.timestep, p.block): p.top1 for p in item.value}, "linear probe top-1"),
-                  figures(item.figures)]
-    return section("demo", "Demo: linear probe per (t, block)", *parts)
-
-
 def headline(doc: Any) -> dict[str, Any]:
     """The numbers worth a glance: ids, top-1/top-5 (per k for kNN) and retrieval metrics."""
     if not isinstance(doc, dict):
@@ -451,8 +423,8 @@ details { margin: .4em 0; } summary { cursor: pointer; color: #0969da; }
 pre { background: #f6f8fa; padding: .8em; overflow: auto; max-height: 28em; font-size: 12px; }
 """
 
-TITLES = {"store": "Store", "images": "Images", "sweeps": "Sweeps", "cka": "CKA", "demo": "Demo",
-          "results": "Other results", "unreadable": "Not shown"}
+TITLES = {"store": "Store", "images": "Images", "sweeps": "Sweeps", "cka": "CKA", "results": "Other results",
+          "unreadable": "Not shown"}
 
 
 def render_html(data: ReportData) -> str:
@@ -460,7 +432,7 @@ def render_html(data: ReportData) -> str:
     renderers: dict[str, Callable[[], Html]] = {
         "store": lambda: render_store(data.store), "images": lambda: render_images(data.datasets),
         "sweeps": lambda: render_sweeps(data.sweeps), "cka": lambda: render_ckas(data.ckas),
-        "demo": lambda: render_demo(data.demo_probes), "results": lambda: render_others(data.others),
+        "results": lambda: render_others(data.others),
         "unreadable": lambda: render_unreadable(data.unreadable),
     }
     where = (f"Results from {data.results_dir}" if data.results_found

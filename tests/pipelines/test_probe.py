@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 from cli.main import app
 from featurestore.store import FeatureStore
 from pipelines.heads.logistic import fit_logistic_probe, pooled, probe_run
-from pipelines.report.demo import accuracy_table
 
 
 def make_store(path, features: np.ndarray, labels: np.ndarray, splits: list[str], chunk_rows: int = 16):
@@ -88,13 +87,3 @@ def test_cli_probe_json(tmp_path):
     assert doc["top1"] == 1.0 and doc["features"] == 2
     bad = CliRunner().invoke(app, ["probe", str(tmp_path / "s.zarr"), "--block", "nope", "--timestep", "5"])
     assert bad.exit_code == 1 and "no block 'nope'" in bad.output
-
-
-def test_demo_table_layout():
-    from pipelines.heads.logistic import ProbeResult
-
-    results = [ProbeResult("r", t, b, 4, 10, 5, 5, acc, 1.0) for t, b, acc in
-               [(0, "block0", 0.5), (0, "block1", 0.75), (10, "block0", 0.25), (10, "block1", 1.0)]]
-    assert accuracy_table(results, [0, 10], ["block0", "block1"]).splitlines() == [
-        "| t | block0 | block1 |", "|---|---|---|", "| 0 | 0.500 | 0.750 |", "| 10 | 0.250 | 1.000 |",
-    ]

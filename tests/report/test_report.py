@@ -104,20 +104,6 @@ def html_escaped(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def test_demo_probe_results_next_to_the_store_get_their_table(store_with_results, tmp_path):
-    path, _, sweep, _ = store_with_results
-    demo = [{"run_id": "r", "timestep": r.timestep, "block": r.block, "pool": None, "features": 4, "train": 24,
-             "test": 24, "top1": r.linear_top1, "train_top1": 1.0} for r in sweep.rows]
-    (path.parent / "probe_results.json").write_text(json.dumps(demo))
-    try:
-        data = collect_report(str(path))
-    finally:
-        (path.parent / "probe_results.json").unlink()
-    assert [d.name for d in data.demo_probes] == ["probe_results.json"]
-    assert data.demo_probes[0].figures[0].drawn
-    assert "Demo: linear probe" in render_html(data)
-
-
 def test_missing_results_folder_is_a_note(store_with_results, tmp_path):
     path, _, _, _ = store_with_results
     data = collect_report(str(path), tmp_path / "nothing-here")
