@@ -204,10 +204,14 @@ def test_flags_defaults_and_parsing():
     flags = ADMFlags.from_json({"image_size": 128, "attention_resolutions": "32,16,8", "dropout": 0})
     assert flags.mult == (1, 1, 2, 3, 4) and flags.attention_ds == (4, 8, 16) and flags.out_channels == 3
     assert ADMFlags.from_json({"image_size": 512}).mult == (0.5, 1, 1, 2, 2, 4, 4)
+    # sampling flags pasted along with the model flags are ignored
+    pasted = {"image_size": 128, "timestep_respacing": "250", "use_kl": False, "batch_size": 4, "rescale_timesteps": False}
+    assert ADMFlags.from_json(pasted) == ADMFlags.from_json({"image_size": 128})
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"image_size": 32, "timestep_respacing": "250", "batch_size": 4}, "unknown ADM flags: batch_size, timestep_respacing"),
+    ({"image_size": 32, "channel_mult": "1,2", "colour": 1}, "unknown ADM flags: colour"),
+    ({"image_size": 32, "channel_mult": "1,2", "predict_xstart": True}, "change what the model predicts"),
     ({"learn_sigma": "True"}, "learn_sigma must be a bool"),
     ({"num_channels": 64.0}, "num_channels must be a int"),
     ({"image_size": 32}, "no default channel_mult for image_size 32"),

@@ -29,6 +29,9 @@ from pipelines.extract.weights import WeightsError, materialize
 NUM_CLASSES = 1000  # ImageNet, for class_cond models
 DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 NOISE_SCHEDULES = ("linear", "cosine")
+# guided-diffusion flags of sampling and training only: they do not change the network or its eps
+IGNORED_FLAGS = ("timestep_respacing", "use_kl", "rescale_learned_sigmas", "batch_size", "num_samples",
+                 "clip_denoised", "use_ddim", "predict_xstart", "rescale_timesteps")
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -59,6 +62,13 @@ class ADMFlags:
 
     @classmethod
     def from_json(cls, flags: dict[str, Any]) -> ADMFlags:
+        """The model flags; sampling-only flags users paste along with them are accepted and
+        ignored, and those that change what eps or t mean are refused unless left at default."""
+        changes_meaning = {k: flags[k] for k in ("predict_xstart", "rescale_timesteps") if flags.get(k)}
+        if changes_meaning:
+            raise ValueError(f"ADM flags {changes_meaning} change what the model predicts or takes as t; "
+                             "extraction supports the eps-predicting, integer-timestep models only")
+        flags = {k: v for k, v in flags.items() if k not in IGNORED_FLAGS}
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(flags) - set(known))
         if unknown:
