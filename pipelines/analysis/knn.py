@@ -53,7 +53,7 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
-def check_device(device: str) -> None:
+def check_faiss_device(device: str) -> None:
     """cpu, or cuda when faiss has GPU support: asking for cuda without it is an error, never a
     silent CPU run."""
     import faiss
@@ -69,7 +69,7 @@ def flat_ip_index(dim: int, device: str):
     """An exact inner-product index on the CPU or on the first GPU."""
     import faiss
 
-    check_device(device)
+    check_faiss_device(device)
     return faiss.IndexFlatIP(dim) if device == "cpu" else faiss.GpuIndexFlatIP(_gpu_resources(), dim)
 
 
@@ -139,7 +139,7 @@ def knn_run(
 ) -> KnnResult:
     """Weighted kNN of one (t, block) of a run: the test features are read at once, the train
     features streamed in chunk-aligned slabs of about `slab_rows` rows."""
-    check_device(device)
+    check_faiss_device(device)
     run = resolve_run(store, run_id)
     train, test = split_rows(run, train_split, test_split, holdout, seed)
     if not ks or min(ks) < 1 or max(ks) > len(train):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from data_manifests.manifest import Manifest, ManifestError, load_dataset, load_manifest
 from featurestore.store import FeatureStore, Run
+from pipelines.device import resolve_device
 from pipelines.extract.backbone import Backbone, create_backbone
 from pipelines.extract.noise import NOISE_MODES, ddim_invert, q_sample
 from pipelines.extract.prompts import PromptSource, parse_prompt, prompts_for
@@ -146,7 +147,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
 def prepare_job(cfg: ExtractConfig) -> Job:
     """Check every option and build the backbone; nothing is written yet."""
-    check_device(cfg.device)
+    resolve_device(cfg.device)
     if cfg.autocast is None:
         cfg = replace(cfg, autocast="bf16" if torch.device(cfg.device).type == "cuda" else "none")
     if cfg.autocast not in AUTOCAST:
@@ -353,7 +354,12 @@ def guided_eps(backbone: Backbone, cond: torch.Tensor | None, scale: float):
 def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
     """Read ahead one chunk, compute the current one, write the previous one in the background."""
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     seconds = {"read": 0.0, "compute": 0.0, "prepare": 0.0, "write": 0.0, "total": 0.0}  # prepare is part of compute
@@ -449,15 +455,3 @@ def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource)
         raise ValueError("give --workers N (a local cluster) or --scheduler ADDRESS, not both")
     if cfg.workers is not None and cfg.workers < 1:
         raise ValueError("--workers must be at least 1")
-
-
-def check_device(device: str) -> None:
-    """Refuse a device this torch cannot use, rather than failing mid-run or falling back."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as exc:
-        raise ValueError(f"--device {device!r} is not a torch device: {exc}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available to this torch build ({torch.__version__})")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine")

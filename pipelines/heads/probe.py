@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from featurestore.store import FeatureStore, Run, run_id_of, timestep_key
+from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import resolve_run, split_rows
 from pipelines.heads.modules import (
@@ -33,7 +34,6 @@ from pipelines.heads.training import (
     accuracy_metrics,
     carve_validation,
     predict,
-    resolve_device,
     train_grid,
 )
 

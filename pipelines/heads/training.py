@@ -45,19 +45,6 @@ class TrainConfig:
             raise ValueError(f"the validation fraction must be between 0 and 1, got {self.val_fraction}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device `name`, refused (never replaced) when this machine cannot use it."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name!r} is not a torch device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available to this torch build ({torch.__version__})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine")
-    return device
-
-
 def autocast(device: torch.device):
     """bf16 mixed precision on CUDA only: on CPU it is slower and would change the numbers."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -1,0 +1,83 @@
+"""`featurestore fewshot`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from cli.app import app, parse_blocks, user_errors
+from cli.probe import parse_lr, split_items
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes integers separated by commas, got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def fewshot(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    head: Annotated[str, typer.Option(help="logistic | knn | linear | mlp | attention | difformer | uhead.")] = "logistic",
+    shots: Annotated[str, typer.Option(help="Training images per class, comma-separated.")] = "1,2,4,8,16",
+    seeds: Annotated[str, typer.Option(help="Seeds of the shot sampling (and of trained heads), comma-separated.")] = "0,1,2",
+    timesteps: Annotated[str, typer.Option(help="all or T,... (none for experts).")] = "all",
+    blocks: Annotated[str, typer.Option(help="all or NAME,...")] = "all",
+    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    pool: Annotated[Optional[int], typer.Option(help="Average-pool each map to SIZE x SIZE (logistic, knn, linear, mlp).")] = 4,
+    train_split: Annotated[str, typer.Option(help="Manifest split the shots are drawn from.")] = "train",
+    test_split: Annotated[str, typer.Option(help="Manifest split tested, in full.")] = "test",
+    holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction, draw shots from the rest.")] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of --holdout (one test set for every shot seed).")] = 0,
+    c: Annotated[float, typer.Option("--c", help="logistic: inverse L2 strength.")] = 1.0,
+    k: Annotated[int, typer.Option("--k", help="knn: neighbours (capped at the number of shots).")] = 20,
+    temperature: Annotated[float, typer.Option(help="knn: vote weight exp(cosine / T).")] = 0.07,
+    lr: Annotated[str, typer.Option(help="Trained heads: learning rate(s), comma-separated.")] = "1e-3",
+    epochs: Annotated[int, typer.Option(help="Trained heads: epochs over the shots (no early stopping).")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Trained heads: minibatch size.")] = 32,
+    weight_decay: Annotated[float, typer.Option(help="Trained heads: AdamW weight decay.")] = 0.01,
+    warmup_epochs: Annotated[float, typer.Option(help="Trained heads: linear warmup before the cosine decay.")] = 1.0,
+    width: Annotated[int, typer.Option(help="attention, difformer: token width; uhead: pyramid width.")] = 128,
+    depth: Annotated[int, typer.Option(help="attention, difformer: transformer layers.")] = 2,
+    attn_heads: Annotated[int, typer.Option(help="attention, difformer, uhead: attention heads.")] = 4,
+    hidden: Annotated[int, typer.Option(help="mlp: hidden width.")] = 256,
+    expert_run: Annotated[Optional[str], typer.Option(help="uhead: run id of an expert in this store.")] = None,
+    expert_blocks: Annotated[Optional[str], typer.Option(help="uhead: blocks of the expert run (default: all).")] = None,
+    device: Annotated[str, typer.Option(help="Torch device of trained heads, and cpu|cuda of the kNN search.")] = "cpu",
+    out: Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Few-shot classification (CoOp protocol): k training images per class for each seed, top-1 on
+    the whole test split, mean and std (ddof 0) over seeds."""
+    from featurestore.store import FeatureStore
+    from pipelines.analysis import parse_timesteps, results_dir, write_json
+    from pipelines.analysis.fewshot import FewshotConfig, fewshot_run
+    from pipelines.heads.training import TrainConfig
+
+    options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden}
+    if pool is not None:
+        options["pool"] = pool
+    cfg = FewshotConfig(
+        head=head, shots=parse_ints(shots, "--shots"), seeds=parse_ints(seeds, "--seeds"),
+        timesteps=parse_timesteps(timesteps), blocks=parse_blocks(blocks), run_id=run, pool=pool,
+        train_split=train_split, test_split=test_split, holdout=holdout, split_seed=split_seed, c=c, knn_k=k,
+        temperature=temperature, lrs=[parse_lr(x) for x in split_items([lr])], head_options=options,
+        expert_run=expert_run, expert_blocks=parse_blocks(expert_blocks) if expert_blocks else None,
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+                          warmup_epochs=warmup_epochs, device=device),
+    )
+    result = fewshot_run(FeatureStore.open(store), cfg)
+    saved = write_json(result.to_dict(), results_dir(store, out) / result.file_name())
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    typer.echo("| classifier | " + " | ".join(f"{s.shots}-shot" for s in result.classifiers[0].scores) + " |")
+    typer.echo("|---" * (1 + len(cfg.shots)) + "|")
+    for entry in result.classifiers:
+        typer.echo(f"| {entry.name} | " + " | ".join(f"{s.mean:.3f} ± {s.std:.3f}" for s in entry.scores) + " |")
+    typer.echo(f"top-1 on {result.test} test images, mean ± std (ddof {result.std_ddof}) over seeds "
+               f"{', '.join(map(str, result.seeds))}; {result.seconds:.1f} s; saved {saved}")
