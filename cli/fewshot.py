@@ -36,7 +36,7 @@ def fewshot(
     c: Annotated[float, typer.Option("--c", help="logistic: inverse L2 strength.")] = 1.0,
     k: Annotated[int, typer.Option("--k", help="knn: neighbours (capped at the number of shots).")] = 20,
     temperature: Annotated[float, typer.Option(help="knn: vote weight exp(cosine / T).")] = 0.07,
-    lr: Annotated[str, typer.Option(help="Trained heads: learning rate(s), comma-separated.")] = "1e-3",
+    lr: Annotated[str, typer.Option(help="Trained heads: learning rate(s), comma-separated.")] = "1e-2",
     epochs: Annotated[int, typer.Option(help="Trained heads: epochs over the shots (no early stopping).")] = 100,
     batch_size: Annotated[int, typer.Option(help="Trained heads: minibatch size.")] = 32,
     weight_decay: Annotated[float, typer.Option(help="Trained heads: AdamW weight decay.")] = 0.01,

@@ -31,11 +31,11 @@ import torch
 from featurestore.store import FeatureStore, Run, run_id_of, timestep_key
 from pipelines.analysis import read_pooled
 from pipelines.analysis.knn import TEMPERATURE, knn_accuracy, l2_normalized, search_topk
+from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import fit_logistic_probe, resolve_run, split_rows
 from pipelines.heads.modules import KINDS, Key, build_head
 from pipelines.heads.probe import ProbeConfig, class_names, grid
-from pipelines.device import resolve_device
 from pipelines.heads.training import TrainConfig, Trainee, accuracy_metrics, predict, train_grid
 
 FIXED = ("logistic", "knn")  # fitted in closed form on pooled features, no training loop
@@ -63,11 +63,12 @@ class FewshotConfig:
     c: float = 1.0  # logistic: inverse L2 strength
     knn_k: int = 20  # knn: neighbours, capped at the number of shots
     temperature: float = TEMPERATURE  # knn: vote weight exp(cosine / T)
-    lrs: list[float] = field(default_factory=lambda: [1e-3])  # trained heads: one head per lr
+    lrs: list[float] = field(default_factory=lambda: [1e-2])  # trained heads: one head per lr (few steps: a high lr)
     head_options: dict = field(default_factory=dict)  # trained heads: HeadSpec fields (pool, width, ...)
     expert_run: str | None = None  # uhead: an expert run of the same store
     expert_blocks: list[str] | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)  # trained heads; its device also runs the kNN search
+    # trained heads (a 1-shot epoch is one or two steps, hence many epochs); its device also runs the kNN search
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=32))
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
