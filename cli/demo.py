@@ -17,8 +17,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the store, plot and report.")] = Path("demo-output"),
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 64,
 ) -> None:
-    """The whole flow on the embedded default: MNIST DDPM features of 2,000 digits, a linear probe
-    for every (t, block), a table, a plot and a report."""
+    """The whole flow on the embedded default: MNIST DDPM features of 2,000 digits, then a linear
+    probe and a kNN for every (t, block) from the cache, and an HTML report."""
     from pipelines.report.demo import run_demo
 
     report = run_demo(out, batch_size=batch_size, progress=sys.stderr.isatty(), echo=typer.echo)

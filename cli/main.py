@@ -1,7 +1,9 @@
 """The `featurestore` command. Each command lives in its own module of `cli/`: it parses its
 options into a typed config, calls one pipeline function, and prints or writes its result."""
 
-from cli import backbones, cka, demo, extract, inspect_store, knn, probe, report, retrieve, sweep  # noqa: F401  (each registers its commands)
+from cli import (  # noqa: F401  (each module registers its commands)
+    backbones, cka, demo, extract, fewshot, inspect_store, knn, probe, report, retrieve, sweep,
+)
 from cli.app import EXIT_ERROR, EXIT_SOME_FAILED, app
 
 __all__ = ["EXIT_ERROR", "EXIT_SOME_FAILED", "app"]

@@ -190,3 +190,4 @@ BUILDERS: dict[str, Callable[..., Manifest]] = {
 EMBEDDED_ROOTS = {"demo": DEMO_DIR}
 
 import data_manifests.zs_sbir  # noqa: E402,F401  (registers sketch_photo and quickdraw_photos in BUILDERS)
+import data_manifests.coop  # noqa: E402,F401  (registers coop_split, coop_fgvc_aircraft and coop_imagenet in BUILDERS)

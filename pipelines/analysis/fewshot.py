@@ -36,7 +36,13 @@ from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import fit_logistic_probe, resolve_run, split_rows
 from pipelines.heads.modules import KINDS, Key, build_head
 from pipelines.heads.probe import ProbeConfig, class_names, grid
-from pipelines.heads.training import TrainConfig, Trainee, accuracy_metrics, predict, train_grid
+from pipelines.heads.training import (
+    TrainConfig,
+    Trainee,
+    accuracy_metrics,
+    predict,
+    train_grid,
+)
 
 FIXED = ("logistic", "knn")  # fitted in closed form on pooled features, no training loop
 HEADS = (*FIXED, *KINDS)

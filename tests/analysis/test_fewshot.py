@@ -11,7 +11,13 @@ from typer.testing import CliRunner
 import cli.fewshot  # noqa: F401  (registers its command on cli.app.app)
 from cli.app import app
 from featurestore.store import FeatureStore
-from pipelines.analysis.fewshot import STD_DDOF, FewshotConfig, fewshot_run, knn_top1, sample_shots
+from pipelines.analysis.fewshot import (
+    STD_DDOF,
+    FewshotConfig,
+    fewshot_run,
+    knn_top1,
+    sample_shots,
+)
 from pipelines.heads.logistic import split_rows
 from pipelines.heads.training import TrainConfig
 

@@ -38,7 +38,7 @@ def write_png(path: Path, colour=(10, 20, 30), mode: str = "RGB") -> None:
 
 def test_registry_names():
     assert set(BUILDERS) == {"mnist_idx", "image_folder", "pacs", "quickdraw", "imagenet", "demo", "sketch_photo",
-                             "quickdraw_photos"}
+                             "quickdraw_photos", "coop_split", "coop_fgvc_aircraft", "coop_imagenet"}
 
 
 def test_mnist_idx_and_load_image(tmp_path):
