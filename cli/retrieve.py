@@ -51,6 +51,10 @@ def retrieve(
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs faiss-gpu).")] = "cpu",
     slab_rows: Annotated[int, typer.Option(help="Gallery rows read at a time (rounded to whole store chunks).")] = 4096,
     examples: Annotated[int, typer.Option(help="Queries shown with their top 10 (one per class).")] = 5,
+    project_dim: Annotated[Optional[int], typer.Option(
+        help="Train a projection to this width on the split's SEEN classes (both domains) and retrieve in it.")] = None,
+    project_epochs: Annotated[int, typer.Option(help="Epochs of the projection training.")] = 30,
+    project_lr: Annotated[float, typer.Option(help="AdamW learning rate of the projection.")] = 1e-2,
     data_root: Annotated[Optional[str], typer.Option(help="Folder of the gallery images, for the grid PNG "
                                                           "(no grid without it).")] = None,
     query_data_root: Annotated[Optional[str], typer.Option(help="Folder of the query images [default: --data-root].")] = None,
@@ -60,6 +64,7 @@ def retrieve(
     """Zero-shot sketch-based image retrieval from the cache: exact cosine search (FAISS), mAP and P@K."""
     from featurestore.store import FeatureStore
     from pipelines.analysis import parse_timestep, results_dir
+    from pipelines.analysis.projection import ProjectionConfig
     from pipelines.analysis.retrieval import (
         RetrievalConfig,
         Side,
@@ -76,6 +81,7 @@ def retrieve(
         precision_at=_cutoffs(precision_at, "--precision-at", False), ap=ap, normalisation=map_normalisation,
         precision_denominator=precision_denominator, average=average, device=device, slab_rows=slab_rows,
         examples=examples,
+        projection=None if project_dim is None else ProjectionConfig(project_dim, project_epochs, project_lr),
     )
     result = retrieve_run(FeatureStore.open(store), config)
     saved = save_results(result, results_dir(store, out), data_root, query_data_root)

@@ -41,6 +41,7 @@ import numpy as np
 from featurestore.store import FeatureStore, Run, timestep_key
 from pipelines.analysis import SLAB_ROWS, read_pooled, row_slabs, write_json
 from pipelines.analysis.knn import flat_ip_index, l2_normalized
+from pipelines.analysis.projection import ProjectionConfig, train_projection
 from pipelines.analysis.splits import load_split
 from pipelines.heads.logistic import resolve_run
 
@@ -314,6 +315,7 @@ class RetrievalConfig:
     device: str = "cpu"
     slab_rows: int = SLAB_ROWS
     examples: int = 5  # queries shown with their top EXAMPLE_DEPTH in the results and the grid
+    projection: ProjectionConfig | None = None  # trained on the split's seen classes, applied to both sides
 
     def __post_init__(self) -> None:
         _check(self.ap, AP_KINDS, "--ap")
@@ -324,6 +326,8 @@ class RetrievalConfig:
             raise ValueError("nothing to compute: give --map-at and/or --precision-at")
         if any(k is not None and k < 1 for k in (*self.map_at, *self.precision_at)):
             raise ValueError("cutoffs are positive integers (or 'all' for mAP)")
+        if self.projection is not None and self.split is None:
+            raise ValueError("a trained projection needs --split: it is trained on the seen classes only")
 
 
 EXAMPLE_DEPTH = 10
@@ -341,6 +345,7 @@ class RetrievalResult:
     metrics: dict[str, dict]  # name -> {"value", its variant names, "average"}
     per_class: dict[str, dict[str, float]]  # class -> name -> mean over the class's queries
     examples: list[dict]
+    projection: dict | None = None  # its config and the seen classes it was trained on
     variants: dict = field(default_factory=lambda: VARIANTS)
     grid: str | None = None
     grid_note: str | None = None
@@ -367,9 +372,14 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
     query_rows, query_names = _usable(query_run, config.query.domain)
     gallery_rows, gallery_names = _usable(gallery_run, config.gallery.domain)
     split = None
+    q, g = config.query, config.gallery
+    project = None
     if config.split is not None:
         split = load_split(config.split)
         split.check(set(query_names), set(gallery_names))
+        if config.projection is not None:
+            project = seen_class_projection(query_run, gallery_run, config, query_rows, query_names, gallery_rows,
+                                            gallery_names, split.seen)
         query_keep, gallery_keep = np.isin(query_names, split.unseen), np.isin(gallery_names, split.unseen)
         query_rows, query_names = query_rows[query_keep], query_names[query_keep]
         gallery_rows, gallery_names = gallery_rows[gallery_keep], gallery_names[gallery_keep]
@@ -380,12 +390,15 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
     classes = np.array(sorted(set(query_names) | set(gallery_names)))
     query_classes, gallery_classes = np.searchsorted(classes, query_names), np.searchsorted(classes, gallery_names)
 
-    q, g = config.query, config.gallery
-    queries = l2_normalized(read_pooled(query_run, q.timestep, q.block, query_rows, config.pool))
+    def features(run: Run, side: Side, rows: np.ndarray) -> np.ndarray:
+        x = read_pooled(run, side.timestep, side.block, rows, config.pool)
+        return l2_normalized(x if project is None else x @ project)
+
+    queries = features(query_run, q, query_rows)
 
     def slabs() -> Iterator[np.ndarray]:
         for part in row_slabs(gallery_run, gallery_rows, config.slab_rows):
-            yield l2_normalized(read_pooled(gallery_run, g.timestep, g.block, gallery_rows[part], config.pool))
+            yield features(gallery_run, g, gallery_rows[part])
 
     cutoffs = [k for k in (*config.map_at, *config.precision_at) if k is not None]
     k = min(max([*cutoffs, EXAMPLE_DEPTH]), len(gallery_rows))
@@ -417,8 +430,23 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
         gallery={"run_id": gallery_run.run_id, "timestep": g.timestep, "block": g.block, "domain": g.domain,
                  "images": len(gallery_rows)},
         pool=config.pool, split=split.name if split else None, classes=sorted(set(query_names)),
+        projection=None if project is None else {**asdict(config.projection), "trained_on_classes": sorted(split.seen)},
         features=queries.shape[1], device=config.device, metrics=metrics, per_class=per_class, examples=examples,
     )
+
+
+def seen_class_projection(
+    query_run: Run, gallery_run: Run, config: RetrievalConfig, query_rows: np.ndarray, query_names: np.ndarray,
+    gallery_rows: np.ndarray, gallery_names: np.ndarray, seen: Sequence[str],
+) -> np.ndarray:
+    """Train the projection on the seen-class images of both sides; unseen rows are never read."""
+    q, g = config.query, config.gallery
+    q_seen, g_seen = np.isin(query_names, seen), np.isin(gallery_names, seen)
+    x = np.concatenate([read_pooled(query_run, q.timestep, q.block, query_rows[q_seen], config.pool),
+                        read_pooled(gallery_run, g.timestep, g.block, gallery_rows[g_seen], config.pool)])
+    names = np.concatenate([query_names[q_seen], gallery_names[g_seen]])
+    classes = sorted(set(names))
+    return train_projection(x, np.searchsorted(classes, names), config.projection)
 
 
 def _usable(run: Run, domain: str) -> tuple[np.ndarray, np.ndarray]:

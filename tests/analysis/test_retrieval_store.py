@@ -18,6 +18,7 @@ from pipelines.analysis.retrieval import (
     RetrievalConfig,
     Side,
     average_precision,
+    averaged,
     precision_at,
     retrieve_run,
     save_results,
@@ -229,3 +230,40 @@ def test_cli_json_and_errors(toy, tmp_path):
     assert result.exit_code == 1 and "error: split 'bad'" in result.output and "absent from the data: yak" in result.output
     result = runner.invoke(app, [*args, "--map-at", "all,top5"])
     assert result.exit_code == 1 and "--map-at takes all or integers" in result.output
+
+
+def test_trained_projection_never_sees_an_unseen_class(toy, monkeypatch):
+    from pipelines.analysis import projection, retrieval
+    from pipelines.analysis.projection import ProjectionConfig
+
+    store, truth, split = toy
+    seen_rows = []
+    original = projection.train_projection
+
+    def spy(x, labels, cfg):
+        seen_rows.append((x.copy(), labels.copy()))
+        return original(x, labels, cfg)
+
+    monkeypatch.setattr(retrieval, "train_projection", spy)
+    result = retrieve_run(store, config(split=str(split), projection=ProjectionConfig(dim=3, epochs=5)))
+    ((x, labels),) = seen_rows
+    # exactly the usable seen-class rows of both domains went into training, nothing else
+    seen = truth["usable"] & np.isin(truth["classes"], SPLIT["seen"])
+    pooled_seen = truth["values"][seen].mean(axis=(2, 3))
+    assert len(x) == seen.sum() and sorted(set(labels.tolist())) == [0, 1]
+    assert {tuple(np.round(r, 5)) for r in x} == {tuple(np.round(r, 5)) for r in pooled_seen}
+    assert result.projection["trained_on_classes"] == SPLIT["seen"] and result.classes == SPLIT["unseen"]
+    assert result.features == 3  # retrieval ran in the projected space
+
+    # the same numbers as ranking independently projected features by brute force
+    weights = original(x, labels, ProjectionConfig(dim=3, epochs=5))
+    projected = dict(truth, values=np.einsum("nchw,cd->ndhw", truth["values"], weights))
+    hits, names = brute_force(projected, SPLIT["unseen"])
+    assert result.metrics["mAP@all"]["value"] == pytest.approx(averaged(average_precision(hits), names), abs=1e-6)
+
+
+def test_projection_needs_a_split():
+    from pipelines.analysis.projection import ProjectionConfig
+
+    with pytest.raises(ValueError, match="needs --split"):
+        config(projection=ProjectionConfig())
