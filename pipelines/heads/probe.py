@@ -28,6 +28,7 @@ from pipelines.heads.modules import (
     build_head,
     save_head,
 )
+from pipelines.heads.text_embeddings import read_text_embeddings
 from pipelines.heads.training import (
     TrainConfig,
     Trainee,
@@ -64,28 +65,6 @@ def class_names(labels: np.ndarray, names: np.ndarray) -> list[str]:
     for label, row in zip(values.tolist(), first.tolist()):
         classes[label] = str(names[row])
     return classes
-
-
-def read_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
-    """The (K, D) class-name embeddings of `path`, refused unless its classes are the run's, in label order."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        tensors = list(f.keys())  # a safe_open handle is not iterable
-        if "embeddings" not in tensors:
-            raise ValueError(f"--text-embeddings {path}: no tensor 'embeddings' (found: {', '.join(tensors)})")
-        text = f.get_tensor("embeddings")
-        meta = f.metadata() or {}
-    if "classes" not in meta:
-        raise ValueError(f"--text-embeddings {path}: no 'classes' metadata (a JSON list of class names in label order)")
-    names = json.loads(meta["classes"])
-    if text.ndim != 2 or len(names) != text.shape[0]:
-        raise ValueError(f"--text-embeddings {path}: 'embeddings' {tuple(text.shape)} does not hold one row per class of {len(names)}")
-    if names != classes:
-        diff = next((k for k in range(min(len(names), len(classes))) if names[k] != classes[k]), min(len(names), len(classes)))
-        raise ValueError(f"--text-embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
-                         f"first difference at label {diff}: {names[diff:diff + 1]} vs {classes[diff:diff + 1]})")
-    return text.float()
 
 
 def head_name(kind: str, keys: list[Key], lr: float) -> str:

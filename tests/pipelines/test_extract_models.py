@@ -124,3 +124,32 @@ def test_an_expert_is_stored_once_under_timestep_none(tmp_path):
     again = cli("extract", "--dataset", "demo", "--limit", "4", "--backbone", "resnet20-cifar10",
                 "--weights", weights, "--store", store, "--timesteps", "10")
     assert again.exit_code == 1 and "ignores timesteps" in again.output
+
+
+def test_class_name_embeddings_from_the_sd_text_encoder_feed_a_cosine_head(tmp_path, tiny_sd):
+    """text-embed writes CLIP's pooled embedding of each class prompt; the cosine head reads it back."""
+    from safetensors import safe_open
+
+    from pipelines.heads.text_embeddings import read_text_embeddings
+
+    store = tmp_path / "s.zarr"
+    assert cli("extract", "--dataset", "demo", "--limit", "100", "--store", store, "--timesteps", "10",
+               "--blocks", "block1").exit_code == 0
+    out = tmp_path / "text.safetensors"
+    result = cli("text-embed", store, "--weights", tiny_sd, "--out", out, "--template", "a drawing of a {}", "--json")
+    assert result.exit_code == 0, result.output
+    classes = [str(d) for d in range(10)]
+    text = read_text_embeddings(str(out), classes)
+    backbone = create_backbone("sd15", tiny_sd)
+    ids = backbone.tokenizer([f"a drawing of a {c}" for c in classes], padding="max_length", max_length=77,
+                             truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        direct = backbone.text_encoder(ids).pooler_output
+    assert torch.allclose(text, direct, atol=1e-6) and text.shape == (10, 32)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["template"] == "a drawing of a {}"
+    with pytest.raises(ValueError, match="classes do not match"):
+        read_text_embeddings(str(out), classes[::-1])
+    probe = cli("probe", store, "--head", "linear", "--block", "block1", "--timestep", "10", "--classifier", "cosine",
+                "--text-embeddings", out, "--epochs", "2", "--holdout", "0.25", "--out", tmp_path / "r", "--json")
+    assert probe.exit_code == 0, probe.output

@@ -159,6 +159,14 @@ class SD15Backbone(Backbone):
         # transformers 5 keeps the layer norm on the model itself, 4.x under .text_model
         return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(len(texts), D): CLIP's pooled text embedding (the end-of-text token after the final layer
+        norm), the class-name vectors of a cosine classifier."""
+        text_encoder = self._component(self.text_encoder)
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=TOKENS, truncation=True,
+                             return_tensors="pt").input_ids.to(text_encoder.device)
+        return text_encoder(ids).pooler_output
+
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.module(x_t, t, encoder_hidden_states=self._cond(cond, len(x_t))).sample
 

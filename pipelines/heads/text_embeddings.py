@@ -1,0 +1,55 @@
+"""Class-name text embeddings for cosine classifiers: written from a text encoder (SD's CLIP),
+read back checked against a run's classes. File: safetensors with a tensor "embeddings" (K, D)
+and metadata {"classes": JSON list of class names in label order}."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+DEFAULT_TEMPLATE = "a photo of a {}"
+
+
+def write_text_embeddings(backbone, classes: Sequence[str], path: str | Path, template: str = DEFAULT_TEMPLATE) -> Path:
+    """Embed `template` filled with each class name (underscores as spaces) and save the table."""
+    from safetensors.torch import save_file
+
+    if not hasattr(backbone, "embed_texts"):
+        raise ValueError(f"{backbone.name} has no text encoder to embed class names with (use sd15)")
+    if "{}" not in template:
+        raise ValueError(f"the template needs '{{}}' where the class name goes, got {template!r}")
+    with torch.inference_mode():
+        embeddings = backbone.embed_texts([template.format(c.replace("_", " ")) for c in classes])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": embeddings.float().cpu().contiguous()}, str(path),
+              metadata={"classes": json.dumps(list(classes)), "template": template, "backbone": backbone.name,
+                        "weights_digest": backbone.weights_digest})
+    return path
+
+
+def read_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
+    """The (K, D) class-name embeddings of `path`, refused unless its classes are the run's, in label order."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        tensors = list(f.keys())  # a safe_open handle is not iterable
+        if "embeddings" not in tensors:
+            raise ValueError(f"--text-embeddings {path}: no tensor 'embeddings' (found: {', '.join(tensors)})")
+        text = f.get_tensor("embeddings")
+        meta = f.metadata() or {}
+    if "classes" not in meta:
+        raise ValueError(f"--text-embeddings {path}: no 'classes' metadata (a JSON list of class names in label order)")
+    names = json.loads(meta["classes"])
+    if text.ndim != 2 or len(names) != text.shape[0]:
+        raise ValueError(f"--text-embeddings {path}: 'embeddings' {tuple(text.shape)} does not hold one row per class of {len(names)}")
+    if names != classes:
+        diff = next((k for k in range(min(len(names), len(classes))) if names[k] != classes[k]), min(len(names), len(classes)))
+        raise ValueError(f"--text-embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
+                         f"first difference at label {diff}: {names[diff:diff + 1]} vs {classes[diff:diff + 1]})")
+    return text.float()
+
+
