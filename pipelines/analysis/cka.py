@@ -204,7 +204,8 @@ def grid_views(
         if other_run_id is None:
             raise ValueError("--grid runs needs --other-run")
         other = store.run(other_run_id)
-        t_other = timestep if other_timestep is None else other_timestep
+        # an expert run (stored under timestep None) needs no --other-timestep
+        t_other = other_timestep if other_timestep is not None else None if other.timesteps == [None] else timestep
         views = [View(run, timestep, b, f"{run.run_id[:8]}:{b}") for b in blocks or run.blocks]
         cols = [View(other, t_other, b, f"{other.run_id[:8]}:{b}") for b in other_blocks or other.blocks]
     else:

@@ -32,6 +32,8 @@ for a top-200 pass (2 shared CPU cores), so mAP@all is computed only when --map-
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -359,7 +361,11 @@ class RetrievalResult:
         name = f"retrieve-{q['run_id']}-{timestep_key(q['timestep'])}-{q['block']}"
         if (g["run_id"], g["timestep"], g["block"]) != (q["run_id"], q["timestep"], q["block"]):
             name += f"-vs-{g['run_id']}-{timestep_key(g['timestep'])}-{g['block']}"
-        return name + (f"-pool{self.pool}" if self.pool else "") + (f"-{self.split}" if self.split else "")
+        name += (f"-pool{self.pool}" if self.pool else "") + (f"-{self.split}" if self.split else "")
+        # metric variants and a projection get their own file instead of overwriting another's
+        variants = {k: {f: v for f, v in m.items() if f != "value"} for k, m in self.metrics.items()}
+        digest = hashlib.sha256(json.dumps([variants, self.projection], sort_keys=True).encode()).hexdigest()[:8]
+        return f"{name}-{digest}"
 
 
 def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResult:

@@ -160,3 +160,20 @@ def test_cli_commands_print_their_numbers_as_json(built, tmp_path):
     assert bad.exit_code == 1 and "needs --block" in bad.output
     no_gpu = CliRunner().invoke(app, ["knn", store, "--block", "b0", "--timestep", "10", "--pool", "1", "--k", "5", "--device", "cuda"])
     assert no_gpu.exit_code == 1 and "faiss" in no_gpu.output
+
+
+def test_cka_against_an_expert_run_needs_no_other_timestep(built):
+    store, features = built["store"], built["features"]
+    expert = store.create_run({"run": "expert"}, arrays=BLOCKS, timesteps=[None], rows=built["table_rows"],
+                              chunk_rows=CHUNK, dtype="float32", provenance={})
+    for chunk in range(expert.n_chunks):
+        s = expert.chunk_slice(chunk)
+        expert.write_chunk(chunk, {(None, b): features[(TIMESTEPS[0], b)][s] for b in BLOCKS},
+                           np.zeros(s.stop - s.start, bool), [""] * (s.stop - s.start))
+    try:
+        rows, cols = grid_views(store, "runs", run_id=built["run"].run_id, timestep=TIMESTEPS[0], other_run_id=expert.run_id)
+        assert {c.timestep for c in cols} == {None}
+        result = cka_run(rows, cols, grid="runs", pool=None)
+        assert result.matrices["biased"][0][0] == pytest.approx(1.0, abs=1e-9)  # the same values under t=None
+    finally:
+        del store.group["runs"][expert.run_id]

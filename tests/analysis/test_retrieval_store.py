@@ -188,7 +188,9 @@ def test_results_files_and_grid(toy, tmp_path):
         Image.new("RGB", (12, 12), (40, 90, 200) if i.startswith("photo") else "white").save(tmp_path / "data" / "img" / f"{i}.png")
     saved = save_results(result, tmp_path / "res", data_root=tmp_path / "data")
     assert result.grid_note is None and Path(result.grid).stat().st_size > 1000
-    assert saved.name == f"retrieve-{truth['run']}-t10-b-pool1-toy.json"
+    assert saved.name.startswith(f"retrieve-{truth['run']}-t10-b-pool1-toy-") and saved.suffix == ".json"
+    other = retrieve_run(store, config(split=str(split), ap="voc11"))
+    assert other.stem() != result.stem()  # another metric variant does not overwrite this file
     (tmp_path / "data" / "img" / f"{result.examples[0]['top'][3]['id']}.png").unlink()
     save_results(result, tmp_path / "res", data_root=tmp_path / "data")
     assert result.grid is None and result.grid_note.startswith("grid skipped: cannot read")
@@ -221,7 +223,7 @@ def test_cli_json_and_errors(toy, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert set(doc["metrics"]) == {"mAP@all", "mAP@5", "P@3", "chance"} and doc["classes"] == SPLIT["unseen"]
-    assert (tmp_path / "out" / f"retrieve-{truth['run']}-t10-b-pool1-toy.json").is_file()
+    assert len(list((tmp_path / "out").glob(f"retrieve-{truth['run']}-t10-b-pool1-toy-*.json"))) == 1
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and "mAP@all:" in result.output and "grid skipped" in result.output
     bad_split = tmp_path / "bad.json"
