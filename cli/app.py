@@ -30,14 +30,44 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def parse_ints(text: str, option: str) -> list[int]:
+    """`1,4,16` -> [1, 4, 16]."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes integers separated by commas, got {text!r}") from None
+
+
 def parse_timesteps(text: str | None) -> list[int] | None:
-    """`10,100,300`; None or empty: the backbone's defaults."""
-    if not text:
+    """Extraction timesteps `10,100,300`; None or empty: the backbone's defaults."""
+    return parse_ints(text, "--timesteps") if text else None
+
+
+def parse_timestep(text: str) -> int | None:
+    """A timestep as the store keys it: an integer, or `none` for experts that ignore t."""
+    if text.strip().lower() == "none":
         return None
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return int(text)
     except ValueError:
-        raise typer.BadParameter(f"timesteps must be integers separated by commas, got {text!r}") from None
+        raise ValueError(f"--timestep takes integers or 'none' (experts), got {text!r}") from None
+
+
+def parse_stored_timesteps(text: str) -> list[int | None] | None:
+    """`all` (None: every timestep of the run) or a comma-separated list of stored timesteps."""
+    return None if text.strip() == "all" else [parse_timestep(t) for t in text.split(",") if t.strip()]
+
+
+def split_items(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated option values as one list, without repeats."""
+    return list(dict.fromkeys(v.strip() for text in values or [] for v in text.split(",") if v.strip()))
+
+
+def parse_lrs(values: list[str] | None) -> list[float]:
+    try:
+        return [float(v) for v in split_items(values)]
+    except ValueError:
+        raise ValueError(f"--lr takes numbers, got {values!r}") from None
 
 
 def parse_blocks(text: str) -> list[str] | None:

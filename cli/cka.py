@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_blocks, user_errors
+from cli.app import app, parse_blocks, parse_stored_timesteps, parse_timestep, user_errors
 
 
 @app.command()
@@ -37,13 +37,13 @@ def cka(
 ) -> None:
     """Linear CKA (biased and unbiased HSIC) between blocks, timesteps or runs, streamed over the store."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import parse_timestep, parse_timesteps, results_dir
+    from pipelines.analysis import results_dir
     from pipelines.analysis.cka import cka_run, grid_views, save_cka
 
     fs = FeatureStore.open(store)
     rows, cols = grid_views(
         fs, grid, run, None if timestep is None else parse_timestep(timestep), block, parse_blocks(blocks),
-        parse_timesteps(timesteps),
+        parse_stored_timesteps(timesteps),
         other_run, None if other_timestep is None else parse_timestep(other_timestep), parse_blocks(other_blocks),
     )
     result = cka_run(rows, cols, grid, pool, method, max_features, batch_size, seed, slab_rows)

@@ -7,15 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_blocks, user_errors
-from cli.probe import parse_lr, split_items
-
-
-def parse_ints(text: str, option: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{option} takes integers separated by commas, got {text!r}") from None
+from cli.app import app, parse_blocks, parse_ints, parse_lrs, parse_stored_timesteps, user_errors
 
 
 @app.command()
@@ -54,7 +46,7 @@ def fewshot(
     """Few-shot classification (CoOp protocol): k training images per class for each seed, top-1 on
     the whole test split, mean and std (ddof 0) over seeds."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import parse_timesteps, results_dir, write_json
+    from pipelines.analysis import results_dir, write_json
     from pipelines.analysis.fewshot import FewshotConfig, fewshot_run
     from pipelines.heads.training import TrainConfig
 
@@ -63,9 +55,9 @@ def fewshot(
         options["pool"] = pool
     cfg = FewshotConfig(
         head=head, shots=parse_ints(shots, "--shots"), seeds=parse_ints(seeds, "--seeds"),
-        timesteps=parse_timesteps(timesteps), blocks=parse_blocks(blocks), run_id=run, pool=pool,
+        timesteps=parse_stored_timesteps(timesteps), blocks=parse_blocks(blocks), run_id=run, pool=pool,
         train_split=train_split, test_split=test_split, holdout=holdout, split_seed=split_seed, c=c, knn_k=k,
-        temperature=temperature, lrs=[parse_lr(x) for x in split_items([lr])], head_options=options,
+        temperature=temperature, lrs=parse_lrs([lr]), head_options=options,
         expert_run=expert_run, expert_blocks=parse_blocks(expert_blocks) if expert_blocks else None,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
                           warmup_epochs=warmup_epochs, device=device),

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, user_errors
+from cli.app import app, parse_ints, parse_timestep, user_errors
 
 
 @app.command()
@@ -31,13 +31,10 @@ def knn(
 ) -> None:
     """Weighted kNN (DINO protocol) from the cache: cosine similarity, exact FAISS search, top-1/top-5."""
     from featurestore.store import FeatureStore, timestep_key
-    from pipelines.analysis import parse_timestep, results_dir, write_json
+    from pipelines.analysis import results_dir, write_json
     from pipelines.analysis.knn import knn_run
 
-    try:
-        ks = [int(value) for value in k.split(",")]
-    except ValueError:
-        raise ValueError(f"--k takes integers separated by commas, got {k!r}") from None
+    ks = parse_ints(k, "--k")
     t = parse_timestep(timestep)
     result = knn_run(FeatureStore.open(store), run, t, block, ks, pool, train_split, test_split, holdout, seed,
                      temperature, device, slab_rows)

@@ -7,30 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, user_errors
+from cli.app import app, parse_lrs, parse_timestep, split_items, user_errors
 
 HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead")
-
-
-def split_items(values: list[str] | None) -> list[str]:
-    """Repeated and comma-separated values as one list, without repeats."""
-    return list(dict.fromkeys(v.strip() for text in values or [] for v in text.split(",") if v.strip()))
-
-
-def parse_timestep(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--timestep takes integers or 'none' (experts), got {text!r}") from None
-
-
-def parse_lr(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--lr takes numbers, got {text!r}") from None
 
 
 @app.command()
@@ -103,7 +82,7 @@ def probe(
     if pool is not None:
         options["pool"] = pool
     cfg = ProbeConfig(
-        head=head, blocks=blocks, timesteps=timesteps, lrs=[parse_lr(x) for x in split_items(lr)] or [1e-3],
+        head=head, blocks=blocks, timesteps=timesteps, lrs=parse_lrs(lr) or [1e-3],
         run_id=run, classifier=classifier, text_embeddings=text_embeddings, expert_run=expert_run,
         expert_blocks=split_items(expert_blocks) or None, head_options=options,
         train_split=train_split, test_split=test_split, holdout=holdout, out=out,

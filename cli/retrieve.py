@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, user_errors
+from cli.app import app, parse_timestep, user_errors
 
 
 def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
@@ -63,7 +63,7 @@ def retrieve(
 ) -> None:
     """Zero-shot sketch-based image retrieval from the cache: exact cosine search (FAISS), mAP and P@K."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import parse_timestep, results_dir
+    from pipelines.analysis import results_dir
     from pipelines.analysis.projection import ProjectionConfig
     from pipelines.analysis.retrieval import (
         RetrievalConfig,

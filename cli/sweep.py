@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_blocks, user_errors
+from cli.app import app, parse_blocks, parse_stored_timesteps, user_errors
 
 
 @app.command()
@@ -32,11 +32,11 @@ def sweep(
     """Linear probe and weighted kNN for every (t, block) of a run: a table (CSV, JSON) and plots of
     accuracy vs t and vs block."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import parse_timesteps, results_dir
+    from pipelines.analysis import results_dir
     from pipelines.analysis.sweep import save_sweep, sweep_run
 
     result = sweep_run(
-        FeatureStore.open(store), run, parse_timesteps(timesteps),
+        FeatureStore.open(store), run, parse_stored_timesteps(timesteps),
         parse_blocks(blocks), pool, k, train_split, test_split, holdout, c, seed, temperature, device,
     )
     saved = save_sweep(result, results_dir(store, out))

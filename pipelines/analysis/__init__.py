@@ -48,21 +48,6 @@ def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, po
     return out
 
 
-def parse_timestep(text: str) -> int | None:
-    """A timestep as the store keys it: an integer, or `none` for experts that ignore t."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"a timestep is an integer or 'none', got {text!r}") from None
-
-
-def parse_timesteps(text: str) -> list[int | None] | None:
-    """`all` (None: every timestep of the run) or a comma-separated list of timesteps."""
-    return None if text.strip() == "all" else [parse_timestep(t) for t in text.split(",") if t.strip()]
-
-
 def results_dir(store_url: str, out: str | Path | None) -> Path:
     """Where results go: `out`, or `results/` next to a local store."""
     if out is not None:
