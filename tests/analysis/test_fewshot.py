@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import cli.fewshot  # noqa: F401  (registers its command on cli.app.app)
@@ -24,12 +23,7 @@ from pipelines.heads.training import TrainConfig
 CLASSES, PER_CLASS, CHUNK = 4, 40, 32  # 40 images a class: 20 train, 20 test
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_store(path, features: np.ndarray, labels: np.ndarray, splits: list[str]) -> FeatureStore:

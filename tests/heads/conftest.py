@@ -9,7 +9,6 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
-import torch
 
 from featurestore.store import FeatureStore, Run
 
@@ -78,9 +77,5 @@ def lit_channel(noise) -> Callable[..., np.ndarray]:
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny heads on a busy 2-core box train ~4x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
