@@ -141,7 +141,8 @@ def test_top_k_only_gives_the_same_numbers(toy):
 
 
 def test_split_files_load_and_validate(tmp_path):
-    assert {"pacs-unseen3", "sketchy-unseen21", "quickdraw-pacs-unseen3"} <= set(list_splits())
+    assert {"pacs-unseen3", "quickdraw-pacs-unseen3", "quickdraw-cifar10-unseen3", "sketchy-unseen25",
+            "sketchy-unseen21", "tu-berlin-unseen30", "quickdraw-unseen30"} == set(list_splits())
     pacs = load_split("pacs-unseen3")
     assert pacs.unseen == ("dog", "giraffe", "horse") and len(pacs.seen) == 4
     sketchy = load_split("sketchy-unseen21")

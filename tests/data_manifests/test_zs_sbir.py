@@ -2,6 +2,7 @@
 dataset YAMLs, and (when ../shared/data is there) the real Quick, Draw! + PACS / CIFAR-10 data."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from PIL import Image
 from data_manifests import zs_sbir
 from data_manifests.builders import BUILDERS
 from data_manifests.manifest import ManifestError, load_dataset
-from pipelines.analysis.splits import load_split
+from pipelines.analysis.splits import SplitError, load_split
 
 
 def make_folders(root: Path, layout: dict[str, dict[str, int]]) -> None:
@@ -39,6 +40,34 @@ def test_sketch_photo_layout_through_the_yaml(tmp_path, dataset):
     assert Counter(zip(m.class_names, m.domains)) == {("bat", "photo"): 3, ("cow", "photo"): 2,
                                                       ("bat", "sketch"): 1, ("cow", "sketch"): 4}
     assert m.ids[0] == m.sources[0] == "photo/bat/0.png" and m.missing() == []
+
+
+@pytest.mark.parametrize("dataset, split, n_seen, n_unseen", [
+    ("sketchy", "sketchy-unseen25", 100, 25), ("sketchy", "sketchy-unseen21", 104, 21),
+    ("tu-berlin", "tu-berlin-unseen30", 220, 30), ("quickdraw-sbir", "quickdraw-unseen30", 80, 30)])
+def test_paper_splits_fit_their_dataset_layout(tmp_path, dataset, split, n_seen, n_unseen):
+    """A copy of the dataset whose class folders carry the split's names (spaces, parentheses and
+    all) builds through the YAML and passes the split's check; one misspelt folder does not."""
+    zero_shot = load_split(split)
+    assert (len(zero_shot.seen), len(zero_shot.unseen)) == (n_seen, n_unseen)
+    classes = zero_shot.seen + zero_shot.unseen
+    make_folders(tmp_path, {"photo": dict.fromkeys(classes, 1), "sketch": dict.fromkeys(classes, 1)})
+    m = load_dataset(dataset, data_root=tmp_path)
+    assert len(m.classes) == n_seen + n_unseen and m.missing() == []
+    zero_shot.check(set(m.class_names), set(m.class_names))
+    renamed = sorted(zero_shot.unseen)[0]
+    for domain in ("photo", "sketch"):
+        (tmp_path / domain / renamed).rename(tmp_path / domain / (renamed.upper() + "_"))
+    m = load_dataset(dataset, data_root=tmp_path)
+    with pytest.raises(SplitError, match=f"absent from the data: {re.escape(renamed)}.*"
+                                         f"does not list classes of the data: {re.escape(renamed.upper())}_"):
+        zero_shot.check(set(m.class_names), set(m.class_names))
+
+
+def test_both_sketchy_splits_cover_the_same_125_classes():
+    s25, s21 = load_split("sketchy-unseen25"), load_split("sketchy-unseen21")
+    assert set(s25.seen + s25.unseen) == set(s21.seen + s21.unseen) and len(set(s25.seen + s25.unseen)) == 125
+    assert set(s25.unseen) & set(s21.unseen) == {"scissors", "tree", "wheelchair", "windmill"}
 
 
 def test_sketch_photo_refuses_different_classes(tmp_path):
