@@ -53,6 +53,13 @@ def retrieve(
     examples: Annotated[int, typer.Option(help="Queries shown with their top 10 (one per class).")] = 5,
     project_dim: Annotated[Optional[int], typer.Option(
         help="Train a projection to this width on the split's SEEN classes (both domains) and retrieve in it.")] = None,
+    project_text_embeddings: Annotated[Optional[str], typer.Option(
+        help="Train a projection into these class-name embeddings (`featurestore text-embed`), cross-entropy "
+             "against the SEEN classes' rows.")] = None,
+    project_loss: Annotated[Optional[str], typer.Option(
+        help="cross-entropy (cosine classifier over the seen classes) or triplet (sketch anchor, photo "
+             "positive and negative).  [default: cross-entropy]")] = None,
+    project_margin: Annotated[float, typer.Option(help="Cosine margin of the triplet loss.")] = 0.2,
     project_epochs: Annotated[int, typer.Option(help="Epochs of the projection training.")] = 30,
     project_lr: Annotated[float, typer.Option(help="AdamW learning rate of the projection.")] = 1e-2,
     data_root: Annotated[Optional[str], typer.Option(help="Folder of the gallery images, for the grid PNG "
@@ -73,6 +80,12 @@ def retrieve(
     )
 
     t = parse_timestep(timestep)
+    projection = None
+    if project_dim is not None or project_text_embeddings is not None:
+        projection = ProjectionConfig(project_dim, project_loss or "cross-entropy", project_text_embeddings,
+                                      project_epochs, project_lr, margin=project_margin)
+    elif project_loss is not None:
+        raise ValueError("--project-loss needs a projection: give --project-dim (or --project-text-embeddings)")
     config = RetrievalConfig(
         query=Side(query_run or run, t, block, query_domain),
         gallery=Side(gallery_run or run, t if gallery_timestep is None else parse_timestep(gallery_timestep),
@@ -81,7 +94,7 @@ def retrieve(
         precision_at=_cutoffs(precision_at, "--precision-at", False), ap=ap, normalisation=map_normalisation,
         precision_denominator=precision_denominator, average=average, device=device, slab_rows=slab_rows,
         examples=examples,
-        projection=None if project_dim is None else ProjectionConfig(project_dim, project_epochs, project_lr),
+        projection=projection,
     )
     result = retrieve_run(FeatureStore.open(store), config)
     saved = save_results(result, results_dir(store, out), data_root, query_data_root)

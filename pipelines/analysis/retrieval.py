@@ -446,13 +446,22 @@ def seen_class_projection(
     gallery_rows: np.ndarray, gallery_names: np.ndarray, seen: Sequence[str],
 ) -> np.ndarray:
     """Train the projection on the seen-class images of both sides; unseen rows are never read."""
-    q, g = config.query, config.gallery
+    q, g, projection = config.query, config.gallery, config.projection
     q_seen, g_seen = np.isin(query_names, seen), np.isin(gallery_names, seen)
     x = np.concatenate([read_pooled(query_run, q.timestep, q.block, query_rows[q_seen], config.pool),
                         read_pooled(gallery_run, g.timestep, g.block, gallery_rows[g_seen], config.pool)])
     names = np.concatenate([query_names[q_seen], gallery_names[g_seen]])
+    is_query = np.arange(len(names)) < q_seen.sum()
     classes = sorted(set(names))
-    return train_projection(x, np.searchsorted(classes, names), config.projection)
+    class_vectors = None
+    if projection.text_embeddings is not None:
+        from pipelines.heads.text_embeddings import select_text_embeddings
+
+        class_vectors = select_text_embeddings(projection.text_embeddings, classes).numpy()
+        if projection.dim is not None and projection.dim != class_vectors.shape[1]:
+            raise ValueError(f"--project-dim {projection.dim} differs from the width {class_vectors.shape[1]} of the "
+                             f"text embeddings the projection maps into; leave --project-dim out")
+    return train_projection(x, np.searchsorted(classes, names), is_query, projection, class_vectors)
 
 
 def _usable(run: Run, domain: str) -> tuple[np.ndarray, np.ndarray]:

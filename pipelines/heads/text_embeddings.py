@@ -33,6 +33,26 @@ def write_text_embeddings(backbone, classes: Sequence[str], path: str | Path, te
 
 def read_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
     """The (K, D) class-name embeddings of `path`, refused unless its classes are the run's, in label order."""
+    names, text = _read_table(path)
+    if names != classes:
+        diff = next((k for k in range(min(len(names), len(classes))) if names[k] != classes[k]), min(len(names), len(classes)))
+        raise ValueError(f"--text-embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
+                         f"first difference at label {diff}: {names[diff:diff + 1]} vs {classes[diff:diff + 1]})")
+    return text
+
+
+def select_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
+    """The rows of `path` for `classes`, in that order: a table written for all of a dataset's
+    classes serves any subset of them (e.g. the seen classes of a zero-shot split)."""
+    names, text = _read_table(path)
+    missing = [c for c in classes if c not in names]
+    if missing:
+        raise ValueError(f"--text-embeddings {path}: no embedding for class(es) {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''} (it has {len(names)} classes)")
+    return text[[names.index(c) for c in classes]]
+
+
+def _read_table(path: str) -> tuple[list[str], torch.Tensor]:
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
@@ -46,10 +66,4 @@ def read_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
     names = json.loads(meta["classes"])
     if text.ndim != 2 or len(names) != text.shape[0]:
         raise ValueError(f"--text-embeddings {path}: 'embeddings' {tuple(text.shape)} does not hold one row per class of {len(names)}")
-    if names != classes:
-        diff = next((k for k in range(min(len(names), len(classes))) if names[k] != classes[k]), min(len(names), len(classes)))
-        raise ValueError(f"--text-embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
-                         f"first difference at label {diff}: {names[diff:diff + 1]} vs {classes[diff:diff + 1]})")
-    return text.float()
-
-
+    return names, text.float()

@@ -233,36 +233,77 @@ def test_cli_json_and_errors(toy, tmp_path):
     assert result.exit_code == 1 and "error: split 'bad'" in result.output and "absent from the data: yak" in result.output
     result = runner.invoke(app, [*args, "--map-at", "all,top5"])
     assert result.exit_code == 1 and "--map-at takes all or integers" in result.output
+    result = runner.invoke(app, [*args, "--split", str(split), "--project-loss", "triplet"])
+    assert result.exit_code == 1 and "--project-loss needs a projection: give --project-dim" in result.output
+    result = runner.invoke(app, [*args, "--split", str(split), "--project-dim", "3", "--project-loss", "triplet",
+                                 "--project-epochs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["projection"]["loss"] == "triplet" and doc["projection"]["trained_on_classes"] == SPLIT["seen"]
+    assert doc["features"] == 3
 
 
-def test_trained_projection_never_sees_an_unseen_class(toy, monkeypatch):
+def write_class_names(path: Path, classes: list[str], width: int = 5) -> np.ndarray:
+    """A class-name embedding table in the format of `featurestore text-embed`."""
+    from safetensors.numpy import save_file
+
+    table = np.random.default_rng(1).normal(size=(len(classes), width)).astype(np.float32)
+    save_file({"embeddings": table}, str(path), metadata={"classes": json.dumps(classes)})
+    return table
+
+
+@pytest.mark.parametrize("loss, text", [("cross-entropy", False), ("triplet", False), ("cross-entropy", True)],
+                         ids=["prototypes", "triplet", "text-embeddings"])
+def test_trained_projection_never_sees_an_unseen_class(toy, monkeypatch, tmp_path, loss, text):
     from pipelines.analysis import projection, retrieval
     from pipelines.analysis.projection import ProjectionConfig
 
     store, truth, split = toy
-    seen_rows = []
+    calls = []
     original = projection.train_projection
 
-    def spy(x, labels, cfg):
-        seen_rows.append((x.copy(), labels.copy()))
-        return original(x, labels, cfg)
+    def spy(x, labels, is_query, cfg, class_vectors=None):
+        calls.append((x.copy(), labels.copy(), is_query.copy(), class_vectors))
+        return original(x, labels, is_query, cfg, class_vectors)
 
     monkeypatch.setattr(retrieval, "train_projection", spy)
-    result = retrieve_run(store, config(split=str(split), projection=ProjectionConfig(dim=3, epochs=5)))
-    ((x, labels),) = seen_rows
+    names_file = tmp_path / "names.safetensors"
+    table = write_class_names(names_file, CLASSES)  # the table holds unseen classes too; only seen rows may be used
+    cfg = ProjectionConfig(dim=None if text else 3, loss=loss, epochs=5,
+                           text_embeddings=str(names_file) if text else None)
+    result = retrieve_run(store, config(split=str(split), projection=cfg))
+    ((x, labels, is_query, class_vectors),) = calls
     # exactly the usable seen-class rows of both domains went into training, nothing else
     seen = truth["usable"] & np.isin(truth["classes"], SPLIT["seen"])
     pooled_seen = truth["values"][seen].mean(axis=(2, 3))
     assert len(x) == seen.sum() and sorted(set(labels.tolist())) == [0, 1]
     assert {tuple(np.round(r, 5)) for r in x} == {tuple(np.round(r, 5)) for r in pooled_seen}
+    assert is_query.sum() == (seen & (truth["domains"] == "sketch")).sum()
+    if text:  # the rows of cat and dog, in label order, and no other
+        np.testing.assert_array_equal(class_vectors, table[[CLASSES.index(c) for c in SPLIT["seen"]]])
+    else:
+        assert class_vectors is None
     assert result.projection["trained_on_classes"] == SPLIT["seen"] and result.classes == SPLIT["unseen"]
-    assert result.features == 3  # retrieval ran in the projected space
+    assert result.features == (5 if text else 3)  # retrieval ran in the projected space
 
     # the same numbers as ranking independently projected features by brute force
-    weights = original(x, labels, ProjectionConfig(dim=3, epochs=5))
+    weights = original(x, labels, is_query, cfg, class_vectors)
     projected = dict(truth, values=np.einsum("nchw,cd->ndhw", truth["values"], weights))
     hits, names = brute_force(projected, SPLIT["unseen"])
     assert result.metrics["mAP@all"]["value"] == pytest.approx(averaged(average_precision(hits), names), abs=1e-6)
+
+
+def test_projection_into_text_embeddings_is_checked(toy, tmp_path):
+    from pipelines.analysis.projection import ProjectionConfig
+
+    store, _, split = toy
+    names_file = tmp_path / "names.safetensors"
+    write_class_names(names_file, ["cat", "cow"])
+    with pytest.raises(ValueError, match="no embedding for class.*dog"):
+        retrieve_run(store, config(split=str(split), projection=ProjectionConfig(text_embeddings=str(names_file))))
+    write_class_names(names_file, CLASSES)
+    with pytest.raises(ValueError, match="--project-dim 128 differs from the width 5"):
+        retrieve_run(store, config(split=str(split), projection=ProjectionConfig(dim=128, text_embeddings=str(names_file))))
 
 
 def test_projection_needs_a_split():
