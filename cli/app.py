@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
+from typing import Annotated, Optional
 
 import typer
 
@@ -14,6 +15,22 @@ app.add_typer(backbones_app, name="backbones")
 
 EXIT_ERROR = 1
 EXIT_SOME_FAILED = 3  # extraction finished, but some images could not be read
+
+# Declarations several commands share (each command keeps its own default value).
+StoreArgument = Annotated[str, typer.Argument(help="Store path or URL.")]
+RunOption = Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")]
+HoldoutOption = Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")]
+ResultsOption = Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+# the trained heads' architecture (probe, fewshot)
+WidthOption = Annotated[int, typer.Option(help="attention, difformer: token width; uhead: pyramid width.")]
+DepthOption = Annotated[int, typer.Option(help="attention, difformer: transformer layers.")]
+AttnHeadsOption = Annotated[int, typer.Option(help="attention, difformer, uhead: attention heads.")]
+HiddenOption = Annotated[int, typer.Option(help="mlp: hidden width.")]
+ExpertRunOption = Annotated[Optional[str], typer.Option(
+    help="uhead: run id of an expert (e.g. a ResNet under timestep none) in this store.")]
+ExpertWidthOption = Annotated[int, typer.Option(help="uhead: channels of each adapted expert map.")]
+PoolingOption = Annotated[str, typer.Option(help="uhead: attention (learned query) | conv (1x1 conv + mean).")]
 
 
 def user_errors(command: Callable) -> Callable:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import backbones_app, user_errors
+from cli.app import JsonFlag, backbones_app, user_errors
 
 
 @backbones_app.command("list")
@@ -26,12 +26,12 @@ def backbones_show(
     name: Annotated[str, typer.Argument(help="Backbone name.")],
     weights: Annotated[Optional[Path], typer.Option(help="Load and check this checkpoint strictly (default: meta weights, nothing loaded).")] = None,
     backbone_config: Annotated[Optional[Path], typer.Option(help="JSON config of a configurable backbone.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Parameter count, input and block table (C, H, W) of a backbone; nothing is downloaded."""
     from pipelines.extract.backbone import create_backbone
-    from pipelines.extract.weights import META
     from pipelines.extract.runner import read_backbone_config
+    from pipelines.extract.weights import META
 
     doc = create_backbone(name, weights or META, read_backbone_config(backbone_config)).describe()
     if json_out:

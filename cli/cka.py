@@ -7,16 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_blocks, parse_stored_timesteps, parse_timestep, user_errors
+from cli.app import (
+    JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks, parse_stored_timesteps,
+    parse_timestep, user_errors
+)
 
 
 @app.command()
 @user_errors
 def cka(
-    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    store: StoreArgument,
     grid: Annotated[str, typer.Option(help="blocks (block x block at --timestep), timesteps (t x t at --block), "
                                            "or runs (blocks of --run vs blocks of --other-run).")] = "blocks",
-    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    run: RunOption = None,
     timestep: Annotated[Optional[str], typer.Option(help="Timestep of the blocks and runs grids (an integer or none).")] = None,
     block: Annotated[Optional[str], typer.Option(help="Block of the timesteps grid.")] = None,
     blocks: Annotated[str, typer.Option(help="Blocks of --run: all or NAME,...")] = "all",
@@ -32,8 +35,8 @@ def cka(
     batch_size: Annotated[int, typer.Option(help="Minibatch size of the minibatch method.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the minibatch shuffle.")] = 0,
     slab_rows: Annotated[int, typer.Option(help="Rows read at a time (rounded to whole store chunks).")] = 4096,
-    out: Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: ResultsOption = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Linear CKA (biased and unbiased HSIC) between blocks, timesteps or runs, streamed over the store."""
     from featurestore.store import FeatureStore

@@ -7,19 +7,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_blocks, parse_ints, parse_lrs, parse_stored_timesteps, user_errors
+from cli.app import (
+    AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption, JsonFlag, PoolingOption,
+    ResultsOption, RunOption, StoreArgument, WidthOption, app, parse_blocks, parse_ints, parse_lrs,
+    parse_stored_timesteps, user_errors
+)
 
 
 @app.command()
 @user_errors
 def fewshot(
-    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    store: StoreArgument,
     head: Annotated[str, typer.Option(help="logistic | knn | linear | mlp | attention | difformer | uhead.")] = "logistic",
     shots: Annotated[str, typer.Option(help="Training images per class, comma-separated.")] = "1,2,4,8,16",
     seeds: Annotated[str, typer.Option(help="Seeds of the shot sampling (and of trained heads), comma-separated.")] = "0,1,2",
     timesteps: Annotated[str, typer.Option(help="all or T,... (none for experts).")] = "all",
     blocks: Annotated[str, typer.Option(help="all or NAME,...")] = "all",
-    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    run: RunOption = None,
     pool: Annotated[Optional[int], typer.Option(help="Average-pool each map to SIZE x SIZE (logistic, knn, linear, mlp).")] = 4,
     train_split: Annotated[str, typer.Option(help="Manifest split the shots are drawn from.")] = "train",
     test_split: Annotated[str, typer.Option(help="Manifest split tested, in full.")] = "test",
@@ -33,15 +37,17 @@ def fewshot(
     batch_size: Annotated[int, typer.Option(help="Trained heads: minibatch size.")] = 32,
     weight_decay: Annotated[float, typer.Option(help="Trained heads: AdamW weight decay.")] = 0.01,
     warmup_epochs: Annotated[float, typer.Option(help="Trained heads: linear warmup before the cosine decay.")] = 1.0,
-    width: Annotated[int, typer.Option(help="attention, difformer: token width; uhead: pyramid width.")] = 128,
-    depth: Annotated[int, typer.Option(help="attention, difformer: transformer layers.")] = 2,
-    attn_heads: Annotated[int, typer.Option(help="attention, difformer, uhead: attention heads.")] = 4,
-    hidden: Annotated[int, typer.Option(help="mlp: hidden width.")] = 256,
-    expert_run: Annotated[Optional[str], typer.Option(help="uhead: run id of an expert in this store.")] = None,
+    width: WidthOption = 128,
+    depth: DepthOption = 2,
+    attn_heads: AttnHeadsOption = 4,
+    hidden: HiddenOption = 256,
+    expert_run: ExpertRunOption = None,
     expert_blocks: Annotated[Optional[str], typer.Option(help="uhead: blocks of the expert run (default: all).")] = None,
+    expert_width: ExpertWidthOption = 32,
+    pooling: PoolingOption = "attention",
     device: Annotated[str, typer.Option(help="Torch device of trained heads, and cpu|cuda of the kNN search.")] = "cpu",
-    out: Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: ResultsOption = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Few-shot classification (CoOp protocol): k training images per class for each seed, top-1 on
     the whole test split, mean and std (ddof 0) over seeds."""
@@ -50,7 +56,8 @@ def fewshot(
     from pipelines.analysis.fewshot import FewshotConfig, fewshot_run
     from pipelines.heads.training import TrainConfig
 
-    options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden}
+    options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden, "expert_width": expert_width,
+               "pooling": pooling}
     if pool is not None:
         options["pool"] = pool
     cfg = FewshotConfig(

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from cli.app import app, user_errors
+from cli.app import StoreArgument, app, user_errors
 
 
 @app.command()
 @user_errors
 def inspect(
-    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    store: StoreArgument,
     json_out: Annotated[bool, typer.Option("--json", help="Print the full JSON document.")] = False,
 ) -> None:
     """Runs, specs, arrays and image counts of a store."""

@@ -7,27 +7,30 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_ints, parse_timestep, user_errors
+from cli.app import (
+    HoldoutOption, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_ints, parse_timestep,
+    user_errors
+)
 
 
 @app.command()
 @user_errors
 def knn(
-    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    store: StoreArgument,
     block: Annotated[str, typer.Option(help="Block to classify with.")],
     timestep: Annotated[str, typer.Option(help="Timestep (an integer, or none for an expert).")],
-    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    run: RunOption = None,
     k: Annotated[str, typer.Option("--k", help="Neighbour counts, comma-separated.")] = "10,20,100,200",
     temperature: Annotated[float, typer.Option(help="Vote weight exp(cosine / T).")] = 0.07,
     pool: Annotated[Optional[int], typer.Option(help="Average-pool the map to SIZE x SIZE first.")] = 4,
     train_split: Annotated[str, typer.Option(help="Manifest split searched (the neighbours).")] = "train",
     test_split: Annotated[str, typer.Option(help="Manifest split classified (the queries).")] = "test",
-    holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")] = None,
+    holdout: HoldoutOption = None,
     seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs faiss-gpu).")] = "cpu",
     slab_rows: Annotated[int, typer.Option(help="Train rows searched at a time (rounded to whole store chunks).")] = 4096,
-    out: Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: ResultsOption = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Weighted kNN (DINO protocol) from the cache: cosine similarity, exact FAISS search, top-1/top-5."""
     from featurestore.store import FeatureStore, timestep_key

@@ -7,7 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_lrs, parse_timestep, split_items, user_errors
+from cli.app import (
+    AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption, HoldoutOption, JsonFlag,
+    PoolingOption, RunOption, StoreArgument, WidthOption, app, parse_lrs, parse_timestep, split_items,
+    user_errors
+)
 
 HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead")
 
@@ -15,15 +19,15 @@ HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead")
 @app.command()
 @user_errors
 def probe(
-    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    store: StoreArgument,
     block: Annotated[Optional[list[str]], typer.Option(help="Block(s) to probe; repeat or separate by commas (difformer default: b19,b24,b30).")] = None,
     timestep: Annotated[Optional[list[str]], typer.Option(help="Timestep(s); repeat or separate by commas; 'none' for experts (difformer default: 90,150,300).")] = None,
     head: Annotated[str, typer.Option(help=f"Head: {'|'.join(HEADS)}.")] = "logistic",
-    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    run: RunOption = None,
     pool: Annotated[Optional[int], typer.Option(help="logistic, linear, mlp: average-pool the map to SIZE x SIZE.")] = 4,
     train_split: Annotated[str, typer.Option(help="Manifest split to train on.")] = "train",
     test_split: Annotated[str, typer.Option(help="Manifest split to test on.")] = "test",
-    holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")] = None,
+    holdout: HoldoutOption = None,
     c: Annotated[float, typer.Option("--c", help="logistic: inverse L2 strength.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of --holdout, the validation split, shuffling and initial weights.")] = 0,
     lr: Annotated[Optional[list[str]], typer.Option(help="Learning rate(s); several train a grid.")] = None,
@@ -36,17 +40,17 @@ def probe(
     classifier: Annotated[str, typer.Option(help="linear | cosine (against --text-embeddings).")] = "linear",
     text_embeddings: Annotated[Optional[str], typer.Option(help="safetensors: 'embeddings' (K, D), metadata 'classes' (JSON list in label order).")] = None,
     temperature: Annotated[float, typer.Option(help="cosine: logits are cosines / temperature.")] = 0.07,
-    expert_run: Annotated[Optional[str], typer.Option(help="uhead: run id of an expert (e.g. a ResNet under timestep none) in this store.")] = None,
+    expert_run: ExpertRunOption = None,
     expert_blocks: Annotated[Optional[list[str]], typer.Option(help="uhead: blocks of the expert run (default: all).")] = None,
-    width: Annotated[int, typer.Option(help="attention, difformer: token width; uhead: pyramid width.")] = 128,
-    depth: Annotated[int, typer.Option(help="attention, difformer: transformer layers.")] = 2,
-    attn_heads: Annotated[int, typer.Option(help="attention, difformer, uhead: attention heads.")] = 4,
-    hidden: Annotated[int, typer.Option(help="mlp: hidden width.")] = 256,
-    expert_width: Annotated[int, typer.Option(help="uhead: channels of each adapted expert map.")] = 32,
-    pooling: Annotated[str, typer.Option(help="uhead: attention (learned query) | conv (1x1 conv + mean).")] = "attention",
+    width: WidthOption = 128,
+    depth: DepthOption = 2,
+    attn_heads: AttnHeadsOption = 4,
+    hidden: HiddenOption = 256,
+    expert_width: ExpertWidthOption = 32,
+    pooling: PoolingOption = "attention",
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     out: Annotated[Optional[str], typer.Option(help="Folder for weights and results.json (default: <store>/../results/...).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Probe blocks from the cache: logistic regression, or trained heads (a grid of blocks x
     timesteps x learning rates in one pass over the cache per epoch)."""

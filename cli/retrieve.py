@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_timestep, user_errors
+from cli.app import JsonFlag, ResultsOption, StoreArgument, app, parse_timestep, user_errors
 
 
 def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
@@ -28,7 +28,7 @@ def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
 @app.command()
 @user_errors
 def retrieve(
-    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    store: StoreArgument,
     block: Annotated[str, typer.Option(help="Block of the queries (and of the gallery unless --gallery-block).")],
     timestep: Annotated[str, typer.Option(help="Timestep of the queries (and gallery): an integer, or none.")],
     run: Annotated[Optional[str], typer.Option(help="Run of queries and gallery (needed when the store holds several).")] = None,
@@ -65,8 +65,8 @@ def retrieve(
     data_root: Annotated[Optional[str], typer.Option(help="Folder of the gallery images, for the grid PNG "
                                                           "(no grid without it).")] = None,
     query_data_root: Annotated[Optional[str], typer.Option(help="Folder of the query images [default: --data-root].")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Results folder [default: results/ next to the store].")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: ResultsOption = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Zero-shot sketch-based image retrieval from the cache: exact cosine search (FAISS), mAP and P@K."""
     from featurestore.store import FeatureStore

@@ -7,14 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, parse_blocks, parse_stored_timesteps, user_errors
+from cli.app import (
+    HoldoutOption, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks, parse_stored_timesteps,
+    user_errors
+)
 
 
 @app.command()
 @user_errors
 def sweep(
-    store: Annotated[str, typer.Argument(help="Store path or URL.")],
-    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    store: StoreArgument,
+    run: RunOption = None,
     timesteps: Annotated[str, typer.Option(help="all or T,... (none for experts).")] = "all",
     blocks: Annotated[str, typer.Option(help="all or NAME,...")] = "all",
     pool: Annotated[Optional[int], typer.Option(help="Average-pool the maps to SIZE x SIZE first.")] = 4,
@@ -22,12 +25,12 @@ def sweep(
     temperature: Annotated[float, typer.Option(help="kNN vote weight exp(cosine / T).")] = 0.07,
     train_split: Annotated[str, typer.Option(help="Manifest split to train on.")] = "train",
     test_split: Annotated[str, typer.Option(help="Manifest split to test on.")] = "test",
-    holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")] = None,
+    holdout: HoldoutOption = None,
     c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the logistic regression.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
     device: Annotated[str, typer.Option(help="kNN search device: cpu, or cuda (needs faiss-gpu).")] = "cpu",
-    out: Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    out: ResultsOption = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Linear probe and weighted kNN for every (t, block) of a run: a table (CSV, JSON) and plots of
     accuracy vs t and vs block."""

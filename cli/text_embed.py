@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app, user_errors
+from cli.app import JsonFlag, RunOption, app, user_errors
 
 
 @app.command("text-embed")
@@ -18,10 +18,10 @@ def text_embed(
     weights: Annotated[Optional[str], typer.Option(help="SD model folder or hub id in the local cache.")] = None,
     backbone: Annotated[str, typer.Option(help="A backbone with a text encoder.")] = "sd15",
     backbone_config: Annotated[Optional[str], typer.Option(help="JSON config of the backbone.")] = None,
-    run: Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")] = None,
+    run: RunOption = None,
     template: Annotated[str, typer.Option(help="Prompt per class; {} is the class name.")] = "a photo of a {}",
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Embed the class names of a run with the backbone's text encoder, for cosine classifiers."""
     from featurestore.store import FeatureStore
