@@ -99,6 +99,6 @@ def probe(
         return
     for h in doc["heads"]:
         typer.echo(f"{h['name']}: top-1 {h['top1']:.4f}  top-5 {h['top5']:.4f}  "
-                   f"(val {h['val_top1']:.4f} at epoch {h['best_epoch']}/{h['epochs']})")
+                   f"(val {h['val_top1']:.4f} after epoch {h['best_epoch']} of {h['epochs']})")
     typer.echo(f"best on validation: {doc['best_head']}; {doc['seconds_per_epoch']:.2f} s per epoch; "
                f"weights and results.json in {doc['out']}")

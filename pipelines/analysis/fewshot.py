@@ -216,7 +216,7 @@ def fixed_classifiers(run: Run, keys: Sequence[Key], shot_sets: ShotSets, test: 
 class FinalWeights(Trainee):
     """A trainee without validation: it never stops early and keeps the weights of its last epoch."""
 
-    def end_epoch(self, val_top1: float) -> None:
+    def scored(self, val_top1: float) -> None:
         pass
 
     def restore_best(self) -> None:
@@ -243,8 +243,7 @@ def trained_heads(store: FeatureStore, run: Run, timesteps: list[int | None], bl
         for name, spec, lr in specs:
             torch.manual_seed(seed)  # the same initial weights whatever else is in the grid
             trainees.append(FinalWeights(name, build_head(spec), lr, train_cfg, steps_per_epoch, device))
-        with np.errstate(invalid="ignore", divide="ignore"):  # train_grid scores the empty validation group as 0/0
-            train_grid(data, trainees, shots, np.empty(0, np.int64), train_cfg)
+        train_grid(data, trainees, shots, np.empty(0, np.int64), train_cfg)
         order, logits = predict(data, {t.name: t.head for t in trainees}, test, device)
         for name, value in logits.items():
             out[name][1][(seed, k)] = accuracy_metrics(value, labels[order], names)["top1"]

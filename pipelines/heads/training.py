@@ -5,13 +5,16 @@ Each minibatch is read once and every head of the grid still training takes one 
 of the cache per epoch. Every head is seeded on its own at construction and trains without
 randomness (no dropout), so a head trained in a grid is bit-identical to the head trained alone.
 
-Validation is progressive: the validation rows of each window are scored by each head as the
-window arrives, before the heads step on that window's training rows. Validation rows are spread
-over every chunk, so a separate pass after each epoch would decode the whole cache a second time.
+Validation rides along in the same pass: validation rows are spread over every chunk, so a
+separate pass after each epoch would decode the whole cache a second time. So that a score always
+belongs to weights that can be restored, the validation batches of an epoch are scored by a frozen
+copy of each head as it was when the epoch began (the weights after the previous epoch); one last
+pass over the validation rows alone scores the weights of the final epoch.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -73,25 +76,31 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 class Trainee:
-    """One head of a grid: its optimizer, schedule and early-stopping state."""
+    """One head of a grid: its optimizer, schedule, early-stopping state, and the frozen copy of
+    its weights that validation scores during an epoch."""
 
     def __init__(self, name: str, head: Head, lr: float, cfg: TrainConfig, steps_per_epoch: int, device: torch.device):
         self.name = name
         self.lr = lr
         self.head = head.to(device)
+        self.validated = copy.deepcopy(self.head).eval()
         self.device = device
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, warmup, total))
         self.patience = cfg.patience
-        self.val_top1: list[float] = []
+        self.val_top1: list[float] = []  # [i]: the weights after i epochs (0: as initialised)
         self.best_state: dict[str, torch.Tensor] = {}
         self.stopped = False
 
     @property
     def best_epoch(self) -> int:
-        """0-based epoch of the best validation top-1 (the earliest on ties)."""
+        """Epochs trained by the weights of the best validation top-1 (the earliest on ties)."""
         return int(np.argmax(self.val_top1))
+
+    @property
+    def epochs(self) -> int:
+        return len(self.val_top1) - 1
 
     def step(self, batch: Batch) -> None:
         self.head.train()
@@ -101,12 +110,19 @@ class Trainee:
         self.optimizer.step()
         self.schedule.step()
 
-    def end_epoch(self, val_top1: float) -> None:
-        """Keep the weights of the best validation epoch; stop after `patience` epochs without a
-        better one."""
+    def freeze_for_validation(self) -> None:
+        """The weights the coming validation batches score: the head's weights now."""
+        self.validated.load_state_dict(self.head.state_dict())
+
+    def validation_logits(self, batch: Batch) -> torch.Tensor:
+        return logits_of(self.validated, batch, self.device)
+
+    def scored(self, val_top1: float) -> None:
+        """The frozen weights scored `val_top1`: keep them if best; stop after `patience` scores
+        without a better one."""
         self.val_top1.append(val_top1)
         if self.best_epoch == len(self.val_top1) - 1:
-            self.best_state = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+            self.best_state = {k: v.detach().clone() for k, v in self.validated.state_dict().items()}
         elif self.patience and len(self.val_top1) - 1 - self.best_epoch >= self.patience:
             self.stopped = True
 
@@ -124,33 +140,42 @@ class GridLog:
 def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.ndarray, val_rows: np.ndarray,
                cfg: TrainConfig) -> GridLog:
     """Train every head on one shared pass per epoch until all stop or `cfg.epochs`; each ends with
-    the weights of its best validation epoch."""
+    the weights of its best validation score."""
     log = GridLog([], [])
     for epoch in range(cfg.epochs):
         active = [t for t in trainees if not t.stopped]
         if not active:
             break
         tic, read_before = time.perf_counter(), data.read_seconds
-        correct, seen = np.zeros(len(active)), 0
         rng = np.random.default_rng((cfg.seed, epoch))
-        for group, batch in data.passes({"val": val_rows, "train": train_rows}, rng):
-            batch = batch.to(active[0].device)
-            if group == "train":
-                for t in active:
-                    t.step(batch)
-                continue
-            with torch.no_grad():
-                for i, t in enumerate(active):
-                    t.head.eval()
-                    correct[i] += int((logits_of(t.head, batch, t.device).argmax(1) == batch.labels).sum())
-            seen += len(batch.labels)
-        for i, t in enumerate(active):
-            t.end_epoch(correct[i] / seen)
+        _shared_pass(data, active, {"val": val_rows, "train": train_rows}, rng)
         log.epoch_seconds.append(time.perf_counter() - tic)
         log.read_seconds.append(data.read_seconds - read_before)
+    _shared_pass(data, trainees, {"val": val_rows}, None)  # the weights of each head's last epoch
     for t in trainees:
         t.restore_best()
     return log
+
+
+def _shared_pass(data: StoreBatches, trainees: Sequence[Trainee], groups: Mapping[str, np.ndarray],
+                 rng: np.random.Generator | None) -> None:
+    """One read of `groups`: every trainee steps on each train batch, and its frozen weights of the
+    pass's start score the val batches."""
+    for t in trainees:
+        t.freeze_for_validation()
+    correct, seen = np.zeros(len(trainees)), 0
+    for group, batch in data.passes(groups, rng):
+        batch = batch.to(trainees[0].device)
+        if group == "train":
+            for t in trainees:
+                t.step(batch)
+            continue
+        with torch.no_grad():
+            for i, t in enumerate(trainees):
+                correct[i] += int((t.validation_logits(batch).argmax(1) == batch.labels).sum())
+        seen += len(batch.labels)
+    for i, t in enumerate(trainees):
+        t.scored(correct[i] / seen if seen else float("nan"))
 
 
 @torch.no_grad()

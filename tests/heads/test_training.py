@@ -14,7 +14,7 @@ from featurestore.store import FeatureStore, Run
 from pipelines.heads.logistic import split_rows
 from pipelines.heads.modules import load_head
 from pipelines.heads.probe import ProbeConfig, probe_heads
-from pipelines.heads.training import TrainConfig
+from pipelines.heads.training import TrainConfig, carve_validation
 
 N, CLASSES = 192, 4
 SMALL = {"width": 16, "num_heads": 4, "hidden": 32, "expert_width": 8}
@@ -93,9 +93,14 @@ def test_a_grid_reads_each_chunk_once_per_epoch_and_equals_its_heads_trained_alo
     grid = probe(signal_run, "linear", blocks=("a", "b"), lrs=[3e-3, 1e-2], out=str(tmp_path / "grid"))
     head_names = [h["name"] for h in grid["heads"]]
     assert head_names == ["linear_t5_a_lr0.003", "linear_t5_a_lr0.01", "linear_t5_b_lr0.003", "linear_t5_b_lr0.01"]
-    # training epochs + the test pass (validation rides along with training)
-    reads = grid["epochs_run"] + 1
-    assert [c.chunks for c in counters] == [Counter(dict.fromkeys(range(signal_run.n_chunks), reads))] * 2
+    # every chunk: once per epoch (validation rides along) and once for the test pass; chunks that
+    # hold validation rows once more, when the weights of the last epoch are scored
+    train_rows, _ = split_rows(signal_run, "train", "test", None, 0)
+    _, val_rows = carve_validation(train_rows, 0.1, 0)
+    with_val = set((val_rows // signal_run.chunk_rows).tolist())
+    reads = Counter({c: grid["epochs_run"] + 1 + (c in with_val) for c in range(signal_run.n_chunks)})
+    assert 0 < len(with_val) < signal_run.n_chunks
+    assert [c.chunks for c in counters] == [reads] * 2
 
     alone = probe(signal_run, "linear", blocks=("b",), lrs=[1e-2], out=str(tmp_path / "alone"))
     # Bit-identical, not merely close: the head is seeded on its own, trains without randomness,
@@ -111,7 +116,25 @@ def test_early_stopping_ends_when_validation_top1_stops_improving(signal_run):
     doc = probe(signal_run, "linear", lrs=[3e-2], train={"epochs": 40, "patience": 2})
     (head,) = doc["heads"]
     assert doc["epochs_run"] == head["epochs"] < 40
-    assert head["epochs"] == head["best_epoch"] + 2 and head["val_top1"] == 1.0
+    # the best score, `patience` scores without a better one, and the last epoch's weights scored at the end
+    assert head["epochs"] == head["best_epoch"] + 2 + 1 and head["val_top1"] == 1.0
+
+
+@pytest.mark.parametrize("kind, epochs", [("mlp", 6), ("attention", 5)])
+def test_the_reported_validation_score_is_that_of_the_saved_weights(make_run, lit_channel, rng, kind, epochs):
+    """A head is saved with the weights its validation score was measured on: rescoring the saved
+    head on the validation rows gives the reported number (a high learning rate makes the weights
+    move a lot within an epoch, so a score taken mid-epoch would not match)."""
+    labels = rng.integers(0, 7, N)
+    run = make_run({(5, "a"): lit_channel(rng, labels, (8, 8, 8), 2.5)}, labels)
+    doc = probe(run, kind, lrs=[3e-2, 1e-1], train={"epochs": epochs, "patience": 0, "batch_size": 8})
+    train_rows, _ = split_rows(run, "train", "test", None, 0)
+    _, val_rows = carve_validation(train_rows, 0.1, 0)
+    features = {(5, "a"): torch.from_numpy(run.numpy(5, "a", val_rows))}
+    for h in doc["heads"]:
+        with torch.no_grad():
+            predicted = load_head(f"{doc['out']}/{h['weights']}")(features).argmax(1).numpy()
+        assert (predicted == labels[val_rows]).mean() == h["val_top1"], h["name"]
 
 
 def numbers(doc: dict) -> dict:
