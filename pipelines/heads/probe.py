@@ -134,7 +134,7 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig) -> dict:
             "name": t.name, "kind": cfg.head, "lr": t.lr,
             "keys": [list(k) for k in t.head.keys], "expert_keys": [list(k) for k in t.head.expert_keys],
             **accuracy_metrics(logits[t.name], labels[order], classes),
-            "val_top1": t.val_top1[t.best_epoch], "best_epoch": t.best_epoch, "epochs": t.epochs,
+            "val_top1": t.best_val_top1, "best_epoch": t.best_epoch, "epochs": t.epochs,
             "weights": weights.name, "spec": t.head.spec.to_json(),
         })
     best = max(heads, key=lambda h: h["val_top1"])  # chosen on validation, never on test

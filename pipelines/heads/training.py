@@ -7,9 +7,10 @@ randomness (no dropout), so a head trained in a grid is bit-identical to the hea
 
 Validation rides along in the same pass: validation rows are spread over every chunk, so a
 separate pass after each epoch would decode the whole cache a second time. So that a score always
-belongs to weights that can be restored, the validation batches of an epoch are scored by a frozen
-copy of each head as it was when the epoch began (the weights after the previous epoch); one last
-pass over the validation rows alone scores the weights of the final epoch.
+belongs to weights that can be restored, the validation batches of epoch e+1 are scored by a frozen
+copy of each head as it was when that epoch began (the weights after epoch e); one last pass over
+the validation rows alone scores the weights of the final epoch. The initial weights are not
+scored: a head is kept after at least one epoch of training.
 """
 
 from __future__ import annotations
@@ -89,18 +90,22 @@ class Trainee:
         warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, warmup, total))
         self.patience = cfg.patience
-        self.val_top1: list[float] = []  # [i]: the weights after i epochs (0: as initialised)
+        self.val_top1: list[float] = []  # [i]: the weights after i + 1 epochs
         self.best_state: dict[str, torch.Tensor] = {}
         self.stopped = False
 
     @property
     def best_epoch(self) -> int:
         """Epochs trained by the weights of the best validation top-1 (the earliest on ties)."""
-        return int(np.argmax(self.val_top1))
+        return int(np.argmax(self.val_top1)) + 1
 
     @property
     def epochs(self) -> int:
-        return len(self.val_top1) - 1
+        return len(self.val_top1)
+
+    @property
+    def best_val_top1(self) -> float:
+        return self.val_top1[self.best_epoch - 1]
 
     def step(self, batch: Batch) -> None:
         self.head.train()
@@ -121,9 +126,9 @@ class Trainee:
         """The frozen weights scored `val_top1`: keep them if best; stop after `patience` scores
         without a better one."""
         self.val_top1.append(val_top1)
-        if self.best_epoch == len(self.val_top1) - 1:
+        if self.best_epoch == self.epochs:
             self.best_state = {k: v.detach().clone() for k, v in self.validated.state_dict().items()}
-        elif self.patience and len(self.val_top1) - 1 - self.best_epoch >= self.patience:
+        elif self.patience and self.epochs - self.best_epoch >= self.patience:
             self.stopped = True
 
     def restore_best(self) -> None:
@@ -148,7 +153,8 @@ def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.n
             break
         tic, read_before = time.perf_counter(), data.read_seconds
         rng = np.random.default_rng((cfg.seed, epoch))
-        _shared_pass(data, active, {"val": val_rows, "train": train_rows}, rng)
+        groups = {"val": val_rows, "train": train_rows} if epoch else {"train": train_rows}
+        _shared_pass(data, active, groups, rng)
         log.epoch_seconds.append(time.perf_counter() - tic)
         log.read_seconds.append(data.read_seconds - read_before)
     _shared_pass(data, trainees, {"val": val_rows}, None)  # the weights of each head's last epoch
@@ -160,7 +166,7 @@ def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.n
 def _shared_pass(data: StoreBatches, trainees: Sequence[Trainee], groups: Mapping[str, np.ndarray],
                  rng: np.random.Generator | None) -> None:
     """One read of `groups`: every trainee steps on each train batch, and its frozen weights of the
-    pass's start score the val batches."""
+    pass's start score the val batches, if the pass has any."""
     for t in trainees:
         t.freeze_for_validation()
     correct, seen = np.zeros(len(trainees)), 0
@@ -174,8 +180,9 @@ def _shared_pass(data: StoreBatches, trainees: Sequence[Trainee], groups: Mappin
             for i, t in enumerate(trainees):
                 correct[i] += int((t.validation_logits(batch).argmax(1) == batch.labels).sum())
         seen += len(batch.labels)
-    for i, t in enumerate(trainees):
-        t.scored(correct[i] / seen if seen else float("nan"))
+    if "val" in groups:
+        for i, t in enumerate(trainees):
+            t.scored(correct[i] / seen if seen else float("nan"))
 
 
 @torch.no_grad()
