@@ -1,11 +1,14 @@
 """Minibatches for the heads, read straight from the store a window of whole chunks at a time.
 
-Reading one row decodes its whole zarr chunk, so an epoch shuffles the order of chunks, reads
-`window_chunks` chunks of every array at once (each chunk exactly once per pass), shuffles the rows
-of the window and cuts them into batches; rows left over carry into the next window, so every
-batch but the last of a pass is full. A window of several chunks mixes classes even when the store
-is sorted by class. The next window is read on a background thread while the heads work on the
-current one. Several groups of rows (train and validation) are batched from the same pass, so
+Reading one row decodes its whole zarr chunk, so an epoch shuffles the order of chunks, reads a
+window of several chunks of every array at once (each chunk exactly once per pass), shuffles the
+rows of the window and cuts them into batches; rows left over carry into the next window, so every
+batch but the last of a pass is full. How well batches mix classes depends on how many chunks a
+window holds: stores are in manifest order, often sorted by class, so that a chunk holds one or two
+classes. By default a window holds as many chunks as fit in WINDOW_BYTES of float32, so a small
+store is shuffled whole; in a large class-sorted store a batch mixes about as many classes as a
+window has chunks (extract with a smaller --chunk-rows for more). The next window is read on a
+background thread while the heads work on the current one. Several groups of rows (train and validation) are batched from the same pass, so
 validating costs no extra reads.
 
 An expert run (another run of the same store, e.g. a ResNet under timestep None) is aligned by
@@ -14,6 +17,7 @@ image: each batch carries the expert's maps of the same images, read by whole ch
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +29,8 @@ import zarr
 
 from featurestore.store import Run
 from pipelines.heads.modules import Key
+
+WINDOW_BYTES = 512 * 2**20  # float32 bytes of one window; the next one is read meanwhile, so twice that
 
 
 @dataclass
@@ -63,8 +69,8 @@ class StoreBatches:
     """Passes over rows of a run (and an aligned expert run) as minibatches of float32 tensors."""
 
     def __init__(self, run: Run, keys: Sequence[Key], labels: np.ndarray, *, expert: Run | None = None,
-                 expert_keys: Sequence[Key] = (), batch_size: int = 64, window_chunks: int = 4):
-        if batch_size < 1 or window_chunks < 1:
+                 expert_keys: Sequence[Key] = (), batch_size: int = 64, window_chunks: int | None = None):
+        if batch_size < 1 or (window_chunks is not None and window_chunks < 1):
             raise ValueError("batch size and window chunks must be positive")
         self.run = run
         self.arrays: dict[Key, zarr.Array] = {k: run.array(*k) for k in keys}  # unknown (t, block) fails here
@@ -73,7 +79,8 @@ class StoreBatches:
         self.expert_arrays: dict[Key, zarr.Array] = {k: expert.array(*k) for k in expert_keys} if expert else {}
         self.expert_rows = expert_rows(run, expert) if expert else None
         self.batch_size = batch_size
-        self.window_chunks = window_chunks
+        row_values = sum(math.prod(a.shape[1:]) for a in [*self.arrays.values(), *self.expert_arrays.values()])
+        self.window_chunks = window_chunks or max(1, WINDOW_BYTES // (4 * row_values * run.chunk_rows))
         self.read_seconds = 0.0  # time spent waiting for windows, over the life of this object
 
     def _check_rows(self, rows: np.ndarray) -> None:

@@ -40,7 +40,7 @@ class TrainConfig:
     patience: int = 5  # epochs without a better validation top-1 before a head stops; 0: never
     seed: int = 0
     device: str = "cpu"
-    window_chunks: int = 4  # chunks read (and shuffled together) at once
+    window_chunks: int | None = None  # chunks read (and shuffled together) at once; None: what fits in WINDOW_BYTES
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or self.warmup_epochs < 0:

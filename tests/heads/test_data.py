@@ -106,3 +106,18 @@ def test_unknown_blocks_and_timesteps_are_named(stored):
         StoreBatches(run, [(10, "nope")], labels)
     with pytest.raises(ValueError, match="no timestep 11"):
         StoreBatches(run, [(11, "a")], labels)
+
+
+def test_by_default_a_small_class_sorted_store_is_shuffled_whole(make_run, noise, rng):
+    """Rows sorted by class, one class per chunk: one chunk per window gives one-class batches; the
+    default window (what fits in WINDOW_BYTES: here the whole store) mixes every class into each."""
+    labels = np.repeat(np.arange(6), CHUNK)
+    run = make_run({(10, "a"): noise(rng, len(labels), (3, 2, 2))}, labels, chunk_rows=CHUNK)
+
+    def classes_per_batch(data: StoreBatches) -> list[int]:
+        return [len(set(b.labels.tolist())) for _, b in data.passes({"train": np.arange(len(labels))},
+                                                                      np.random.default_rng(0))]
+
+    assert set(classes_per_batch(StoreBatches(run, [(10, "a")], labels, batch_size=CHUNK, window_chunks=1))) == {1}
+    default = StoreBatches(run, [(10, "a")], labels, batch_size=CHUNK)
+    assert default.window_chunks >= 6 and min(classes_per_batch(default)) >= 4
