@@ -1,10 +1,11 @@
 """Fixtures for tests/heads: synthetic stores whose labels are a known function of the features.
 
-Helpers are handed out as fixtures (`build_run`, `noise`, `lit_channel`): test modules cannot
-import this file."""
+Helpers are handed out as fixtures (`build_run`, `noise`, `lit_channel`, `counting`): test modules
+cannot import this file."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -79,3 +80,23 @@ def lit_channel(noise) -> Callable[..., np.ndarray]:
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
     yield
+
+
+class CountingArray:
+    """A zarr array that counts the chunks each read touches (and checks reads are whole chunks)."""
+
+    def __init__(self, array, chunk_rows: int):
+        self.array, self.chunk_rows, self.chunks = array, chunk_rows, Counter()
+        self.shape = array.shape
+
+    def __getitem__(self, selection):
+        assert isinstance(selection, slice) and selection.start % self.chunk_rows == 0
+        assert selection.stop - selection.start == self.chunk_rows  # whole chunk (zarr clips the last)
+        self.chunks[selection.start // self.chunk_rows] += 1
+        return self.array[selection]
+
+
+@pytest.fixture
+def counting() -> Callable[..., CountingArray]:
+    """counting(array, chunk_rows): the array, counting the chunks read (`.chunks`, a Counter)."""
+    return CountingArray

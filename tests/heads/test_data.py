@@ -13,19 +13,6 @@ from pipelines.heads.data import StoreBatches
 N, CHUNK = 100, 8  # 13 chunks, the last one holds 4 rows
 
 
-class CountingArray:
-    """A zarr array that counts the chunks each read touches (and checks reads are whole chunks)."""
-
-    def __init__(self, array, chunk_rows: int):
-        self.array, self.chunk_rows, self.chunks = array, chunk_rows, Counter()
-
-    def __getitem__(self, selection):
-        assert isinstance(selection, slice) and selection.start % self.chunk_rows == 0
-        assert selection.stop - selection.start == self.chunk_rows  # whole chunk (zarr clips the last)
-        self.chunks[selection.start // self.chunk_rows] += 1
-        return self.array[selection]
-
-
 @pytest.fixture
 def stored(make_run, noise, rng):
     labels = rng.integers(0, 3, N)
@@ -33,15 +20,10 @@ def stored(make_run, noise, rng):
     return make_run(features, labels, chunk_rows=CHUNK), features, labels
 
 
-def counted(data: StoreBatches) -> dict:
-    data.arrays = {k: CountingArray(a, CHUNK) for k, a in data.arrays.items()}
-    return data.arrays
-
-
-def test_a_pass_reads_each_chunk_once_and_yields_every_row_once_in_full_batches(stored, rng):
+def test_a_pass_reads_each_chunk_once_and_yields_every_row_once_in_full_batches(stored, rng, counting):
     run, features, labels = stored
     data = StoreBatches(run, list(features), labels, batch_size=10, window_chunks=3)
-    arrays = counted(data)
+    arrays = data.arrays = {k: counting(a, CHUNK) for k, a in data.arrays.items()}
     rows = rng.permutation(N)
     groups = {"val": np.sort(rows[:23]), "train": np.sort(rows[23:95])}  # rows 95.. are in no group
     seen = {"val": [], "train": []}

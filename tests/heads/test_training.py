@@ -72,24 +72,16 @@ def test_uhead_solves_a_task_only_the_expert_can_see(make_run, lit_channel, nois
     assert with_expert["heads"][0]["expert_keys"] == [[None, "layer4"]]
 
 
-class CountingArray:
-    def __init__(self, array, chunk_rows: int):
-        self.array, self.chunk_rows, self.chunks = array, chunk_rows, Counter()
-
-    def __getitem__(self, selection: slice):
-        self.chunks[selection.start // self.chunk_rows] += 1
-        return self.array[selection]
-
-
-def test_a_grid_reads_each_chunk_once_per_epoch_and_equals_its_heads_trained_alone(signal_run, tmp_path, monkeypatch):
+def test_a_grid_reads_each_chunk_once_per_epoch_and_equals_its_heads_trained_alone(signal_run, tmp_path, monkeypatch,
+                                                                                   counting):
     counters = []
     original = Run.array
 
-    def counting(self, t, block):
-        counters.append(CountingArray(original(self, t, block), self.chunk_rows))
+    def counted(self, t, block):
+        counters.append(counting(original(self, t, block), self.chunk_rows))
         return counters[-1]
 
-    monkeypatch.setattr(Run, "array", counting)
+    monkeypatch.setattr(Run, "array", counted)
     grid = probe(signal_run, "linear", blocks=("a", "b"), lrs=[3e-3, 1e-2], out=str(tmp_path / "grid"))
     head_names = [h["name"] for h in grid["heads"]]
     assert head_names == ["linear_t5_a_lr0.003", "linear_t5_a_lr0.01", "linear_t5_b_lr0.003", "linear_t5_b_lr0.01"]
