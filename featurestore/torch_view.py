@@ -1,13 +1,17 @@
 """A torch Dataset over one or more (t, block) arrays of a run, and a chunk-aware shuffle.
 
 Reading one row decodes its whole zarr chunk, so random access row by row is slow. The sampler
-shuffles the order of chunks and then the rows inside each chunk; the dataset keeps the decoded
-chunk of every array it last touched, so a shuffled epoch decodes each chunk once.
+shuffles the order of chunks, groups them into windows of `window_chunks` and shuffles the rows
+inside each window; the dataset keeps the last `cache_chunks` decoded chunks of every array, so a
+shuffled epoch decodes each chunk once when the cache holds a window. Stores are in manifest order,
+often sorted by class: a window of one chunk gives batches of one or two classes, a window of many
+chunks mixes them (at the memory of that many decoded chunks).
 This is the only module of `featurestore` that imports torch.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -20,11 +24,15 @@ from featurestore.store import Run, timestep_key
 class FeatureDataset(Dataset):
     """Items are (features, label): one float32 tensor for one key, a dict {"t<T>/<block>": tensor}
     (`tnone/<block>` for experts)
-    for several keys. Only rows whose chunk is done and whose image did not fail are included."""
+    for several keys. Only rows whose chunk is done and whose image did not fail are included.
+    `cache_chunks`: decoded chunks kept per array (a sampler's window needs that many)."""
 
-    def __init__(self, run: Run, keys: Sequence[tuple[int | None, str]], rows: np.ndarray | None = None):
+    def __init__(self, run: Run, keys: Sequence[tuple[int | None, str]], rows: np.ndarray | None = None,
+                 cache_chunks: int = 1):
         if not keys:
             raise ValueError("FeatureDataset needs at least one (timestep, block)")
+        if cache_chunks < 1:
+            raise ValueError(f"cache_chunks must be at least 1, got {cache_chunks}")
         self.run = run
         self.keys = list(keys)
         self.arrays = [run.array(t, block) for t, block in self.keys]
@@ -33,18 +41,21 @@ class FeatureDataset(Dataset):
         if rows is not None and not usable[self.rows].all():
             raise ValueError("some requested rows are not extracted yet or failed")
         self.labels = run.labels
-        self._cache: dict[int, tuple[int, np.ndarray]] = {}
+        self.cache_chunks = cache_chunks
+        self._cache: list[OrderedDict[int, np.ndarray]] = [OrderedDict() for _ in self.keys]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _row(self, k: int, row: int) -> np.ndarray:
-        chunk = row // self.run.chunk_rows
-        cached = self._cache.get(k)
-        if cached is None or cached[0] != chunk:
-            cached = (chunk, self.arrays[k][self.run.chunk_slice(chunk)])
-            self._cache[k] = cached
-        return cached[1][row - chunk * self.run.chunk_rows]
+        chunk, cache = row // self.run.chunk_rows, self._cache[k]
+        if chunk in cache:
+            cache.move_to_end(chunk)
+        else:
+            cache[chunk] = self.arrays[k][self.run.chunk_slice(chunk)]
+            if len(cache) > self.cache_chunks:
+                cache.popitem(last=False)  # the least recently used
+        return cache[chunk][row - chunk * self.run.chunk_rows]
 
     def __getitem__(self, index: int):
         row = int(self.rows[index])
@@ -56,12 +67,19 @@ class FeatureDataset(Dataset):
 
 
 class ChunkShuffleSampler(Sampler[int]):
-    """Indices of a FeatureDataset in shuffled chunk order, shuffled within each chunk; a new
-    order every epoch (seed + epoch), the same order for the same seed."""
+    """Indices of a FeatureDataset: chunks in shuffled order, `window_chunks` at a time, the rows of
+    each window shuffled together; a new order every epoch (seed + epoch), the same order for the
+    same seed. The dataset must cache at least `window_chunks` chunks."""
 
-    def __init__(self, dataset: FeatureDataset, seed: int = 0):
+    def __init__(self, dataset: FeatureDataset, seed: int = 0, window_chunks: int = 1):
+        if window_chunks < 1:
+            raise ValueError(f"window_chunks must be at least 1, got {window_chunks}")
+        if dataset.cache_chunks < window_chunks:
+            raise ValueError(f"a window of {window_chunks} chunks needs FeatureDataset(cache_chunks >= {window_chunks}) "
+                             f"(it has {dataset.cache_chunks}); otherwise chunks are decoded again and again")
         self.dataset = dataset
         self.seed = seed
+        self.window_chunks = window_chunks
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,6 +91,7 @@ class ChunkShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng((self.seed, self.epoch))
         chunk_of = self.dataset.rows // self.dataset.run.chunk_rows
-        chunks = np.unique(chunk_of)
-        for chunk in rng.permutation(chunks):
-            yield from rng.permutation(np.flatnonzero(chunk_of == chunk)).tolist()
+        chunks = rng.permutation(np.unique(chunk_of))
+        for start in range(0, len(chunks), self.window_chunks):
+            window = np.flatnonzero(np.isin(chunk_of, chunks[start:start + self.window_chunks]))
+            yield from rng.permutation(window).tolist()

@@ -217,3 +217,43 @@ def test_dataloader_with_sampler(written):
     rows = ds.rows[order]
     np.testing.assert_array_equal(x.numpy(), written.data[(10, "down0")][rows])
     np.testing.assert_array_equal(y.numpy(), written.labels[rows])
+
+
+def test_a_window_of_chunks_is_shuffled_together_and_each_chunk_decoded_once(written):
+    ds = FeatureDataset(written.run, [(10, "down0")], cache_chunks=3)
+    (counter,) = _count_reads(ds)
+    sampler = ChunkShuffleSampler(ds, seed=4, window_chunks=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(ds)))
+    chunks = [int(ds.rows[i]) // 4 for i in order]
+    usable_rows = {c: chunks.count(c) for c in set(chunks)}
+    windows, rest = [], chunks
+    while rest:  # a window: the next 3 chunks met, all of whose rows come before any other chunk's
+        window = list(dict.fromkeys(rest))[:3]
+        size = sum(usable_rows[c] for c in window)
+        assert set(rest[:size]) == set(window)
+        windows.append(window)
+        rest = rest[size:]
+    assert [len(w) for w in windows] == [3, 3, 1]
+    assert len(_chunk_runs(chunks)) > 7  # rows of the chunks of a window interleave
+    for i in order:
+        np.testing.assert_array_equal(ds[i][0].numpy(), written.data[(10, "down0")][int(ds.rows[i])])
+    assert sorted(counter.reads, key=lambda s: s.start) == [written.run.chunk_slice(c) for c in (0, 1, 2, 4, 5, 6, 7)]
+
+
+def test_the_chunk_cache_keeps_the_last_chunks_used(written):
+    ds = FeatureDataset(written.run, [(10, "mid")], cache_chunks=2)
+    (counter,) = _count_reads(ds)
+    for i in [0, 3, 1, 4, 2, 5]:  # chunks 0, 1, 0, 1, 0, 1: both stay cached
+        ds[i]
+    ds[7]  # chunk 2 evicts chunk 0, the least recently used
+    ds[4]  # chunk 1 is still there
+    ds[0]  # chunk 0 is read again
+    assert [s.start for s in counter.reads] == [0, 4, 8, 0]
+
+
+def test_a_window_needs_a_cache_that_holds_it(written):
+    with pytest.raises(ValueError, match=r"needs FeatureDataset\(cache_chunks >= 4\)"):
+        ChunkShuffleSampler(FeatureDataset(written.run, [(10, "mid")], cache_chunks=2), window_chunks=4)
+    with pytest.raises(ValueError, match="cache_chunks must be at least 1"):
+        FeatureDataset(written.run, [(10, "mid")], cache_chunks=0)
