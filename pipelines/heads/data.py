@@ -8,8 +8,8 @@ window holds: stores are in manifest order, often sorted by class, so that a chu
 classes. By default a window holds as many chunks as fit in WINDOW_BYTES of float32, so a small
 store is shuffled whole; in a large class-sorted store a batch mixes about as many classes as a
 window has chunks (extract with a smaller --chunk-rows for more). The next window is read on a
-background thread while the heads work on the current one. Several groups of rows (train and validation) are batched from the same pass, so
-validating costs no extra reads.
+background thread while the heads work on the current one. Several groups of rows (train and
+validation) are batched from the same pass, so validating costs no extra reads.
 
 An expert run (another run of the same store, e.g. a ResNet under timestep None) is aligned by
 image: each batch carries the expert's maps of the same images, read by whole chunks too.

@@ -36,7 +36,7 @@ def read_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
     names, text = _read_table(path)
     if names != classes:
         diff = next((k for k in range(min(len(names), len(classes))) if names[k] != classes[k]), min(len(names), len(classes)))
-        raise ValueError(f"--text-embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
+        raise ValueError(f"text embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
                          f"first difference at label {diff}: {names[diff:diff + 1]} vs {classes[diff:diff + 1]})")
     return text
 
@@ -47,7 +47,7 @@ def select_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
     names, text = _read_table(path)
     missing = [c for c in classes if c not in names]
     if missing:
-        raise ValueError(f"--text-embeddings {path}: no embedding for class(es) {', '.join(missing[:8])}"
+        raise ValueError(f"text embeddings {path}: no embedding for class(es) {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''} (it has {len(names)} classes)")
     return text[[names.index(c) for c in classes]]
 
@@ -58,12 +58,12 @@ def _read_table(path: str) -> tuple[list[str], torch.Tensor]:
     with safe_open(path, "pt") as f:
         tensors = list(f.keys())  # a safe_open handle is not iterable
         if "embeddings" not in tensors:
-            raise ValueError(f"--text-embeddings {path}: no tensor 'embeddings' (found: {', '.join(tensors)})")
+            raise ValueError(f"text embeddings {path}: no tensor 'embeddings' (found: {', '.join(tensors)})")
         text = f.get_tensor("embeddings")
         meta = f.metadata() or {}
     if "classes" not in meta:
-        raise ValueError(f"--text-embeddings {path}: no 'classes' metadata (a JSON list of class names in label order)")
+        raise ValueError(f"text embeddings {path}: no 'classes' metadata (a JSON list of class names in label order)")
     names = json.loads(meta["classes"])
     if text.ndim != 2 or len(names) != text.shape[0]:
-        raise ValueError(f"--text-embeddings {path}: 'embeddings' {tuple(text.shape)} does not hold one row per class of {len(names)}")
+        raise ValueError(f"text embeddings {path}: 'embeddings' {tuple(text.shape)} does not hold one row per class of {len(names)}")
     return names, text.float()
