@@ -12,33 +12,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from featurestore.store import FeatureStore
 from pipelines.analysis import SLAB_ROWS, read_pooled, row_slabs
-from pipelines.heads.logistic import resolve_run, split_rows
+from pipelines.heads.logistic import ClassifiedMap, resolve_run, split_rows
 
 KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
 
 
 @dataclass
-class KnnResult:
-    run_id: str
-    timestep: int | None
-    block: str
-    pool: int | None
-    features: int
-    train: int
-    test: int
+class KnnResult(ClassifiedMap):
     temperature: float
     top1: dict[int, float]  # k -> test accuracy
     top5: dict[int, float]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def l2_normalized(x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,10 @@ from featurestore.store import FeatureStore, Run
 
 
 @dataclass
-class ProbeResult:
+class ClassifiedMap:
+    """What every classifier of one (run, timestep, block) map reports first: the map, its pooling,
+    feature width and how many images trained and tested it."""
+
     run_id: str
     timestep: int | None
     block: str
@@ -22,11 +25,15 @@ class ProbeResult:
     features: int
     train: int
     test: int
-    top1: float
-    train_top1: float
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ProbeResult(ClassifiedMap):
+    top1: float
+    train_top1: float
 
 
 def pooled(features: np.ndarray, size: int | None) -> np.ndarray:
