@@ -10,10 +10,15 @@ Layout (every path is a zarr array or group)::
         t<T>/<block>                 (N, C, H, W) features, chunked along N by `chunk_rows`
         done                         (n_chunks,) uint8, one zarr chunk per element: chunk u is complete
         failed, error                (N,) per-image failure flag and message, chunked like the features
+        nonfinite                    (n_chunks, n_arrays, 2) int64: per chunk and (t, block) in the order
+                                     of the attribute `nonfinite_keys`, the non-finite values the model
+                                     computed (before the cast to the stored dtype) and those stored
 
 A chunk of rows is the unit of work: it is written whole (every array, then the failure columns,
 then its done flag), so a killed extraction leaves only complete chunks marked done, and two
-writers never share a zarr chunk. This module knows nothing of torch.
+writers never share a zarr chunk. Every feature value read goes through `Run.read_chunk`, which
+refuses a chunk that is not done, missing, undecodable or holds non-finite values of images that
+did not fail. This module knows nothing of torch.
 """
 
 from __future__ import annotations
@@ -38,6 +43,18 @@ _TABLE_CHUNK = 65536
 
 class StoreError(ValueError):
     """A store that cannot be opened or used as asked."""
+
+
+class IncompleteRunError(StoreError):
+    """Rows of a run that are not extracted yet were asked for (the run is still pending)."""
+
+
+class NonFiniteError(StoreError):
+    """Features that hold inf or NaN (e.g. float16 overflow) were asked for."""
+
+
+class DamagedChunkError(StoreError):
+    """A chunk marked done whose file is missing or cannot be decoded."""
 
 
 def package_version() -> str:
@@ -239,8 +256,12 @@ class FeatureStore:
                 tg.create_array(
                     block, shape=(n, *chw), dtype=dtype, chunks=(chunk_rows, *chw),
                     compressors=feature_codec(), fill_value=0, overwrite=True,
+                    config={"write_empty_chunks": True},  # a done chunk always has its file (see read_chunk)
                 )
         n_chunks = -(-n // chunk_rows)
+        keys = [f"{timestep_key(t)}/{b}" for t in timesteps for b in arrays]
+        g.create_array("nonfinite", shape=(n_chunks, len(keys), 2), dtype="int64", chunks=(1, len(keys), 2),
+                       fill_value=0, overwrite=True)
         g.create_array("done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
         g.create_array("failed", shape=(n,), dtype="uint8", chunks=(chunk_rows,), fill_value=0, overwrite=True)
         g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_rows,), overwrite=True)
@@ -251,6 +272,7 @@ class FeatureStore:
             "timesteps": list(timesteps),
             "chunk_rows": int(chunk_rows),
             "dtype": dtype,
+            "nonfinite_keys": keys,
             "provenance": {**provenance, "package_version": package_version()},
             "created": _now(),
             "finished": None,
@@ -265,6 +287,15 @@ class RunStatus:
     failed: int
     pending: int
     failed_ids: dict[str, str]
+
+    def note(self) -> str:
+        """One line for outputs: how many images were used, failed and left pending."""
+        parts = [f"{self.done} of {self.images} images used"]
+        if self.failed:
+            parts.append(f"{self.failed} failed (excluded)")
+        if self.pending:
+            parts.append(f"{self.pending} pending (run incomplete: --allow-incomplete)")
+        return ", ".join(parts)
 
 
 class Run:
@@ -343,15 +374,40 @@ class Run:
         features: Mapping[tuple[int | None, str], np.ndarray],
         failed: np.ndarray,
         errors: Sequence[str],
-    ) -> None:
+        nonfinite_computed: Mapping[tuple[int | None, str], int] | None = None,
+    ) -> dict[tuple[int | None, str], tuple[int, int]]:
         """Write one whole chunk of rows for every array, then mark it done (last, so a kill
-        before the mark leaves the chunk to be written again)."""
+        before the mark leaves the chunk to be written again).
+
+        `nonfinite_computed`: per (t, block), the non-finite values the model produced before the
+        cast to the stored dtype (None: not counted, taken as the stored count). The stored ones
+        are counted here. Returns (computed, stored) per (t, block) with any non-finite value."""
         rows = self.chunk_slice(chunk)
+        counts: dict[tuple[int | None, str], tuple[int, int]] = {}
         for (t, block), values in features.items():
             self.array(t, block)[rows] = values
+            stored = int(values.size - np.count_nonzero(np.isfinite(values)))
+            computed = stored if nonfinite_computed is None else int(nonfinite_computed.get((t, block), 0))
+            if stored or computed:
+                counts[(t, block)] = (computed, stored)
+        if "nonfinite" in self.group:
+            keys = self.attrs["nonfinite_keys"]
+            table = np.zeros((len(keys), 2), dtype=np.int64)
+            for (t, block), pair in counts.items():
+                table[keys.index(f"{timestep_key(t)}/{block}")] = pair
+            self.group["nonfinite"][chunk] = table
         self.group["failed"][rows] = np.asarray(failed, dtype=np.uint8)
         self.group["error"][rows] = np.asarray(list(errors), dtype=str)
         self.group["done"][chunk] = 1
+        return counts
+
+    def nonfinite(self) -> dict[str, dict[str, int]] | None:
+        """Per array ("t<T>/<block>"): {"computed", "stored"} non-finite values over the done
+        chunks; None for a run written before they were counted."""
+        if "nonfinite" not in self.group:
+            return None
+        totals = (self.group["nonfinite"][:] * self.done_chunks()[:, None, None]).sum(axis=0)
+        return {key: {"computed": int(c), "stored": int(s)} for key, (c, s) in zip(self.attrs["nonfinite_keys"], totals)}
 
     def status(self) -> RunStatus:
         """Counts of images written, failed and still to do, and the failed ids with their errors."""
@@ -380,21 +436,104 @@ class Run:
         """The attributes as stored now (another handle may have written since this one opened)."""
         return zarr.open_group(self.group.store, path=self.group.path, mode="r").attrs.asdict()
 
+    def usable_rows(self, allow_incomplete: bool = False) -> np.ndarray:
+        """Sorted int64 indices of the rows whose chunk is done and whose image did not fail.
+
+        Raises IncompleteRunError when images are still pending, unless `allow_incomplete`
+        (then only the done rows are returned)."""
+        done = self.rows_done()
+        if not allow_incomplete and not done.all():
+            pending = int((~done).sum())
+            raise IncompleteRunError(
+                f"run {self.run_id} is incomplete: {pending} of {len(self)} images pending; re-run the same "
+                f"`featurestore extract` to resume, or pass --allow-incomplete to use the {len(self) - pending} done"
+            )
+        return np.flatnonzero(done & ~self.failed)
+
     # -- views ----------------------------------------------------------------------------------
-    def numpy(self, t: int | None, block: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Features of (t, block) as a numpy array (all rows, a slice, or sorted row indices)."""
+    def read_chunk(self, t: int | None, block: str, chunk: int) -> np.ndarray:
+        """All rows of one chunk of (t, block), as stored. The one place feature values are read.
+
+        Raises IncompleteRunError for a chunk not marked done, DamagedChunkError for a done chunk
+        whose file is missing or undecodable (`featurestore verify --repair` marks it to redo),
+        NonFiniteError for inf/NaN in rows of images that did not fail."""
         arr = self.array(t, block)
-        if rows is None:
-            return arr[:]
-        if isinstance(rows, slice):
-            return arr[rows]
-        return arr.get_orthogonal_selection((np.asarray(rows),))
+        where = f"run {self.run_id} array {timestep_key(t)}/{block} chunk {chunk}"
+        if not 0 <= chunk < self.n_chunks:
+            raise StoreError(f"{where}: no such chunk (the run has {self.n_chunks})")
+        if not self.group["done"][chunk]:
+            raise IncompleteRunError(f"{where} is not extracted yet; re-run the same `featurestore extract` to resume")
+        rows = self.chunk_slice(chunk)
+        failed = self.group["failed"][rows].astype(bool)
+        if not _chunk_exists(arr, chunk) and not failed.all():
+            raise DamagedChunkError(f"{where} is marked done but its file is missing; "
+                                    "run `featurestore verify STORE --repair`, then extract again")
+        try:
+            values = arr[rows]
+        except Exception as exc:  # noqa: BLE001 - any codec or I/O error means the chunk is damaged
+            raise DamagedChunkError(f"{where} cannot be decoded ({type(exc).__name__}: {exc}); "
+                                    "run `featurestore verify STORE --repair`, then extract again") from None
+        if values.dtype.kind == "f":
+            bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1) & ~failed
+            if bad.any():
+                raise NonFiniteError(
+                    f"{where} holds non-finite values (inf/NaN) for {int(bad.sum())} images"
+                    f"{' (float16 overflow: values beyond 65504)' if values.dtype == np.float16 else ''}; "
+                    "extract again with --dtype float32 (a new run)"
+                )
+        return values
+
+    def numpy(self, t: int | None, block: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Features of (t, block) as an (n, C, H, W) array of the stored dtype, for all rows, a
+        slice, or row indices (any order). Every row asked for must be done and not failed: pass
+        `rows=run.usable_rows()` to skip failed images. Raises StoreError (subclasses as in
+        `read_chunk`) otherwise."""
+        if rows is None or isinstance(rows, slice):
+            index = np.arange(len(self))[rows if rows is not None else slice(None)]
+        else:
+            index = np.asarray(rows, dtype=np.int64)
+        self._check_usable(index)
+        arr = self.array(t, block)
+        out = np.empty((len(index), *arr.shape[1:]), dtype=arr.dtype)
+        chunk_of = index // self.chunk_rows
+        for c in np.unique(chunk_of):
+            at = np.flatnonzero(chunk_of == c)
+            out[at] = self.read_chunk(t, block, int(c))[index[at] - c * self.chunk_rows]
+        return out
+
+    def _check_usable(self, index: np.ndarray) -> None:
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise StoreError(f"run {self.run_id} has rows 0..{len(self) - 1}; asked for row {int(index.max())}")
+        pending = int((~self.rows_done()[index]).sum())
+        if pending:
+            raise IncompleteRunError(
+                f"run {self.run_id}: {pending} of the {len(index)} rows asked for are pending (not extracted yet); "
+                "re-run the same `featurestore extract` to resume, or read rows=run.usable_rows(allow_incomplete=True)"
+            )
+        failed = int(self.failed[index].sum())
+        if failed:
+            raise StoreError(f"run {self.run_id}: {failed} of the {len(index)} rows asked for are failed images "
+                             "(no features); read rows=run.usable_rows()")
 
     def dask(self, t: int | None, block: str):
-        """Features of (t, block) as a lazy dask array, chunked like the store."""
+        """Features of (t, block) as a lazy dask array, one block per store chunk, every chunk
+        read through `read_chunk` (so the same refusals apply when it is computed). Use
+        `array[run.usable_rows()]` to drop failed images."""
+        import dask
         import dask.array as da
 
-        return da.from_zarr(self.array(t, block))
+        arr = self.array(t, block)
+        parts = [da.from_delayed(dask.delayed(self.read_chunk)(t, block, c), (self.chunk_len(c), *arr.shape[1:]),
+                                 dtype=arr.dtype) for c in range(self.n_chunks)]
+        return da.concatenate(parts) if parts else da.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+
+
+def _chunk_exists(array: zarr.Array, chunk: int) -> bool:
+    """Whether the file (object) of chunk `chunk` along the first axis of `array` exists."""
+    from zarr.core.sync import sync
+
+    key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+    return sync(array.store_path.store.exists(f"{array.path}/{key}"))
 
 
 def _create_images_table(group: zarr.Group) -> None:
