@@ -38,7 +38,7 @@ def screenshot(page: Path, png: Path, width: int = 1280, height: int = 2400) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store")
-    parser.add_argument("--results", help="Results folder [default: results/ next to the store].")
+    parser.add_argument("--results", help="Results folder [default: the store's own <store>.results/].")
     parser.add_argument("--out-dir", default="/tmp/report-shot", type=Path)
     parser.add_argument("--height", type=int, default=2400)
     args = parser.parse_args()

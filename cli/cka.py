@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
 
 from cli.app import (
-    JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks, parse_stored_timesteps,
+    AllowIncompleteFlag, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks, parse_stored_timesteps,
     parse_timestep, user_errors
 )
 
@@ -35,29 +34,35 @@ def cka(
     batch_size: Annotated[int, typer.Option(help="Minibatch size of the minibatch method.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the minibatch shuffle.")] = 0,
     slab_rows: Annotated[int, typer.Option(help="Rows read at a time (rounded to whole store chunks).")] = 4096,
+    allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Linear CKA (biased and unbiased HSIC) between blocks, timesteps or runs, streamed over the store."""
+    """Linear CKA (biased and unbiased HSIC) between blocks, timesteps or runs, streamed over the store.
+    CKA with a view of constant features is undefined: n/a (null in JSON), named in one line; when
+    no pair is defined, that line is the error."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import results_dir
+    from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.cka import cka_run, grid_views, save_cka
 
+    folder = results_dir(store, out)
     fs = FeatureStore.open(store)
     rows, cols = grid_views(
         fs, grid, run, None if timestep is None else parse_timestep(timestep), block, parse_blocks(blocks),
         parse_stored_timesteps(timesteps),
         other_run, None if other_timestep is None else parse_timestep(other_timestep), parse_blocks(other_blocks),
     )
-    result = cka_run(rows, cols, grid, pool, method, max_features, batch_size, seed, slab_rows)
-    saved = save_cka(result, results_dir(store, out))
+    result = cka_run(rows, cols, grid, pool, method, max_features, batch_size, seed, slab_rows, allow_incomplete)
+    saved = save_cka(result, folder)
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(to_json(result.to_dict()))
         return
     width = max(len(label) for label in result.rows)
     for name, matrix in result.matrices.items():
         typer.echo(f"linear CKA, {name} ({result.method}, {result.images} images)")
         typer.echo(" " * width + " " + " ".join(f"{c[-8:]:>8}" for c in result.cols))
         for label, values in zip(result.rows, matrix):
-            typer.echo(f"{label:>{width}} " + " ".join(f"{v:8.3f}" for v in values))
+            typer.echo(f"{label:>{width}} " + " ".join("     n/a" if v is None else f"{v:8.3f}" for v in values))
+    for line in [*([result.undefined] if result.undefined else []), *images_note(result.runs)]:
+        typer.echo(line)
     typer.echo("saved " + ", ".join(str(p) for p in saved))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
 
 from cli.app import (
-    AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption, JsonFlag, PoolingOption,
+    AllowIncompleteFlag, AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption, JsonFlag, PoolingOption,
     ResultsOption, RunOption, StoreArgument, WidthOption, app, parse_blocks, parse_ints, parse_lrs,
     parse_stored_timesteps, user_errors
 )
@@ -46,14 +45,15 @@ def fewshot(
     expert_width: ExpertWidthOption = 32,
     pooling: PoolingOption = "attention",
     device: Annotated[str, typer.Option(help="Torch device of trained heads, and cpu|cuda of the kNN search.")] = "cpu",
+    allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Few-shot classification (CoOp protocol): k training images per class for each seed, top-1 on
     the whole test split, mean and std (ddof 0) over seeds."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import results_dir, write_json
-    from pipelines.analysis.fewshot import FewshotConfig, fewshot_run
+    from pipelines.analysis import images_note, results_dir, to_json
+    from pipelines.analysis.fewshot import FewshotConfig, fewshot_run, save_fewshot
     from pipelines.heads.training import TrainConfig
 
     options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden, "expert_width": expert_width,
@@ -63,20 +63,24 @@ def fewshot(
     cfg = FewshotConfig(
         head=head, shots=parse_ints(shots, "--shots"), seeds=parse_ints(seeds, "--seeds"),
         timesteps=parse_stored_timesteps(timesteps), blocks=parse_blocks(blocks), run_id=run, pool=pool,
-        train_split=train_split, test_split=test_split, holdout=holdout, split_seed=split_seed, c=c, knn_k=k,
+        train_split=train_split, test_split=test_split, holdout=holdout, split_seed=split_seed,
+        allow_incomplete=allow_incomplete, c=c, knn_k=k,
         temperature=temperature, lrs=parse_lrs([lr]), head_options=options,
         expert_run=expert_run, expert_blocks=parse_blocks(expert_blocks) if expert_blocks else None,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
                           warmup_epochs=warmup_epochs, device=device),
     )
+    folder = results_dir(store, out)
     result = fewshot_run(FeatureStore.open(store), cfg)
-    saved = write_json(result.to_dict(), results_dir(store, out) / result.file_name())
+    saved = save_fewshot(result, folder)
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(to_json(result.to_dict()))
         return
     typer.echo("| classifier | " + " | ".join(f"{s.shots}-shot" for s in result.classifiers[0].scores) + " |")
     typer.echo("|---" * (1 + len(cfg.shots)) + "|")
     for entry in result.classifiers:
         typer.echo(f"| {entry.name} | " + " | ".join(f"{s.mean:.3f} ± {s.std:.3f}" for s in entry.scores) + " |")
+    for line in images_note(result.runs):
+        typer.echo(line)
     typer.echo(f"top-1 on {result.test} test images, mean ± std (ddof {result.std_ddof}) over seeds "
                f"{', '.join(map(str, result.seeds))}; {result.seconds:.1f} s; saved {saved}")

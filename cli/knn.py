@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
 
 from cli.app import (
-    HoldoutOption, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_ints, parse_timestep,
-    user_errors
+    AllowIncompleteFlag, HoldoutOption, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_ints,
+    parse_timestep, user_errors
 )
 
 
@@ -29,22 +28,27 @@ def knn(
     seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs faiss-gpu).")] = "cpu",
     slab_rows: Annotated[int, typer.Option(help="Train rows searched at a time (rounded to whole store chunks).")] = 4096,
+    allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Weighted kNN (DINO protocol) from the cache: cosine similarity, exact FAISS search, top-1/top-5."""
-    from featurestore.store import FeatureStore, timestep_key
-    from pipelines.analysis import results_dir, write_json
-    from pipelines.analysis.knn import knn_run
+    """Weighted kNN (DINO protocol) from the cache: cosine similarity, exact FAISS search, top-1/top-5
+    (a class without a vote is never in the top 5)."""
+    from featurestore.store import FeatureStore
+    from pipelines.analysis import images_note, results_dir, to_json
+    from pipelines.analysis.knn import knn_run, save_knn
 
     ks = parse_ints(k, "--k")
     t = parse_timestep(timestep)
+    folder = results_dir(store, out)
     result = knn_run(FeatureStore.open(store), run, t, block, ks, pool, train_split, test_split, holdout, seed,
-                     temperature, device, slab_rows)
-    saved = write_json(result.to_dict(), results_dir(store, out) / f"knn-{result.run_id}-{timestep_key(t)}-{block}.json")
+                     temperature, device, slab_rows, allow_incomplete)
+    saved = save_knn(result, folder)
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(to_json(result.to_dict()))
         return
     for value in ks:
         typer.echo(f"{block} t={t} k={value}: top-1 {result.top1[value]:.4f} top-5 {result.top5[value]:.4f}")
+    for line in images_note(result.runs):
+        typer.echo(line)
     typer.echo(f"({result.train} train / {result.test} test images, {result.features} features; saved {saved})")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
 
 from cli.app import (
-    AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption, HoldoutOption, JsonFlag,
-    PoolingOption, RunOption, StoreArgument, WidthOption, app, parse_lrs, parse_timestep, split_items,
-    user_errors
+    AllowIncompleteFlag, AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption,
+    HoldoutOption, JsonFlag, PoolingOption, ResultsOption, RunOption, StoreArgument, WidthOption, app, parse_lrs,
+    parse_timestep, split_items, user_errors
 )
 
 HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead")
@@ -49,12 +48,15 @@ def probe(
     expert_width: ExpertWidthOption = 32,
     pooling: PoolingOption = "attention",
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
-    out: Annotated[Optional[str], typer.Option(help="Folder for weights and results.json (default: <store>/../results/...).")] = None,
+    allow_incomplete: AllowIncompleteFlag = False,
+    out: ResultsOption = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Probe blocks from the cache: logistic regression, or trained heads (a grid of blocks x
-    timesteps x learning rates in one pass over the cache per epoch)."""
+    timesteps x learning rates in one pass over the cache per epoch). Trained heads' weights and
+    results.json go to a folder probe-<head>-<run>-<digest>/ in the results folder."""
     from featurestore.store import FeatureStore
+    from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.heads.modules import DIFFORMER_BLOCKS, DIFFORMER_TIMESTEPS
 
     if head not in HEADS:
@@ -63,19 +65,25 @@ def probe(
     timesteps = [parse_timestep(t) for t in split_items(timestep)] or (list(DIFFORMER_TIMESTEPS) if head == "difformer" else [])
     if not blocks or not timesteps:
         raise ValueError(f"--head {head} needs --block and --timestep")
+    folder = results_dir(store, out)
     fs = FeatureStore.open(store)
 
     if head == "logistic":
-        from pipelines.heads.logistic import probe_run
+        from pipelines.heads.logistic import probe_run, save_probe
 
         if len(blocks) != 1 or len(timesteps) != 1:
             raise ValueError("the logistic probe takes one --block and one --timestep")
-        result = probe_run(fs, run, timesteps[0], blocks[0], pool, train_split, test_split, holdout, c, seed)
+        result = probe_run(fs, run, timesteps[0], blocks[0], pool, train_split, test_split, holdout, c, seed,
+                           allow_incomplete)
+        saved = save_probe(result, folder)
         if json_out:
-            typer.echo(json.dumps(result.to_dict(), indent=2))
-        else:
-            typer.echo(f"{result.block} t={result.timestep}: top-1 {result.top1:.4f} "
-                       f"(train {result.train_top1:.4f}; {result.train} train / {result.test} test images)")
+            typer.echo(to_json(result.to_dict()))
+            return
+        typer.echo(f"{result.block} t={result.timestep}: top-1 {result.top1:.4f} "
+                   f"(train {result.train_top1:.4f}; {result.train} train / {result.test} test images)")
+        for line in images_note(result.runs):
+            typer.echo(line)
+        typer.echo(f"saved {saved}")
         return
 
     from pipelines.heads.probe import ProbeConfig, probe_heads
@@ -89,16 +97,18 @@ def probe(
         head=head, blocks=blocks, timesteps=timesteps, lrs=parse_lrs(lr) or [1e-3],
         run_id=run, classifier=classifier, text_embeddings=text_embeddings, expert_run=expert_run,
         expert_blocks=split_items(expert_blocks) or None, head_options=options,
-        train_split=train_split, test_split=test_split, holdout=holdout, out=out,
+        train_split=train_split, test_split=test_split, holdout=holdout, allow_incomplete=allow_incomplete,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                           val_fraction=val_fraction, patience=patience, seed=seed, device=device),
     )
-    doc = probe_heads(fs, cfg)
+    doc = probe_heads(fs, cfg, folder)
     if json_out:
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(to_json(doc))
         return
     for h in doc["heads"]:
         typer.echo(f"{h['name']}: top-1 {h['top1']:.4f}  top-5 {h['top5']:.4f}  "
                    f"(val {h['val_top1']:.4f} after epoch {h['best_epoch']} of {h['epochs']})")
+    for line in images_note(doc["runs"]):
+        typer.echo(line)
     typer.echo(f"best on validation: {doc['best_head']}; {doc['seconds_per_epoch']:.2f} s per epoch; "
                f"weights and results.json in {doc['out']}")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
 
-from cli.app import JsonFlag, ResultsOption, StoreArgument, app, parse_timestep, user_errors
+from cli.app import AllowIncompleteFlag, JsonFlag, ResultsOption, StoreArgument, app, parse_timestep, user_errors
 
 
 def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
@@ -65,12 +64,13 @@ def retrieve(
     data_root: Annotated[Optional[str], typer.Option(help="Folder of the gallery images, for the grid PNG "
                                                           "(no grid without it).")] = None,
     query_data_root: Annotated[Optional[str], typer.Option(help="Folder of the query images [default: --data-root].")] = None,
+    allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Zero-shot sketch-based image retrieval from the cache: exact cosine search (FAISS), mAP and P@K."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import results_dir
+    from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.projection import ProjectionConfig
     from pipelines.analysis.retrieval import (
         RetrievalConfig,
@@ -93,17 +93,19 @@ def retrieve(
         split=split, pool=pool, map_at=_cutoffs(map_at, "--map-at", True),
         precision_at=_cutoffs(precision_at, "--precision-at", False), ap=ap, normalisation=map_normalisation,
         precision_denominator=precision_denominator, average=average, device=device, slab_rows=slab_rows,
-        examples=examples,
-        projection=projection,
+        examples=examples, projection=projection, allow_incomplete=allow_incomplete,
     )
+    folder = results_dir(store, out)
     result = retrieve_run(FeatureStore.open(store), config)
-    saved = save_results(result, results_dir(store, out), data_root, query_data_root)
+    saved = save_results(result, folder, data_root, query_data_root)
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(to_json(result.to_dict()))
         return
     for name, metric in result.metrics.items():
         variant = ", ".join(f"{k}={v}" for k, v in metric.items() if k != "value" and v is not None)
         typer.echo(f"{name}: {metric['value']:.4f}  ({variant})")
+    for line in images_note(result.runs):
+        typer.echo(line)
     typer.echo(f"({result.query['images']} {result.query['domain']} queries, {result.gallery['images']} "
                f"{result.gallery['domain']} gallery images, {len(result.classes)} classes, {result.features} features; "
                f"saved {saved}; {result.grid_note or 'grid ' + str(result.grid)})")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
 
 from cli.app import (
-    HoldoutOption, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks, parse_stored_timesteps,
+    AllowIncompleteFlag, HoldoutOption, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks, parse_stored_timesteps,
     user_errors
 )
 
@@ -29,25 +28,30 @@ def sweep(
     c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the logistic regression.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of --holdout.")] = 0,
     device: Annotated[str, typer.Option(help="kNN search device: cpu, or cuda (needs faiss-gpu).")] = "cpu",
+    allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Linear probe and weighted kNN for every (t, block) of a run: a table (CSV, JSON) and plots of
     accuracy vs t and vs block."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import results_dir
+    from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.sweep import save_sweep, sweep_run
 
+    folder = results_dir(store, out)
     result = sweep_run(
         FeatureStore.open(store), run, parse_stored_timesteps(timesteps),
         parse_blocks(blocks), pool, k, train_split, test_split, holdout, c, seed, temperature, device,
+        allow_incomplete,
     )
-    saved = save_sweep(result, results_dir(store, out))
+    saved = save_sweep(result, folder)
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(to_json(result.to_dict()))
         return
     typer.echo(f"| t | block | linear top-1 | kNN top-1 (k={result.knn_k}) | kNN top-5 |")
     typer.echo("|---|---|---|---|---|")
     for r in result.rows:
         typer.echo(f"| {r.timestep} | {r.block} | {r.linear_top1:.3f} | {r.knn_top1:.3f} | {r.knn_top5:.3f} |")
+    for line in images_note(result.runs):
+        typer.echo(line)
     typer.echo(f"{len(result.rows)} (t, block) pairs in {result.seconds:.1f} s; saved " + ", ".join(str(p) for p in saved))

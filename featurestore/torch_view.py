@@ -22,23 +22,27 @@ from featurestore.store import Run, timestep_key
 
 
 class FeatureDataset(Dataset):
-    """Items are (features, label): one float32 tensor for one key, a dict {"t<T>/<block>": tensor}
-    (`tnone/<block>` for experts)
-    for several keys. Only rows whose chunk is done and whose image did not fail are included.
-    `cache_chunks`: decoded chunks kept per array (a sampler's window needs that many)."""
+    """Items are (features, label): one float32 tensor (C, H, W) for one key, a dict
+    {"t<T>/<block>": tensor} (`tnone/<block>` for experts) for several keys; the label an int.
+    `rows` (default: all) are run rows; only images that were extracted and did not fail are
+    allowed. An incomplete run raises IncompleteRunError (how many images are pending; re-running
+    `extract` resumes) unless `allow_incomplete`, which keeps only the extracted images.
+    `cache_chunks`: decoded chunks kept per array (a sampler's window needs that many). Every chunk
+    is read through `Run.read_chunk`, so non-finite features raise NonFiniteError when read."""
 
     def __init__(self, run: Run, keys: Sequence[tuple[int | None, str]], rows: np.ndarray | None = None,
-                 cache_chunks: int = 1):
+                 allow_incomplete: bool = False, cache_chunks: int = 1):
         if not keys:
             raise ValueError("FeatureDataset needs at least one (timestep, block)")
         if cache_chunks < 1:
             raise ValueError(f"cache_chunks must be at least 1, got {cache_chunks}")
         self.run = run
         self.keys = list(keys)
-        self.arrays = [run.array(t, block) for t, block in self.keys]
-        usable = run.rows_done() & ~run.failed
-        self.rows = np.flatnonzero(usable) if rows is None else np.asarray(rows, dtype=np.int64)
-        if rows is not None and not usable[self.rows].all():
+        for t, block in self.keys:
+            run.array(t, block)  # an unknown (t, block) fails here
+        usable = run.usable_rows(allow_incomplete)
+        self.rows = usable if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows is not None and not np.isin(self.rows, usable).all():
             raise ValueError("some requested rows are not extracted yet or failed")
         self.labels = run.labels
         self.cache_chunks = cache_chunks
@@ -52,7 +56,7 @@ class FeatureDataset(Dataset):
         if chunk in cache:
             cache.move_to_end(chunk)
         else:
-            cache[chunk] = self.arrays[k][self.run.chunk_slice(chunk)]
+            cache[chunk] = self.run.read_chunk(*self.keys[k], chunk)
             if len(cache) > self.cache_chunks:
                 cache.popitem(last=False)  # the least recently used
         return cache[chunk][row - chunk * self.run.chunk_rows]

@@ -1,24 +1,51 @@
 """Stage-2 analyses that read only the feature store: kNN, CKA and (t, block) sweeps.
 
-The helpers here are shared by every analysis: reading rows of a run in chunk-aligned slabs (a
-zarr read decodes whole chunks, so a slab of whole chunks is decoded exactly once), and where a
-result is saved.
+The helpers here are shared by every stage-2 command: pooling, reading rows of a run in
+chunk-aligned slabs (a zarr read decodes whole chunks, so a slab of whole chunks is decoded exactly
+once, and every read goes through `Run.read_chunk`, which refuses pending, damaged and non-finite
+chunks), the image counts every result records, and where and how a result is saved.
+
+Results. The default results folder belongs to one store: `<store path>.results/`. A results file
+is named `<command>-<label>-<digest>.<suffix>`: the label is for people (run ids, t, block), the
+digest covers every setting that changes the numbers, so runs with other settings never overwrite
+each other and the same settings replace their own file. Results JSON never holds NaN or inf: an
+undefined value is written as null, deliberately, by the analysis that found it.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from featurestore.store import Run
-from pipelines.heads.logistic import pooled
+from featurestore.store import Run, RunStatus, run_id_of
 
 SLAB_ROWS = 4096
+RESULTS_SUFFIX = ".results"
+
+
+def pooled(features: np.ndarray, size: int | None) -> np.ndarray:
+    """Adaptive average pooling of (N, C, H, W) to (N, C, size, size), as torch's
+    adaptive_avg_pool2d bins it (window i covers floor(i*H/size) .. ceil((i+1)*H/size)), then
+    flatten to (N, C*size*size) float32. A map already at most size x size is left as it is."""
+    x = features.astype(np.float32)
+    if size is not None and x.ndim == 4 and (x.shape[2] > size or x.shape[3] > size):
+        x = _adaptive_mean(_adaptive_mean(x, size, axis=2), size, axis=3)
+    return x.reshape(len(x), -1)
+
+
+def _adaptive_mean(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    n = x.shape[axis]
+    if n % size == 0:  # equal windows: one reshape
+        shape = (*x.shape[:axis], size, n // size, *x.shape[axis + 1:])
+        return x.reshape(shape).mean(axis=axis + 1)
+    bins = [np.take(x, range(i * n // size, -(-(i + 1) * n // size)), axis=axis).mean(axis=axis) for i in range(size)]
+    return np.stack(bins, axis=axis)
 
 
 def row_slabs(run: Run, rows: np.ndarray, slab_rows: int = SLAB_ROWS) -> Iterator[slice]:
@@ -33,32 +60,96 @@ def row_slabs(run: Run, rows: np.ndarray, slab_rows: int = SLAB_ROWS) -> Iterato
             yield slice(int(start), int(stop))
 
 
+def chunk_groups(run: Run, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """For run rows in any order, per store chunk holding some of them: (chunk, positions into
+    `rows`, offsets of those rows within the chunk)."""
+    chunk_of = np.asarray(rows, dtype=np.int64) // run.chunk_rows
+    order = np.argsort(chunk_of, kind="stable")
+    for at in np.split(order, np.flatnonzero(np.diff(chunk_of[order])) + 1):
+        if len(at):
+            chunk = int(chunk_of[at[0]])
+            yield chunk, at, np.asarray(rows)[at] - chunk * run.chunk_rows
+
+
+def read_rows(run: Run, timestep: int | None, block: str, rows: np.ndarray) -> np.ndarray:
+    """float32 features (len(rows), C, H, W) of run rows given in any order. Each chunk holding one
+    of them is read once and whole through `Run.read_chunk` (a slice of whole chunks reads ~3x faster
+    than zarr's integer selection), so its refusals apply: StoreError subclasses for a pending chunk,
+    a damaged one, or non-finite values of an image that did not fail."""
+    return _read(run, timestep, block, rows, lambda x: x.astype(np.float32, copy=False))
+
+
 def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, pool: int | None) -> np.ndarray:
-    """Pooled, flattened float32 features of run rows given in any order. Read chunk by chunk: a
-    slice of whole chunks reads ~3x faster than zarr's integer selection, and only one raw chunk
-    is held at a time."""
-    order = np.argsort(rows, kind="stable")
-    ordered = rows[order]
-    parts = []
-    for group in np.split(ordered, np.flatnonzero(np.diff(ordered // run.chunk_rows)) + 1):
-        chunk = run.chunk_slice(int(group[0]) // run.chunk_rows)
-        parts.append(pooled(run.numpy(timestep, block, chunk)[group - chunk.start], pool))
-    out = np.empty((len(rows), parts[0].shape[1]), np.float32)
-    out[order] = np.concatenate(parts)
+    """Pooled, flattened float32 features (len(rows), D) of run rows given in any order, read as
+    `read_rows` reads them (one raw chunk held at a time)."""
+    return _read(run, timestep, block, rows, lambda x: pooled(x, pool))
+
+
+def _read(run: Run, timestep: int | None, block: str, rows: np.ndarray,
+          shaped: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    stored = run.array(timestep, block).shape[1:]  # an unknown (t, block) fails here, as a StoreError
+    out = np.empty((len(rows), *shaped(np.zeros((1, *stored), np.float32)).shape[1:]), np.float32)
+    for chunk, at, offsets in chunk_groups(run, rows):
+        out[at] = shaped(run.read_chunk(timestep, block, chunk)[offsets])
     return out
 
 
+# -- images of a result ------------------------------------------------------------------------
+def run_images(runs: Sequence[Run]) -> dict[str, dict[str, int]]:
+    """Per run id: images `used` (extracted, not failed: the rows a command draws from), `failed`
+    (excluded) and `pending` (not extracted yet; non-zero only with --allow-incomplete)."""
+    out = {}
+    for run in runs:
+        status = run.status()
+        out[run.run_id] = {"used": status.done, "failed": status.failed, "pending": status.pending}
+    return out
+
+
+def images_note(runs: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """One line per run with failed or pending images, for text outputs (`RunStatus.note`)."""
+    lines = []
+    for run_id, n in runs.items():
+        if n["failed"] or n["pending"]:
+            status = RunStatus(n["used"] + n["failed"] + n["pending"], n["used"], n["failed"], n["pending"], {})
+            lines.append(f"run {run_id}: {status.note()}")
+    return lines
+
+
+# -- saving ---------------------------------------------------------------------------------------
 def results_dir(store_url: str, out: str | Path | None) -> Path:
-    """Where results go: `out`, or `results/` next to a local store."""
+    """Where results go: `out`, or the store's own folder `<store path>.results/` (local stores only)."""
     if out is not None:
         return Path(out)
     local = str(store_url).removeprefix("file://")
     if "://" in local:
         raise ValueError(f"{store_url} is not a local path: give --out for the results")
-    return Path(local).resolve().parent / "results"
+    store = Path(local).resolve()
+    return store.with_name(store.name + RESULTS_SUFFIX)
+
+
+def results_path(folder: Path, command: str, settings: Mapping[str, Any], label: str, suffix: str = ".json") -> Path:
+    """`folder/<command>-<label>-<digest><suffix>`: the digest (8 hex digits of the sha256 of the
+    canonical JSON of the command and `settings`) must cover everything that changes the numbers
+    (run ids, t, blocks, pool, k, splits, seeds, variants, allow_incomplete, ...); `label` is the
+    readable part. suffix "" gives a folder name."""
+    digest = run_id_of({"command": command, "settings": dict(settings)})[:8]
+    return folder / f"{command}-{label}-{digest}{suffix}"
+
+
+def to_json(doc: Any) -> str:
+    """Indented JSON; raises ValueError on NaN or inf (undefined values must be mapped to None)."""
+    return json.dumps(doc, indent=2, allow_nan=False)
 
 
 def write_json(doc: Any, path: Path) -> Path:
+    """Write `to_json(doc)` to `path` (parents created); raises ValueError on NaN or inf, before
+    writing anything."""
+    text = to_json(doc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))
+    path.write_text(text)
     return path
+
+
+def finite_or_none(value: float) -> float | None:
+    """`value`, or None when it is NaN or inf (an undefined number, written as null)."""
+    return float(value) if math.isfinite(value) else None

@@ -17,7 +17,11 @@ Two ways to get HSIC for every pair of m views (each view an (N, d_v) feature ma
 * minibatch (`MinibatchHsic`, Nguyen et al. 2021): the unbiased HSIC from the b x b Grams of
   minibatches, averaged; memory does not grow with D, for views too wide for Z^T Z.
 
-CKA = HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y)) from either.
+CKA = HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y)) from either. It is undefined (None, null in JSON,
+n/a in text) for a view whose HSIC with itself is not positive: a view with constant features (every
+row equal, zero variance), or, for the unbiased estimator, a degenerate sample. The result names
+such views in one line (`CkaResult.undefined`); when no pair of different views is defined the
+analysis is refused with that line.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from typing import Literal
 import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import SLAB_ROWS, read_pooled, row_slabs, write_json
-from pipelines.heads.logistic import pooled, resolve_run
+from pipelines.analysis import SLAB_ROWS, pooled, read_pooled, results_path, row_slabs, run_images, write_json
+from pipelines.heads.logistic import resolve_run
 
 Grid = Literal["blocks", "timesteps", "runs"]
 Method = Literal["auto", "feature", "minibatch"]
@@ -130,26 +134,36 @@ def unbiased_hsic_gram(views: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def cka_from_hsic(h: np.ndarray) -> np.ndarray:
-    d = np.sqrt(np.diag(h))
-    return h / np.outer(d, d)
+    """m x m CKA from m x m HSIC; NaN in the rows and columns of views whose HSIC with themselves
+    is not positive (CKA undefined)."""
+    diag = np.diag(h)
+    defined = diag > 0
+    d = np.sqrt(np.where(defined, diag, 1.0))
+    return np.where(defined[:, None] & defined[None, :], h / np.outer(d, d), np.nan)
 
 
 def cka_matrices(slabs: Iterable[Sequence[np.ndarray]], method: Literal["feature", "minibatch"],
-                 batch_size: int = BATCH_SIZE, seed: int = 0) -> tuple[dict[str, np.ndarray], int]:
-    """CKA of every pair of views from aligned row slabs: ({estimator: m x m}, images used)."""
+                 batch_size: int = BATCH_SIZE, seed: int = 0) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    """CKA of every pair of views from aligned row slabs: ({estimator: m x m float64, NaN where
+    undefined}, images used, (m,) bool whether each view's rows are all equal (constant features))."""
     acc = FeatureSpaceHsic() if method == "feature" else MinibatchHsic(batch_size, seed)
+    first: list[np.ndarray] = []
+    varies = np.zeros(0, dtype=bool)
     for views in slabs:
+        if not first:
+            first, varies = [v[0] for v in views], np.zeros(len(views), dtype=bool)
+        varies |= [bool((v != f).any()) for v, f in zip(views, first)]
         acc.add(views)
     biased, unbiased = acc.hsic()
     out = {"unbiased": cka_from_hsic(unbiased)}
     if biased is not None:
         out["biased"] = cka_from_hsic(biased)
-    return out, acc.n
+    return out, acc.n, ~varies
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Biased and unbiased linear CKA of two in-memory feature matrices."""
-    matrices, _ = cka_matrices([[x, y]], "feature")
+    """Biased and unbiased linear CKA of two in-memory feature matrices (NaN where undefined)."""
+    matrices, _, _ = cka_matrices([[x, y]], "feature")
     return {name: float(m[0, 1]) for name, m in matrices.items()}
 
 
@@ -168,15 +182,18 @@ class View:
 
 @dataclass
 class CkaResult:
-    name: str  # file stem of the saved result, e.g. cka-blocks-<run>-t100
+    name: str  # file stem of the saved result, e.g. cka-blocks-feature-<run>-t100-<digest>
     grid: str
     method: str
-    images: int
+    images: int  # rows used: the images usable in every run of the views
     pool: int | None
     rows: list[str]
     cols: list[str]
-    matrices: dict[str, list[list[float]]]  # estimator -> len(rows) x len(cols)
+    matrices: dict[str, list[list[float | None]]]  # estimator -> len(rows) x len(cols); None: undefined
     views: dict[str, list]  # label -> [run_id, timestep, block]
+    runs: dict[str, dict[str, int]]  # `run_images`: used, failed, pending per run
+    settings: dict  # everything that changes the numbers (the results file's digest)
+    undefined: str | None = None  # one line naming the views whose CKA is undefined, and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,17 +232,18 @@ def grid_views(
     return views, cols
 
 
-def aligned_rows(runs: Sequence[Run]) -> list[np.ndarray]:
-    """Per run, the run rows of the images usable in every run (done, not failed), in the first
-    run's row order. Runs must cover the same images (rows of the store's images table)."""
+def aligned_rows(runs: Sequence[Run], allow_incomplete: bool = False) -> list[np.ndarray]:
+    """Per run, the run rows of the images usable in every run (extracted, not failed), in the
+    first run's row order. Runs must cover the same images (rows of the store's images table). An
+    incomplete run raises IncompleteRunError unless `allow_incomplete`."""
     first = runs[0]
-    common = first.rows[first.rows_done() & ~first.failed]
+    common = first.rows[first.usable_rows(allow_incomplete)]
     for other in runs[1:]:
         if not np.array_equal(np.sort(first.rows), np.sort(other.rows)):
             raise ValueError(f"runs {first.run_id} and {other.run_id} cover different images "
                              f"({np.setdiff1d(first.rows, other.rows).size} only in the first, "
                              f"{np.setdiff1d(other.rows, first.rows).size} only in the second)")
-        common = np.intersect1d(common, other.rows[other.rows_done() & ~other.failed])
+        common = np.intersect1d(common, other.rows[other.usable_rows(allow_incomplete)])
     table_rows = first.rows[np.isin(first.rows, common)]
     out = []
     for run in runs:
@@ -242,14 +260,16 @@ def view_width(view: View, pool: int | None) -> int:
 def cka_run(
     rows: Sequence[View], cols: Sequence[View], grid: str, pool: int | None = 4, method: Method = "auto",
     max_features: int = MAX_FEATURES, batch_size: int = BATCH_SIZE, seed: int = 0, slab_rows: int = SLAB_ROWS,
+    allow_incomplete: bool = False,
 ) -> CkaResult:
     """CKA of every row view against every column view, in one pass over the store in slabs of the
     first run's chunks. A run stored in another row order is read by image, so each slab touches
-    many of its chunks: slower, same numbers."""
+    many of its chunks: slower, same numbers. Raises ValueError when no pair of different views has
+    a defined CKA (constant features), besides the errors of `aligned_rows` and `read_pooled`."""
     unique = list({v.key: v for v in [*rows, *cols]}.values())
     position = {v.key: i for i, v in enumerate(unique)}
     runs = list({v.run.run_id: v.run for v in unique}.values())
-    run_rows = dict(zip((r.run_id for r in runs), aligned_rows(runs)))
+    run_rows = dict(zip((r.run_id for r in runs), aligned_rows(runs, allow_incomplete)))
     if method == "auto":
         method = "feature" if sum(view_width(v, pool) for v in unique) <= max_features else "minibatch"
     if method not in ("feature", "minibatch"):
@@ -259,19 +279,42 @@ def cka_run(
         [read_pooled(v.run, v.timestep, v.block, run_rows[v.run.run_id][s], pool) for v in unique]
         for s in row_slabs(first, run_rows[first.run_id], slab_rows)
     )
-    matrices, images = cka_matrices(slabs, method, batch_size, seed)
+    matrices, images, constant = cka_matrices(slabs, method, batch_size, seed)
     r = [position[v.key] for v in rows]
     c = [position[v.key] for v in cols]
+    undefined = undefined_note(unique, matrices, constant, images)
+    distinct = np.array([[rv.key != cv.key for cv in cols] for rv in rows])
+    if undefined and not any(np.isfinite(m[np.ix_(r, c)])[distinct].any() for m in matrices.values()):
+        raise ValueError(undefined)
+    settings = {"grid": grid, "method": method, "pool": pool, "rows": [list(v.key) for v in rows],
+                "cols": [list(v.key) for v in cols], "allow_incomplete": allow_incomplete,
+                **({"batch_size": batch_size, "seed": seed} if method == "minibatch" else {})}
     return CkaResult(
-        result_name(grid, method, unique), grid, method, images, pool, [v.label for v in rows], [v.label for v in cols],
-        {name: m[np.ix_(r, c)].tolist() for name, m in matrices.items()},
+        results_path(Path(), "cka", settings, result_label(grid, method, unique), suffix="").name, grid, method, images,
+        pool, [v.label for v in rows], [v.label for v in cols],
+        {name: [[float(x) if np.isfinite(x) else None for x in line] for line in m[np.ix_(r, c)]]
+         for name, m in matrices.items()},
         {v.label: [v.run.run_id, v.timestep, v.block] for v in [*rows, *cols]},
+        run_images(runs), settings, undefined,
     )
 
 
-def result_name(grid: str, method: str, views: Sequence[View]) -> str:
-    """cka-<grid>-<method>-<run ids>[-t<T> when one timestep][-<block> when one block]."""
-    parts = ["cka", grid, method, *dict.fromkeys(v.run.run_id[:8] for v in views)]
+def undefined_note(views: Sequence[View], matrices: dict[str, np.ndarray], constant: np.ndarray,
+                   images: int) -> str | None:
+    """One line naming every view whose CKA is undefined (NaN on its diagonal) and why; None if none."""
+    named = []
+    for i, v in enumerate(views):
+        bad = [name for name, m in matrices.items() if not np.isfinite(m[i, i])]
+        if bad:
+            why = (f"constant features (every one of the {images} images has the same values)" if constant[i]
+                   else f"its {' and '.join(bad)} HSIC with itself is not positive")
+            named.append(f"run {v.run.run_id} {timestep_key(v.timestep)} block {v.block}: {why}")
+    return "linear CKA undefined (null) for " + "; ".join(named) if named else None
+
+
+def result_label(grid: str, method: str, views: Sequence[View]) -> str:
+    """<grid>-<method>-<run ids>[-t<T> when one timestep][-<block> when one block]."""
+    parts = [grid, method, *dict.fromkeys(v.run.run_id[:8] for v in views)]
     timesteps = {v.timestep for v in views}
     blocks = {v.block for v in views}
     parts += [timestep_key(t) for t in timesteps if len(timesteps) == 1]
@@ -290,12 +333,13 @@ def plot_cka(result: CkaResult, path: Path) -> Path:
     size = max(3.0, 0.6 * len(result.cols) + 2)
     fig, axes = plt.subplots(1, len(names), figsize=(size * len(names), size), squeeze=False)
     for ax, name in zip(axes[0], names):
-        m = np.array(result.matrices[name])
+        m = np.array(result.matrices[name], dtype=float)  # None (undefined) -> NaN: an empty cell marked n/a
         image = ax.imshow(m, vmin=0, vmax=1, cmap="magma")
         ax.set_xticks(range(len(result.cols)), result.cols, rotation=45, ha="right")
         ax.set_yticks(range(len(result.rows)), result.rows)
         for (i, j), value in np.ndenumerate(m):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+            ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if np.isnan(value) or value < 0.6 else "black")
         ax.set_title(f"linear CKA ({name}, {result.method}, N={result.images})")
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -305,5 +349,5 @@ def plot_cka(result: CkaResult, path: Path) -> Path:
 
 
 def save_cka(result: CkaResult, out: Path) -> list[Path]:
-    """The result as JSON and its heatmap as PNG in `out`, named `result.name`."""
+    """The result as JSON and its heatmap as PNG in `out`, named `result.name` (undefined values null)."""
     return [write_json(result.to_dict(), out / f"{result.name}.json"), plot_cka(result, out / f"{result.name}.png")]

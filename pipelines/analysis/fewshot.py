@@ -24,12 +24,13 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from featurestore.store import FeatureStore, Run, run_id_of, timestep_key
-from pipelines.analysis import read_pooled
+from featurestore.store import FeatureStore, Run, timestep_key
+from pipelines.analysis import read_pooled, results_path, run_images, write_json
 from pipelines.analysis.knn import TEMPERATURE, knn_accuracy, l2_normalized, search_topk
 from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
@@ -66,6 +67,7 @@ class FewshotConfig:
     test_split: str = "test"
     holdout: float | None = None  # single-split data: test on this fraction, draw shots from the rest
     split_seed: int = 0  # seed of the holdout: the test set is the same for every shot seed
+    allow_incomplete: bool = False  # an incomplete run: use its extracted images instead of refusing it
     c: float = 1.0  # logistic: inverse L2 strength
     knn_k: int = 20  # knn: neighbours, capped at the number of shots
     temperature: float = TEMPERATURE  # knn: vote weight exp(cosine / T)
@@ -113,15 +115,18 @@ class FewshotResult:
     test: int
     std_ddof: int
     seconds: float
-    config: dict
+    config: dict  # the FewshotConfig with the resolved run id: the results file's digest
     classifiers: list[ClassifierScores]
+    runs: dict[str, dict[str, int]]  # `run_images`: used, failed, pending per run (with an expert run)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def file_name(self) -> str:
-        """One file per (run, head, config): a rerun with the same options replaces its result."""
-        return f"fewshot-{self.run_id}-{self.head}-{run_id_of(self.config)[:8]}.json"
+
+def save_fewshot(result: FewshotResult, folder: Path) -> Path:
+    """The result as `fewshot-<run>-<head>-<digest>.json` in `folder`: a rerun with the same
+    options replaces its own file."""
+    return write_json(result.to_dict(), results_path(folder, "fewshot", result.config, f"{result.run_id}-{result.head}"))
 
 
 # -- pure compute ---------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ def fewshot_run(store: FeatureStore, cfg: FewshotConfig) -> FewshotResult:
     work), then score each classifier on every set against the full test split."""
     tic = time.perf_counter()
     run = resolve_run(store, cfg.run_id)
-    train, test = split_rows(run, cfg.train_split, cfg.test_split, cfg.holdout, cfg.split_seed)
+    train, test = split_rows(run, cfg.train_split, cfg.test_split, cfg.holdout, cfg.split_seed, cfg.allow_incomplete)
     labels = run.labels
     names = class_names(labels, run.images.class_name)
     classes = np.unique(labels[np.concatenate([train, test])])
@@ -181,11 +186,13 @@ def fewshot_run(store: FeatureStore, cfg: FewshotConfig) -> FewshotResult:
         scored = fixed_classifiers(run, keys, shot_sets, test, labels, cfg)
     else:
         scored = trained_heads(store, run, timesteps, blocks, shot_sets, test, labels, names, cfg)
+    runs = [run, *([store.run(cfg.expert_run)] if cfg.expert_run is not None else [])]
     return FewshotResult(
         run.run_id, cfg.head, list(cfg.seeds), len(classes), len(train), len(test), STD_DDOF,
-        time.perf_counter() - tic, asdict(cfg),
+        time.perf_counter() - tic, {**asdict(cfg), "run_id": run.run_id},
         [ClassifierScores(name, maps, shot_scores(top1, cfg.seeds, cfg.shots, len(classes)))
          for name, (maps, top1) in scored.items()],
+        run_images(runs),
     )
 
 
@@ -234,7 +241,8 @@ def trained_heads(store: FeatureStore, run: Run, timesteps: list[int | None], bl
                             head_options=cfg.head_options)
     specs = grid(probe_cfg, run, expert, expert_keys, len(names), None)
     data = StoreBatches(run, [(t, b) for t in timesteps for b in blocks], labels, expert=expert,
-                        expert_keys=expert_keys, batch_size=cfg.train.batch_size, window_chunks=cfg.train.window_chunks)
+                        expert_keys=expert_keys, batch_size=cfg.train.batch_size, window_chunks=cfg.train.window_chunks,
+                        allow_incomplete=cfg.allow_incomplete)
     out: Scored = {name: (list(spec.inputs), {}) for name, spec, _ in specs}
     for (seed, k), shots in shot_sets.items():
         train_cfg = dataclasses.replace(cfg.train, seed=seed)

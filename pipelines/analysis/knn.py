@@ -4,6 +4,11 @@ Features are L2-normalised, neighbours are ranked by cosine similarity s, and ea
 train images votes exp(s / T) for its class. The train set is searched slab by slab and the
 running top-k merged, so it never has to fit in memory; the queries (the test set) do.
 
+Top-n (VOTE_RULE): a query is a hit when its class got a positive vote weight (at least one of the
+k neighbours is of its class) and fewer than n classes rank before it; classes of equal weight
+rank by ascending class index. A class without a vote is never a hit, so top-5 at k=1 is top-1
+(DINO's fix: ranking every class would credit zero-vote classes through ties at 0).
+
 Layers: `search_topk` / `merge_topk` / `knn_accuracy` on arrays, `knn_run` reads one (t, block) of
 a run from the store.
 """
@@ -13,15 +18,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from featurestore.store import FeatureStore
-from pipelines.analysis import SLAB_ROWS, read_pooled, row_slabs
+from featurestore.store import FeatureStore, timestep_key
+from pipelines.analysis import SLAB_ROWS, read_pooled, results_path, row_slabs, run_images, write_json
 from pipelines.heads.logistic import ClassifiedMap, resolve_run, split_rows
 
 KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
+VOTE_RULE = ("each of the k nearest train images votes exp(cosine / T) for its class; top-n: the true class has a "
+             "positive vote and fewer than n classes rank before it (equal votes: lower class index first)")
 
 
 @dataclass
@@ -29,6 +37,7 @@ class KnnResult(ClassifiedMap):
     temperature: float
     top1: dict[int, float]  # k -> test accuracy
     top5: dict[int, float]
+    vote: str = VOTE_RULE  # the variant of top1/top5
 
 
 def l2_normalized(x: np.ndarray) -> np.ndarray:
@@ -99,19 +108,21 @@ def class_scores(sims: np.ndarray, neighbour_classes: np.ndarray, n_classes: int
 
 
 def in_top(scores: np.ndarray, classes: np.ndarray, n: int) -> np.ndarray:
-    """Whether each query's class ranks among its n best scores (ties go to the lower class index)."""
+    """(queries,) bool: whether each query's class (int index into the columns of the (queries,
+    classes) vote weights `scores`) has a positive weight and ranks among the n best (VOTE_RULE:
+    ties go to the lower class index). A class without a vote is never in the top n."""
     own = np.take_along_axis(scores, classes[:, None], axis=1)
     lower_index = np.arange(scores.shape[1])[None, :] < classes[:, None]
     rank = (scores > own).sum(axis=1) + ((scores == own) & lower_index).sum(axis=1)
-    return rank < n
+    return (rank < n) & (own[:, 0] > 0)
 
 
 def knn_accuracy(
     sims: np.ndarray, indices: np.ndarray, train_labels: np.ndarray, test_labels: np.ndarray,
     ks: Sequence[int], temperature: float = TEMPERATURE,
 ) -> dict[int, tuple[float, float]]:
-    """Top-1 and top-5 accuracy for each k from the neighbour lists of the largest k (best first).
-    A test label absent from the train set is never right."""
+    """Top-1 and top-5 accuracy (VOTE_RULE) for each k from the neighbour lists of the largest k
+    (best first): {k: (top1, top5)}. A test label absent from the train set is never right."""
     classes, train_classes = np.unique(train_labels, return_inverse=True)
     known = np.isin(test_labels, classes)
     test_classes = np.where(known, np.searchsorted(classes, test_labels).clip(max=len(classes) - 1), 0)
@@ -126,12 +137,14 @@ def knn_run(
     store: FeatureStore, run_id: str | None, timestep: int | None, block: str, ks: Sequence[int] = KS,
     pool: int | None = 4, train_split: str = "train", test_split: str = "test", holdout: float | None = None,
     seed: int = 0, temperature: float = TEMPERATURE, device: str = "cpu", slab_rows: int = SLAB_ROWS,
+    allow_incomplete: bool = False,
 ) -> KnnResult:
     """Weighted kNN of one (t, block) of a run: the test features are read at once, the train
-    features streamed in chunk-aligned slabs of about `slab_rows` rows."""
+    features streamed in chunk-aligned slabs of about `slab_rows` rows. Errors (ValueError) as
+    `split_rows` and `read_pooled`, and for k outside 1..train images."""
     check_faiss_device(device)
     run = resolve_run(store, run_id)
-    train, test = split_rows(run, train_split, test_split, holdout, seed)
+    train, test = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
     if not ks or min(ks) < 1 or max(ks) > len(train):
         raise ValueError(f"k must be between 1 and the {len(train)} train images, got {list(ks)}")
     labels = run.labels
@@ -139,7 +152,16 @@ def knn_run(
     slabs = (l2_normalized(read_pooled(run, timestep, block, train[s], pool)) for s in row_slabs(run, train, slab_rows))
     sims, indices = streamed_topk(slabs, queries, max(ks), device)
     accuracy = knn_accuracy(sims, indices, labels[train], labels[test], ks, temperature)
+    settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "k": list(ks), "pool": pool,
+                "temperature": temperature, "train_split": train_split, "test_split": test_split, "holdout": holdout,
+                "seed": seed, "device": device, "allow_incomplete": allow_incomplete}
     return KnnResult(
-        run.run_id, timestep, block, pool, queries.shape[1], len(train), len(test), temperature,
-        top1={k: acc[0] for k, acc in accuracy.items()}, top5={k: acc[1] for k, acc in accuracy.items()},
+        run.run_id, timestep, block, pool, queries.shape[1], len(train), len(test), run_images([run]), settings,
+        temperature, top1={k: acc[0] for k, acc in accuracy.items()}, top5={k: acc[1] for k, acc in accuracy.items()},
     )
+
+
+def save_knn(result: KnnResult, folder: Path) -> Path:
+    """The result as `knn-<run>-<t>-<block>-<digest>.json` in `folder`."""
+    label = f"{result.run_id}-{timestep_key(result.timestep)}-{result.block}"
+    return write_json(result.to_dict(), results_path(folder, "knn", result.settings, label))

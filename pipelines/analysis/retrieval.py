@@ -32,8 +32,7 @@ for a top-200 pass (2 shared CPU cores), so mAP@all is computed only when --map-
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import SLAB_ROWS, read_pooled, row_slabs, write_json
+from pipelines.analysis import SLAB_ROWS, read_pooled, results_path, row_slabs, run_images, write_json
 from pipelines.analysis.knn import flat_ip_index, l2_normalized
 from pipelines.analysis.projection import ProjectionConfig, train_projection
 from pipelines.analysis.splits import load_split
@@ -318,6 +317,7 @@ class RetrievalConfig:
     slab_rows: int = SLAB_ROWS
     examples: int = 5  # queries shown with their top EXAMPLE_DEPTH in the results and the grid
     projection: ProjectionConfig | None = None  # trained on the split's seen classes, applied to both sides
+    allow_incomplete: bool = False  # incomplete runs: use their extracted images instead of refusing them
 
     def __post_init__(self) -> None:
         _check(self.ap, AP_KINDS, "--ap")
@@ -348,6 +348,8 @@ class RetrievalResult:
     per_class: dict[str, dict[str, float]]  # class -> name -> mean over the class's queries
     examples: list[dict]
     projection: dict | None = None  # its config and the seen classes it was trained on
+    runs: dict[str, dict[str, int]] = field(default_factory=dict)  # `run_images`: used, failed, pending per run
+    settings: dict = field(default_factory=dict)  # the config with resolved run ids: the results file's digest
     variants: dict = field(default_factory=lambda: VARIANTS)
     grid: str | None = None
     grid_note: str | None = None
@@ -355,17 +357,15 @@ class RetrievalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def stem(self) -> str:
-        """File name of the results: runs, (t, block) of both sides, pooling and split."""
+    def path(self, folder: Path, suffix: str) -> Path:
+        """`folder/retrieve-<runs, (t, block) of both sides, split>-<digest><suffix>`: the digest
+        covers every setting (metric variants, pooling, projection, ...)."""
         q, g = self.query, self.gallery
-        name = f"retrieve-{q['run_id']}-{timestep_key(q['timestep'])}-{q['block']}"
+        label = f"{q['run_id']}-{timestep_key(q['timestep'])}-{q['block']}"
         if (g["run_id"], g["timestep"], g["block"]) != (q["run_id"], q["timestep"], q["block"]):
-            name += f"-vs-{g['run_id']}-{timestep_key(g['timestep'])}-{g['block']}"
-        name += (f"-pool{self.pool}" if self.pool else "") + (f"-{self.split}" if self.split else "")
-        # metric variants and a projection get their own file instead of overwriting another's
-        variants = {k: {f: v for f, v in m.items() if f != "value"} for k, m in self.metrics.items()}
-        digest = hashlib.sha256(json.dumps([variants, self.projection], sort_keys=True).encode()).hexdigest()[:8]
-        return f"{name}-{digest}"
+            label += f"-vs-{g['run_id']}-{timestep_key(g['timestep'])}-{g['block']}"
+        label += f"-{self.split}" if self.split else ""
+        return results_path(folder, "retrieve", self.settings, label, suffix)
 
 
 def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResult:
@@ -375,8 +375,8 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
     `slab_rows` rows, once for top-K metrics and twice more when mAP@all is asked for.
     """
     query_run, gallery_run = resolve_run(store, config.query.run), resolve_run(store, config.gallery.run)
-    query_rows, query_names = _usable(query_run, config.query.domain)
-    gallery_rows, gallery_names = _usable(gallery_run, config.gallery.domain)
+    query_rows, query_names = _usable(query_run, config.query.domain, config.allow_incomplete)
+    gallery_rows, gallery_names = _usable(gallery_run, config.gallery.domain, config.allow_incomplete)
     split = None
     q, g = config.query, config.gallery
     project = None
@@ -438,6 +438,10 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
         pool=config.pool, split=split.name if split else None, classes=sorted(set(query_names)),
         projection=None if project is None else {**asdict(config.projection), "trained_on_classes": sorted(split.seen)},
         features=queries.shape[1], device=config.device, metrics=metrics, per_class=per_class, examples=examples,
+        runs=run_images(list({r.run_id: r for r in (query_run, gallery_run)}.values())),
+        settings={**{k: v for k, v in asdict(config).items() if k != "slab_rows"},
+                  "query": asdict(dataclasses.replace(q, run=query_run.run_id)),
+                  "gallery": asdict(dataclasses.replace(g, run=gallery_run.run_id))},
     )
 
 
@@ -464,10 +468,12 @@ def seen_class_projection(
     return train_projection(x, np.searchsorted(classes, names), is_query, projection, class_vectors)
 
 
-def _usable(run: Run, domain: str) -> tuple[np.ndarray, np.ndarray]:
-    """Finished, non-failed rows of a run in one domain, and their class names."""
+def _usable(run: Run, domain: str, allow_incomplete: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Extracted, non-failed rows of a run in one domain, and their class names; an incomplete run
+    raises IncompleteRunError unless `allow_incomplete`."""
     images = run.images
-    ok = run.rows_done() & ~run.failed
+    ok = np.zeros(len(run), dtype=bool)
+    ok[run.usable_rows(allow_incomplete)] = True
     rows = np.flatnonzero(ok & (images.domain == domain))
     if not len(rows):
         found = sorted(set(images.domain[ok].tolist()))
@@ -498,10 +504,10 @@ def save_results(result: RetrievalResult, folder: Path, data_root: str | Path | 
                  query_data_root: str | Path | None = None) -> Path:
     """Write the grid PNG (or the reason it was skipped, kept in the result) and the results JSON."""
     folder.mkdir(parents=True, exist_ok=True)
-    png = folder / f"{result.stem()}.png"
+    png = result.path(folder, ".png")
     result.grid_note = save_grid(result.examples, png, data_root, query_data_root)
     result.grid = None if result.grid_note else str(png)
-    return write_json(result.to_dict(), folder / f"{result.stem()}.json")
+    return write_json(result.to_dict(), result.path(folder, ".json"))
 
 
 def save_grid(examples: list[dict], path: Path, data_root: str | Path | None,

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featurestore.store import FeatureStore
-from pipelines.analysis import write_json
-from pipelines.analysis.knn import TEMPERATURE, knn_run
+from pipelines.analysis import results_path, run_images, write_json
+from pipelines.analysis.knn import TEMPERATURE, VOTE_RULE, knn_run
 from pipelines.heads.logistic import probe_run, resolve_run
 
 KNN_K = 20
@@ -37,6 +37,9 @@ class SweepResult:
     knn_k: int
     seconds: float
     rows: list[SweepRow]
+    runs: dict[str, dict[str, int]]  # `run_images`: used, failed, pending
+    settings: dict  # everything that changes the numbers (the results file's digest)
+    knn_vote: str = VOTE_RULE  # the variant of knn_top1 / knn_top5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,20 +49,27 @@ def sweep_run(
     store: FeatureStore, run_id: str | None, timesteps: Sequence[int | None] | None = None,
     blocks: Sequence[str] | None = None, pool: int | None = 4, knn_k: int = KNN_K, train_split: str = "train",
     test_split: str = "test", holdout: float | None = None, c: float = 1.0, seed: int = 0,
-    temperature: float = TEMPERATURE, device: str = "cpu",
+    temperature: float = TEMPERATURE, device: str = "cpu", allow_incomplete: bool = False,
 ) -> SweepResult:
-    """`probe_run` and `knn_run` (one k) for every (t, block), with the same split and pooling."""
+    """`probe_run` and `knn_run` (one k) for every (t, block), with the same split and pooling;
+    errors as theirs."""
     tic = time.perf_counter()
     run = resolve_run(store, run_id)
+    timesteps = list(run.timesteps if timesteps is None else timesteps)
+    blocks = list(blocks or run.blocks)
     rows = []
-    for t in run.timesteps if timesteps is None else timesteps:
-        for block in blocks or run.blocks:
-            probe = probe_run(store, run.run_id, t, block, pool, train_split, test_split, holdout, c, seed)
+    for t in timesteps:
+        for block in blocks:
+            probe = probe_run(store, run.run_id, t, block, pool, train_split, test_split, holdout, c, seed,
+                              allow_incomplete)
             knn = knn_run(store, run.run_id, t, block, [knn_k], pool, train_split, test_split, holdout, seed,
-                          temperature, device)
+                          temperature, device, allow_incomplete=allow_incomplete)
             rows.append(SweepRow(t, block, probe.features, probe.train, probe.test, probe.top1, probe.train_top1,
                                  knn.top1[knn_k], knn.top5[knn_k]))
-    return SweepResult(run.run_id, pool, knn_k, time.perf_counter() - tic, rows)
+    settings = {"run_id": run.run_id, "timesteps": timesteps, "blocks": blocks, "pool": pool, "knn_k": knn_k,
+                "temperature": temperature, "train_split": train_split, "test_split": test_split, "holdout": holdout,
+                "c": c, "seed": seed, "device": device, "allow_incomplete": allow_incomplete}
+    return SweepResult(run.run_id, pool, knn_k, time.perf_counter() - tic, rows, run_images([run]), settings)
 
 
 def pivot_table(result: SweepResult, metric: str = "linear_top1") -> str:
@@ -73,13 +83,16 @@ def pivot_table(result: SweepResult, metric: str = "linear_top1") -> str:
 
 
 def save_sweep(result: SweepResult, out: Path) -> list[Path]:
-    """The table as JSON and CSV and both plots, named after the run, in `out`."""
-    stem = out / f"sweep-{result.run_id}"
+    """The table as JSON and CSV and both plots in `out`: `sweep-<run>-<digest>.json`, `.csv`,
+    `-vs-t.png` and `-vs-block.png`."""
+    def path(suffix: str) -> Path:
+        return results_path(out, "sweep", result.settings, result.run_id, suffix)
+
     return [
-        write_json(result.to_dict(), stem.with_suffix(".json")),
-        write_csv(result, stem.with_suffix(".csv")),
-        plot_sweep(result, out / f"{stem.name}-vs-t.png", by="timestep"),
-        plot_sweep(result, out / f"{stem.name}-vs-block.png", by="block"),
+        write_json(result.to_dict(), path(".json")),
+        write_csv(result, path(".csv")),
+        plot_sweep(result, path("-vs-t.png"), by="timestep"),
+        plot_sweep(result, path("-vs-block.png"), by="block"),
     ]
 
 

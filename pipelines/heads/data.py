@@ -12,7 +12,9 @@ background thread while the heads work on the current one. Several groups of row
 validation) are batched from the same pass, so validating costs no extra reads.
 
 An expert run (another run of the same store, e.g. a ResNet under timestep None) is aligned by
-image: each batch carries the expert's maps of the same images, read by whole chunks too.
+image: each batch carries the expert's maps of the same images, read by whole chunks too. Every
+read goes through `Run.read_chunk` (`pipelines.analysis.read_rows`), so a pending or damaged chunk
+and non-finite features are refused (StoreError) instead of trained on.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import zarr
 
 from featurestore.store import Run
+from pipelines.analysis import read_rows
 from pipelines.heads.modules import Key
 
 WINDOW_BYTES = 512 * 2**20  # float32 bytes of one window; the next one is read meanwhile, so twice that
@@ -46,22 +48,14 @@ class Batch:
                      self.labels.to(device, non_blocking=True), self.rows)
 
 
-def read_rows(array: zarr.Array, chunk_rows: int, rows: np.ndarray) -> np.ndarray:
-    """array[rows] as float32 for rows in any order, decoding each chunk that holds one of them
-    exactly once and whole (one slice per chunk, never row by row)."""
-    chunks, inverse = np.unique(rows // chunk_rows, return_inverse=True)
-    slabs = [array[c * chunk_rows:(c + 1) * chunk_rows] for c in chunks]
-    starts = np.cumsum([0] + [len(s) for s in slabs[:-1]])
-    return np.concatenate(slabs)[starts[inverse] + rows % chunk_rows].astype(np.float32, copy=False)
-
-
-def expert_rows(run: Run, expert: Run) -> np.ndarray:
-    """For each row of `run`, the row of the same image in `expert`; -1 where the expert lacks
-    the image, has not written it yet, or failed on it."""
+def expert_rows(run: Run, expert: Run, allow_incomplete: bool = False) -> np.ndarray:
+    """For each row of `run`, the (int64) row of the same image in `expert`; -1 where the expert
+    lacks the image, has not written it yet, or failed on it. An incomplete expert run raises
+    IncompleteRunError unless `allow_incomplete`."""
     run_images, expert_images = run.rows, expert.rows  # rows of the images table
     position = np.full(max(run_images.max(initial=-1), expert_images.max(initial=-1)) + 1, -1, dtype=np.int64)
-    usable = expert.rows_done() & ~expert.failed
-    position[expert_images[usable]] = np.flatnonzero(usable)
+    usable = expert.usable_rows(allow_incomplete)
+    position[expert_images[usable]] = usable
     return position[run_images]
 
 
@@ -69,17 +63,20 @@ class StoreBatches:
     """Passes over rows of a run (and an aligned expert run) as minibatches of float32 tensors."""
 
     def __init__(self, run: Run, keys: Sequence[Key], labels: np.ndarray, *, expert: Run | None = None,
-                 expert_keys: Sequence[Key] = (), batch_size: int = 64, window_chunks: int | None = None):
+                 expert_keys: Sequence[Key] = (), batch_size: int = 64, window_chunks: int | None = None,
+                 allow_incomplete: bool = False):
         if batch_size < 1 or (window_chunks is not None and window_chunks < 1):
             raise ValueError("batch size and window chunks must be positive")
         self.run = run
-        self.arrays: dict[Key, zarr.Array] = {k: run.array(*k) for k in keys}  # unknown (t, block) fails here
+        self.keys = list(keys)
         self.labels = labels
         self.expert = expert
-        self.expert_arrays: dict[Key, zarr.Array] = {k: expert.array(*k) for k in expert_keys} if expert else {}
-        self.expert_rows = expert_rows(run, expert) if expert else None
+        self.expert_keys = list(expert_keys) if expert else []
+        self.expert_rows = expert_rows(run, expert, allow_incomplete) if expert else None
         self.batch_size = batch_size
-        row_values = sum(math.prod(a.shape[1:]) for a in [*self.arrays.values(), *self.expert_arrays.values()])
+        shapes = [run.array(*k).shape[1:] for k in self.keys]  # an unknown (t, block) fails here
+        shapes += [expert.array(*k).shape[1:] for k in self.expert_keys]
+        row_values = sum(math.prod(shape) for shape in shapes)
         self.window_chunks = window_chunks or max(1, WINDOW_BYTES // (4 * row_values * run.chunk_rows))
         self.read_seconds = 0.0  # time spent waiting for windows, over the life of this object
 
@@ -91,10 +88,10 @@ class StoreBatches:
 
     def _read_window(self, rows: np.ndarray) -> dict:
         """One window of rows: {("features", key): array, ("expert", key): array, "rows": rows}."""
-        part: dict = {("features", k): read_rows(a, self.run.chunk_rows, rows) for k, a in self.arrays.items()}
-        if self.expert_arrays:
+        part: dict = {("features", k): read_rows(self.run, *k, rows) for k in self.keys}
+        if self.expert_keys:
             erows = self.expert_rows[rows]
-            part.update({("expert", k): read_rows(a, self.expert.chunk_rows, erows) for k, a in self.expert_arrays.items()})
+            part.update({("expert", k): read_rows(self.expert, *k, erows) for k in self.expert_keys})
         part["rows"] = rows
         return part
 

@@ -1,22 +1,27 @@
 """The first probe from the cache: standardised features, multinomial logistic regression.
 
 Pure compute (`fit_logistic_probe`) on arrays; `probe_run` reads one (t, block) of a run, splits
-train/test by the manifest's split column, and calls it.
+train/test by the manifest's split column, and calls it; `save_probe` writes its result.
+`split_rows` and `resolve_run` are shared by every stage-2 command.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from featurestore.store import FeatureStore, Run
+from featurestore.store import FeatureStore, Run, timestep_key
+from pipelines.analysis import pooled, read_pooled, results_path, run_images, write_json  # noqa: F401 (pooled: re-exported)
 
 
 @dataclass
 class ClassifiedMap:
     """What every classifier of one (run, timestep, block) map reports first: the map, its pooling,
-    feature width and how many images trained and tested it."""
+    feature width, how many images trained and tested it, the run's image counts (`run_images`:
+    used, failed, pending) and every setting that changes the numbers (the results file's digest)."""
 
     run_id: str
     timestep: int | None
@@ -25,6 +30,8 @@ class ClassifiedMap:
     features: int
     train: int
     test: int
+    runs: dict[str, dict[str, int]]
+    settings: dict[str, Any]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,25 +41,6 @@ class ClassifiedMap:
 class ProbeResult(ClassifiedMap):
     top1: float
     train_top1: float
-
-
-def pooled(features: np.ndarray, size: int | None) -> np.ndarray:
-    """Adaptive average pooling of (N, C, H, W) to (N, C, size, size), as torch's
-    adaptive_avg_pool2d bins it (window i covers floor(i*H/size) .. ceil((i+1)*H/size)), then flatten.
-    A map already at most size x size is left as it is."""
-    x = features.astype(np.float32)
-    if size is not None and x.ndim == 4 and (x.shape[2] > size or x.shape[3] > size):
-        x = _adaptive_mean(_adaptive_mean(x, size, axis=2), size, axis=3)
-    return x.reshape(len(x), -1)
-
-
-def _adaptive_mean(x: np.ndarray, size: int, axis: int) -> np.ndarray:
-    n = x.shape[axis]
-    if n % size == 0:  # equal windows: one reshape
-        shape = (*x.shape[:axis], size, n // size, *x.shape[axis + 1:])
-        return x.reshape(shape).mean(axis=axis + 1)
-    bins = [np.take(x, range(i * n // size, -(-(i + 1) * n // size)), axis=axis).mean(axis=axis) for i in range(size)]
-    return np.stack(bins, axis=axis)
 
 
 def fit_logistic_probe(
@@ -71,10 +59,14 @@ def fit_logistic_probe(
     return test_acc, train_acc
 
 
-def split_rows(run: Run, train_split: str, test_split: str, holdout: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/test rows of a run's finished, non-failed images: from the split column, or a
-    seeded holdout fraction when the data has a single split."""
-    status_ok = run.rows_done() & ~run.failed
+def split_rows(run: Run, train_split: str, test_split: str, holdout: float | None, seed: int,
+               allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted int64 train/test rows of a run's extracted, non-failed images: from the split column,
+    or a seeded holdout fraction when the data has a single split. An incomplete run raises
+    IncompleteRunError (how many images are pending, and that `extract` resumes) unless
+    `allow_incomplete`; then only the extracted images are split."""
+    status_ok = np.zeros(len(run), dtype=bool)
+    status_ok[run.usable_rows(allow_incomplete)] = True
     splits = run.images.split
     if holdout is not None:
         if not 0 < holdout < 1:
@@ -97,15 +89,25 @@ def split_rows(run: Run, train_split: str, test_split: str, holdout: float | Non
 def probe_run(
     store: FeatureStore, run_id: str | None, timestep: int | None, block: str, pool: int | None = 4,
     train_split: str = "train", test_split: str = "test", holdout: float | None = None,
-    c: float = 1.0, seed: int = 0,
+    c: float = 1.0, seed: int = 0, allow_incomplete: bool = False,
 ) -> ProbeResult:
-    """Linear probe of one (t, block) of a run (the only run when run_id is None)."""
+    """Linear probe of one (t, block) of a run (the only run when run_id is None); errors as
+    `split_rows` and `read_pooled`."""
     run = resolve_run(store, run_id)
-    train, test = split_rows(run, train_split, test_split, holdout, seed)
-    x = pooled(run.numpy(timestep, block), pool)
+    train, test = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
+    x = read_pooled(run, timestep, block, np.concatenate([train, test]), pool)
     y = run.labels
-    top1, train_top1 = fit_logistic_probe(x[train], y[train], x[test], y[test], c=c)
-    return ProbeResult(run.run_id, timestep, block, pool, x.shape[1], len(train), len(test), top1, train_top1)
+    top1, train_top1 = fit_logistic_probe(x[:len(train)], y[train], x[len(train):], y[test], c=c)
+    settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "pool": pool, "train_split": train_split,
+                "test_split": test_split, "holdout": holdout, "seed": seed, "c": c, "allow_incomplete": allow_incomplete}
+    return ProbeResult(run.run_id, timestep, block, pool, x.shape[1], len(train), len(test), run_images([run]), settings,
+                       top1, train_top1)
+
+
+def save_probe(result: ProbeResult, folder: Path) -> Path:
+    """The result as `probe-logistic-<run>-<t>-<block>-<digest>.json` in `folder`."""
+    label = f"logistic-{result.run_id}-{timestep_key(result.timestep)}-{result.block}"
+    return write_json(result.to_dict(), results_path(folder, "probe", result.settings, label))
 
 
 def resolve_run(store: FeatureStore, run_id: str | None) -> Run:

@@ -3,12 +3,12 @@
 The runner layer: resolve the run (and expert run), split train/validation/test, build the grid
 of heads (one head per (timestep, block) for single-map heads, one fusing all of them for
 difformer and uhead; each times every learning rate), train it in one pass per epoch, test, and
-write one safetensors file per head plus `results.json` into the output folder.
+write one safetensors file per head plus `results.json` into the grid's folder in the results folder,
+`probe-<head>-<run>-<digest>/` (`results_path`: the digest covers the whole config).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from featurestore.store import FeatureStore, Run, run_id_of, timestep_key
+from featurestore.store import FeatureStore, Run, timestep_key
+from pipelines.analysis import results_path, run_images, write_json
 from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import resolve_run, split_rows
@@ -54,8 +55,8 @@ class ProbeConfig:
     train_split: str = "train"
     test_split: str = "test"
     holdout: float | None = None
+    allow_incomplete: bool = False  # an incomplete run: train and test on its extracted images instead of refusing it
     train: TrainConfig = field(default_factory=TrainConfig)
-    out: str | None = None  # default: <store>/../results/probe-<head>-<config digest>
 
 
 def class_names(labels: np.ndarray, names: np.ndarray) -> list[str]:
@@ -86,17 +87,9 @@ def grid(cfg: ProbeConfig, run: Run, expert: Run | None, expert_keys: list[Key],
     return [(head_name(cfg.head, list(spec.inputs), lr), spec, lr) for spec in specs for lr in cfg.lrs]
 
 
-def output_dir(store: FeatureStore, cfg: ProbeConfig) -> Path:
-    if cfg.out is not None:
-        return Path(cfg.out)
-    if "://" in store.url:
-        raise ValueError(f"{store.url} is not a local path: give --out for the results")
-    digest = run_id_of(asdict(cfg))[:8]
-    return Path(store.url).resolve().parent / "results" / f"probe-{cfg.head}-{digest}"
-
-
-def probe_heads(store: FeatureStore, cfg: ProbeConfig) -> dict:
-    """Train and test the grid of `cfg`; returns the results document (also written as results.json)."""
+def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
+    """Train and test the grid of `cfg`; returns the results document, also written as results.json
+    with the heads' weights into the folder `<results>/probe-<head>-<run>-<digest>/` (its path in "out")."""
     device = resolve_device(cfg.train.device)
     run = resolve_run(store, cfg.run_id)
     if cfg.expert_run is not None and cfg.head != "uhead":
@@ -111,9 +104,10 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig) -> dict:
     text = read_text_embeddings(cfg.text_embeddings, classes) if cfg.text_embeddings else None
 
     keys = [(t, b) for t in cfg.timesteps for b in cfg.blocks]
-    data = StoreBatches(run, keys, labels, expert=expert, expert_keys=expert_keys,
-                        batch_size=cfg.train.batch_size, window_chunks=cfg.train.window_chunks)
-    train_rows, test_rows = split_rows(run, cfg.train_split, cfg.test_split, cfg.holdout, cfg.train.seed)
+    data = StoreBatches(run, keys, labels, expert=expert, expert_keys=expert_keys, batch_size=cfg.train.batch_size,
+                        window_chunks=cfg.train.window_chunks, allow_incomplete=cfg.allow_incomplete)
+    train_rows, test_rows = split_rows(run, cfg.train_split, cfg.test_split, cfg.holdout, cfg.train.seed,
+                                       cfg.allow_incomplete)
     train_rows, val_rows = carve_validation(train_rows, cfg.train.val_fraction, cfg.train.seed)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.train.batch_size)
     trainees = []
@@ -124,7 +118,8 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig) -> dict:
     log = train_grid(data, trainees, train_rows, val_rows, cfg.train)
     order, logits = predict(data, {t.name: t.head for t in trainees}, test_rows, device)
 
-    out = output_dir(store, cfg)
+    settings = {**asdict(cfg), "run_id": run.run_id}
+    out = results_path(results, "probe", settings, f"{cfg.head}-{run.run_id}", suffix="")
     out.mkdir(parents=True, exist_ok=True)
     heads = []
     for t in trainees:
@@ -140,7 +135,8 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig) -> dict:
     best = max(heads, key=lambda h: h["val_top1"])  # chosen on validation, never on test
     doc = {
         "task": "probe", "store": store.url, "run_id": run.run_id, "expert_run_id": cfg.expert_run,
-        "config": asdict(cfg), "classes": classes,
+        "config": settings, "classes": classes,
+        "runs": run_images([run, *([expert] if expert else [])]),
         "images": {"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
         "best_head": best["name"], "top1": best["top1"], "top5": best["top5"],
         "epochs_run": len(log.epoch_seconds),
@@ -148,5 +144,5 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig) -> dict:
         "read_seconds_per_epoch": float(np.mean(log.read_seconds)),
         "out": str(out), "heads": heads,
     }
-    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    write_json(doc, out / "results.json")
     return doc

@@ -2,7 +2,9 @@
 
 Extract MNIST DDPM features of the 2,000 embedded digits at seven timesteps and four blocks
 (one forward per batch and t), then from the cache alone a linear probe and a weighted kNN for
-every (t, block) (`sweep`), and one self-contained HTML report page.
+every (t, block) (`sweep`), and one self-contained HTML report page. Written into `out`: the store
+`store.zarr`, its results folder `store.zarr.results/` (the sweep as JSON and CSV and its two plots)
+and `report.html`.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ def run_demo(out: Path, batch_size: int = 64, progress: bool = True, echo: Calla
     echo(f"extracted run {result.run_id}: {result.done} images x {len(DEMO_TIMESTEPS)} timesteps x 4 blocks "
          f"in {time.perf_counter() - tic:.1f} s")
     sweep = sweep_run(FeatureStore.open(store_path), result.run_id, pool=DEMO_POOL)
-    save_sweep(sweep, results_dir(store_path, None))
+    saved = save_sweep(sweep, results_dir(store_path, None))
     echo(f"linear probe, test top-1 (features pooled to {DEMO_POOL}x{DEMO_POOL}; 1,000 train / 1,000 test digits):")
     echo(pivot_table(sweep, "linear_top1"))
     echo(f"weighted kNN (k={sweep.knn_k}), test top-1:")
     echo(pivot_table(sweep, "knn_top1"))
-    echo(f"{len(sweep.rows)} (t, block) pairs probed from the cache in {sweep.seconds:.1f} s")
+    echo(f"{len(sweep.rows)} (t, block) pairs probed from the cache in {sweep.seconds:.1f} s; saved "
+         + ", ".join(str(p) for p in saved))
     return Path(write_report(store_path, out / "report.html").out)

@@ -1,9 +1,11 @@
-"""`featurestore report`: the store summary and every result saved next to it, as one HTML page.
+"""`featurestore report`: the store summary and every result of that store, as one HTML page.
 
-Two layers: `collect_report` reads the store (through `inspect_store`) and the results folder into a
-typed `ReportData`; `render_html` turns that into one self-contained page (inline CSS, every image a
-base64 data URI) that can be mailed or archived without the folder it came from. Every string from
-the store or a JSON file is HTML-escaped, and a results file that cannot be read is listed with the
+Two layers: `collect_report` reads the store (through `inspect_store`) and its results folder
+(`<store>.results/` by default) into a typed `ReportData`; `render_html` turns that into one
+self-contained page (inline CSS, every image a base64 data URI) that can be mailed or archived
+without the folder it came from. Every string from the store or a JSON file is HTML-escaped. A
+results file is shown only when every run it names (its `runs` field) is a run of this store; the
+others are listed as skipped with the reason, and a file that cannot be read is listed with the
 reason rather than stopping the report.
 """
 
@@ -59,6 +61,14 @@ class Unreadable:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A readable results file that is not this store's (or does not say whose it is)."""
+
+    name: str
+    why: str
+
+
+@dataclass(frozen=True)
 class DatasetSummary:
     """What the images table holds for one dataset: the class names are the store's own strings."""
 
@@ -79,15 +89,17 @@ class ReportData:
     ckas: list[Loaded[CkaResult]] = field(default_factory=list)
     others: list[Loaded[Any]] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def sections(self) -> list[str]:
         present = {"store": True, "images": bool(self.datasets), "sweeps": bool(self.sweeps), "cka": bool(self.ckas),
-                   "results": bool(self.others), "unreadable": bool(self.unreadable)}
+                   "results": bool(self.others), "unreadable": bool(self.unreadable), "skipped": bool(self.skipped)}
         return [name for name, shown in present.items() if shown]
 
     @property
     def results_count(self) -> int:
+        """Results files of this store: shown, or listed as unreadable (skipped ones not counted)."""
         return sum(map(len, (self.sweeps, self.ckas, self.others, self.unreadable)))
 
 
@@ -96,25 +108,30 @@ class ReportSummary:
     out: str
     sections: list[str]
     results: int
+    skipped: list[Skipped]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": self.out, "sections": self.sections, "results": self.results}
+        return {"out": self.out, "sections": self.sections, "results": self.results,
+                "skipped": [{"file": s.name, "why": s.why} for s in self.skipped]}
 
 
 # -- collecting ------------------------------------------------------------------------------------
 def collect_report(store_url: str, results: str | Path | None = None) -> ReportData:
-    """The store summary plus every results JSON under the results folder."""
+    """The store summary plus every results JSON of this store under the results folder (default
+    `<store>.results/`); results of other stores are listed in `skipped`."""
     doc = inspect_store(store_url)
     try:
         folder = results_dir(store_url, results).resolve()
     except ValueError:
         raise ValueError(f"{store_url} is not a local path: give --results DIR") from None
-    data = ReportData(doc, dataset_summaries(FeatureStore.open(store_url)), folder, folder.is_dir())
+    store = FeatureStore.open(store_url)
+    data = ReportData(doc, dataset_summaries(store), folder, folder.is_dir())
     files = result_files(folder) if data.results_found else []
+    run_ids = set(store.run_ids())
     for path in files:
         name = str(path.relative_to(folder)) if path.is_relative_to(folder) else path.name
         try:
-            add_result(data, name, path)
+            add_result(data, name, path, run_ids)
         except Exception as exc:  # noqa: BLE001  any defect of one file is that file's note, never the report's end
             data.unreadable.append(Unreadable(name, f"{type(exc).__name__}: {exc}"))
     return data
@@ -132,14 +149,22 @@ def result_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def add_result(data: ReportData, name: str, path: Path) -> None:
-    """Parse one results file and file it under its kind, with its figures (drawn when missing)."""
+def add_result(data: ReportData, name: str, path: Path, run_ids: set[str]) -> None:
+    """Parse one results file and file it under its kind, with its figures (drawn when missing),
+    or under `skipped` when the runs it names (its `runs` field) are not all in `run_ids`."""
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         data.unreadable.append(Unreadable(name, f"not valid JSON: {exc}"))
         return
-    if isinstance(doc, dict) and {"run_id", "knn_k", "rows"} <= doc.keys():
+    if not isinstance(doc, dict) or not isinstance(doc.get("runs"), dict) or not doc["runs"]:
+        data.skipped.append(Skipped(name, "names no runs (no `runs` field: not a results file of this version)"))
+        return
+    foreign = sorted(set(doc["runs"]) - run_ids)
+    if foreign:
+        data.skipped.append(Skipped(name, f"another store's: run(s) {', '.join(foreign)} are not in this store"))
+        return
+    if {"run_id", "knn_k", "rows"} <= doc.keys():
         sweep = SweepResult(**{**doc, "rows": [SweepRow(**r) for r in doc["rows"]]})
         numbers([getattr(r, m) for r in sweep.rows for m in SWEEP_METRICS], "sweep accuracies")
         plots = [(by, path.with_name(f"{path.stem}-{suffix}.png")) for by, suffix in SWEEP_PLOTS.items()]
@@ -147,7 +172,7 @@ def add_result(data: ReportData, name: str, path: Path) -> None:
                    Figure(f"accuracy vs {by}", drawn(lambda p, by=by: plot_sweep(sweep, p, by)), drawn=True)
                    for by, png in plots]
         data.sweeps.append(Loaded(name, sweep, figures))
-    elif isinstance(doc, dict) and {"grid", "rows", "cols", "matrices"} <= doc.keys():
+    elif {"grid", "rows", "cols", "matrices"} <= doc.keys():
         cka = CkaResult(**doc)
         for estimator, matrix in cka.matrices.items():
             if np.asarray(matrix, dtype=float).shape != (len(cka.rows), len(cka.cols)):
@@ -404,6 +429,11 @@ def render_unreadable(unreadable: Sequence[Unreadable]) -> Html:
                    table(["file", "note"], [[Html(tag("code", u.name)), u.note] for u in unreadable]))
 
 
+def render_skipped(skipped: Sequence[Skipped]) -> Html:
+    return section("skipped", "Results files skipped (not this store's)",
+                   table(["file", "why"], [[Html(tag("code", s.name)), s.why] for s in skipped]))
+
+
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #1f2328;
        max-width: 1200px; margin: 2em auto; padding: 0 1.5em; }
@@ -424,7 +454,7 @@ pre { background: #f6f8fa; padding: .8em; overflow: auto; max-height: 28em; font
 """
 
 TITLES = {"store": "Store", "images": "Images", "sweeps": "Sweeps", "cka": "CKA", "results": "Other results",
-          "unreadable": "Not shown"}
+          "unreadable": "Not shown", "skipped": "Skipped"}
 
 
 def render_html(data: ReportData) -> str:
@@ -434,6 +464,7 @@ def render_html(data: ReportData) -> str:
         "sweeps": lambda: render_sweeps(data.sweeps), "cka": lambda: render_ckas(data.ckas),
         "results": lambda: render_others(data.others),
         "unreadable": lambda: render_unreadable(data.unreadable),
+        "skipped": lambda: render_skipped(data.skipped),
     }
     where = (f"Results from {data.results_dir}" if data.results_found
              else f"No results folder at {data.results_dir}: run sweep, cka, knn, probe or retrieve first.")
@@ -451,4 +482,4 @@ def write_report(store_url: str, out: str | Path | None = None, results: str | P
     path = Path(out) if out is not None else data.results_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(data), encoding="utf-8")
-    return ReportSummary(str(path), data.sections, data.results_count)
+    return ReportSummary(str(path), data.sections, data.results_count, data.skipped)

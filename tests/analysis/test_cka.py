@@ -61,9 +61,9 @@ def test_streaming_over_slabs_equals_in_memory():
     rng = np.random.default_rng(2)
     x, y = related_pair(rng, n=203)
     z = rng.normal(size=(203, 5)) + x[:, :5]
-    whole, n = cka_matrices([[x, y, z]], "feature")
+    whole, n, _ = cka_matrices([[x, y, z]], "feature")
     cuts = [0, 4, 90, 91, 203]
-    streamed, n_streamed = cka_matrices([[v[a:b] for v in (x, y, z)] for a, b in itertools.pairwise(cuts)], "feature")
+    streamed, n_streamed, _ = cka_matrices([[v[a:b] for v in (x, y, z)] for a, b in itertools.pairwise(cuts)], "feature")
     assert n == n_streamed == 203
     for name in ("biased", "unbiased"):
         np.testing.assert_allclose(streamed[name], whole[name], atol=1e-10)
@@ -74,7 +74,7 @@ def test_streaming_over_slabs_equals_in_memory():
 def test_minibatch_of_everything_is_the_full_unbiased_value():
     rng = np.random.default_rng(3)
     x, y = related_pair(rng, n=150)
-    minibatch, _ = cka_matrices([[x, y]], "minibatch", batch_size=150)
+    minibatch, _, _ = cka_matrices([[x, y]], "minibatch", batch_size=150)
     assert set(minibatch) == {"unbiased"}
     assert minibatch["unbiased"][0, 1] == pytest.approx(linear_cka(x, y)["unbiased"], abs=1e-9)
 
@@ -86,6 +86,6 @@ def test_minibatch_approaches_the_full_value_on_large_n():
     x, y = related_pair(rng, n=20000, dx=32, dy=16)
     full = linear_cka(x, y)["unbiased"]
     slabs = [[x[a:a + 4096], y[a:a + 4096]] for a in range(0, 20000, 4096)]
-    minibatch, n = cka_matrices(slabs, "minibatch", batch_size=256, seed=0)
+    minibatch, n, _ = cka_matrices(slabs, "minibatch", batch_size=256, seed=0)
     assert n == 20000 and 0.2 < full < 0.8
     assert minibatch["unbiased"][0, 1] == pytest.approx(full, abs=0.005)

@@ -74,8 +74,9 @@ def brute_force(truth: dict, classes: list[str]) -> tuple[HitRanks, np.ndarray]:
 
 
 def config(**changes) -> RetrievalConfig:
+    """The toy run's last chunk is not done: allow_incomplete uses its extracted images."""
     base = {"query": Side(None, 10, "b", "sketch"), "gallery": Side(None, 10, "b", "photo"), "pool": 1,
-            "map_at": (None, 5), "precision_at": (3, 10), "slab_rows": CHUNK}
+            "map_at": (None, 5), "precision_at": (3, 10), "slab_rows": CHUNK, "allow_incomplete": True}
     return RetrievalConfig(**{**base, **changes})
 
 
@@ -189,9 +190,10 @@ def test_results_files_and_grid(toy, tmp_path):
         Image.new("RGB", (12, 12), (40, 90, 200) if i.startswith("photo") else "white").save(tmp_path / "data" / "img" / f"{i}.png")
     saved = save_results(result, tmp_path / "res", data_root=tmp_path / "data")
     assert result.grid_note is None and Path(result.grid).stat().st_size > 1000
-    assert saved.name.startswith(f"retrieve-{truth['run']}-t10-b-pool1-toy-") and saved.suffix == ".json"
+    assert saved.name.startswith(f"retrieve-{truth['run']}-t10-b-toy-") and saved.suffix == ".json"
     other = retrieve_run(store, config(split=str(split), ap="voc11"))
-    assert other.stem() != result.stem()  # another metric variant does not overwrite this file
+    assert other.path(tmp_path, ".json") != saved  # another metric variant does not overwrite this file
+    assert retrieve_run(store, config(split=str(split), pool=2)).path(tmp_path, ".json") != saved  # nor another pool
     (tmp_path / "data" / "img" / f"{result.examples[0]['top'][3]['id']}.png").unlink()
     save_results(result, tmp_path / "res", data_root=tmp_path / "data")
     assert result.grid is None and result.grid_note.startswith("grid skipped: cannot read")
@@ -219,12 +221,15 @@ def test_two_runs_and_bad_input(toy):
 def test_cli_json_and_errors(toy, tmp_path):
     store, truth, split = toy
     runner = CliRunner()
-    args = ["retrieve", str(store.url), "--block", "b", "--timestep", "10", "--pool", "1", "--out", str(tmp_path / "out")]
+    args = ["retrieve", str(store.url), "--block", "b", "--timestep", "10", "--pool", "1", "--out", str(tmp_path / "out"),
+            "--allow-incomplete"]
     result = runner.invoke(app, [*args, "--split", str(split), "--map-at", "all,5", "--precision-at", "3", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert set(doc["metrics"]) == {"mAP@all", "mAP@5", "P@3", "chance"} and doc["classes"] == SPLIT["unseen"]
-    assert len(list((tmp_path / "out").glob(f"retrieve-{truth['run']}-t10-b-pool1-toy-*.json"))) == 1
+    assert len(list((tmp_path / "out").glob(f"retrieve-{truth['run']}-t10-b-toy-*.json"))) == 1
+    assert doc["runs"] == {truth["run"]: {"used": int(truth["usable"].sum()), "failed": 1,
+                                          "pending": int((~truth["usable"]).sum()) - 1}}
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and "mAP@all:" in result.output and "grid skipped" in result.output
     bad_split = tmp_path / "bad.json"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore.store import StoreError, timestep_key
+from featurestore.store import IncompleteRunError, NonFiniteError, StoreError, timestep_key
 from featurestore.torch_view import ChunkShuffleSampler, FeatureDataset
 
 # N=30 in chunks of 4: 8 chunks, the last one has 2 rows. Chunk 3 (rows 12-15) is not done but has a
@@ -24,21 +24,22 @@ def written(make_run):
     return make_run(**LAYOUT)
 
 
-class CountingArray:
-    """Wraps a zarr array and records every read."""
-
-    def __init__(self, array):
-        self.array = array
-        self.reads = []
-
-    def __getitem__(self, selection):
-        self.reads.append(selection)
-        return self.array[selection]
+def view(run, keys, **kw) -> FeatureDataset:
+    """A FeatureDataset that accepts the incomplete run of LAYOUT (chunk 3 pending)."""
+    return FeatureDataset(run, keys, allow_incomplete=True, **kw)
 
 
-def _count_reads(ds: FeatureDataset) -> list[CountingArray]:
-    ds.arrays = [CountingArray(a) for a in ds.arrays]
-    return ds.arrays
+def _count_reads(ds: FeatureDataset) -> list[list[slice]]:
+    """Per key of `ds`, the rows (a slice per chunk) of every read; all go through `Run.read_chunk`."""
+    reads: dict[tuple, list[slice]] = {key: [] for key in ds.keys}
+    read_chunk = ds.run.read_chunk
+
+    def counted(t, block, chunk):
+        reads[(t, block)].append(ds.run.chunk_slice(chunk))
+        return read_chunk(t, block, chunk)
+
+    ds.run.read_chunk = counted
+    return list(reads.values())
 
 
 def _chunk_runs(chunks: list[int]) -> list[int]:
@@ -48,7 +49,7 @@ def _chunk_runs(chunks: list[int]) -> list[int]:
 
 # -- FeatureDataset -------------------------------------------------------------------------------
 def test_single_key_items_are_features_and_label(written):
-    ds = FeatureDataset(written.run, [(10, "down0")])
+    ds = view(written.run, [(10, "down0")])
     assert len(ds) == len(USABLE)
     for i, row in enumerate(USABLE):
         x, y = ds[i]
@@ -62,7 +63,7 @@ def test_single_key_items_are_features_and_label(written):
 
 def test_float16_store_gives_float32_tensors(make_run):
     w = make_run(dtype="float16")  # N=10, chunks of 4: chunks 0 and 2 done, rows 1 and 9 failed
-    ds = FeatureDataset(w.run, [(None, "down0")])
+    ds = FeatureDataset(w.run, [(None, "down0")], allow_incomplete=True)
     assert ds.rows.tolist() == [0, 2, 3, 8]
     for i, row in enumerate([0, 2, 3, 8]):
         x, y = ds[i]
@@ -72,14 +73,14 @@ def test_float16_store_gives_float32_tensors(make_run):
 
 
 def test_timestep_none_key_reads_its_own_array(written):
-    ds = FeatureDataset(written.run, [(None, "mid")])
+    ds = view(written.run, [(None, "mid")])
     for i, row in enumerate(USABLE):
         np.testing.assert_array_equal(ds[i][0].numpy(), written.data[(None, "mid")][row])
     assert not np.array_equal(written.data[(None, "mid")][USABLE], written.data[(10, "mid")][USABLE])
 
 
 def test_two_keys_give_a_dict(written):
-    ds = FeatureDataset(written.run, [(10, "down0"), (10, "mid")])
+    ds = view(written.run, [(10, "down0"), (10, "mid")])
     for i, row in enumerate(USABLE):
         x, y = ds[i]
         assert set(x) == {"t10/down0", "t10/mid"}
@@ -90,20 +91,45 @@ def test_two_keys_give_a_dict(written):
 
 
 def test_dict_key_of_timestep_none_follows_store_naming(written):
-    ds = FeatureDataset(written.run, [(10, "mid"), (None, "mid")])
+    ds = view(written.run, [(10, "mid"), (None, "mid")])
     x, _ = ds[0]
     assert set(x) == {"t10/mid", f"{timestep_key(None)}/mid"}
 
 
+def test_an_incomplete_run_is_refused_unless_allowed(written):
+    with pytest.raises(IncompleteRunError, match=r"incomplete: 4 of 30 images pending; re-run the same `featurestore "
+                                                 r"extract` to resume, or pass --allow-incomplete"):
+        FeatureDataset(written.run, [(10, "down0")])
+    with pytest.raises(IncompleteRunError, match="pending"):
+        FeatureDataset(written.run, [(10, "down0")], rows=np.array([0, 1]))  # even rows that are done
+    assert FeatureDataset(written.run, [(10, "down0")], allow_incomplete=True).rows.tolist() == USABLE
+
+
+def test_a_complete_run_needs_no_flag_and_leaves_failed_images_out(make_run):
+    complete = make_run(n=8, chunk_rows=4, done=(0, 1), failed={3: "bad png"}, undone_failed={})
+    assert FeatureDataset(complete.run, [(10, "down0")]).rows.tolist() == [0, 1, 2, 4, 5, 6, 7]  # failed: left out
+
+
+def test_non_finite_features_are_refused_when_read(make_run):
+    w = make_run(n=8, chunk_rows=4, done=(0, 1), failed={}, undone_failed={})
+    values = w.data[(10, "down0")][4:8].copy()
+    values[2, 0, 0, 0] = np.inf
+    w.run.write_chunk(1, {(10, "down0"): values}, np.zeros(4, bool), [""] * 4)
+    ds = FeatureDataset(w.run, [(10, "down0")])
+    np.testing.assert_array_equal(ds[0][0].numpy(), w.data[(10, "down0")][0])
+    with pytest.raises(NonFiniteError, match="array t10/down0 chunk 1 holds non-finite values"):
+        ds[5]
+
+
 def test_failed_and_undone_rows_are_excluded(written):
-    ds = FeatureDataset(written.run, [(10, "down0")])
+    ds = view(written.run, [(10, "down0")])
     assert ds.rows.tolist() == USABLE
     assert 14 not in ds.rows and 12 not in ds.rows and 2 not in ds.rows
 
 
 def test_explicit_rows_keep_their_order(written):
     rows = np.array([21, 0, 8, 9, 28])
-    ds = FeatureDataset(written.run, [(None, "down0")], rows=rows)
+    ds = view(written.run, [(None, "down0")], rows=rows)
     assert len(ds) == 5
     for i, row in enumerate(rows):
         x, y = ds[i]
@@ -114,21 +140,21 @@ def test_explicit_rows_keep_their_order(written):
 @pytest.mark.parametrize("bad_row", [2, 29, 12, 14], ids=["failed", "failed-last", "undone", "undone-flagged"])
 def test_requesting_unusable_rows_raises(written, bad_row):
     with pytest.raises(ValueError, match="not extracted yet or failed"):
-        FeatureDataset(written.run, [(10, "down0")], rows=np.array([0, bad_row, 5]))
+        view(written.run, [(10, "down0")], rows=np.array([0, bad_row, 5]))
 
 
 def test_dataset_needs_a_known_key(written):
     with pytest.raises(ValueError):
-        FeatureDataset(written.run, [])
+        view(written.run, [])
     with pytest.raises(StoreError):
-        FeatureDataset(written.run, [(10, "up0")])
+        view(written.run, [(10, "up0")])
     with pytest.raises(StoreError):
-        FeatureDataset(written.run, [(999, "mid")])
+        view(written.run, [(999, "mid")])
 
 
 # -- ChunkShuffleSampler --------------------------------------------------------------------------
 def test_sampler_yields_a_permutation(written):
-    ds = FeatureDataset(written.run, [(10, "mid")])
+    ds = view(written.run, [(10, "mid")])
     sampler = ChunkShuffleSampler(ds, seed=3)
     order = list(sampler)
     assert len(sampler) == len(ds)
@@ -137,7 +163,7 @@ def test_sampler_yields_a_permutation(written):
 
 
 def test_sampler_keeps_each_chunk_contiguous(written):
-    ds = FeatureDataset(written.run, [(10, "mid")])
+    ds = view(written.run, [(10, "mid")])
     for seed in (0, 1, 7):
         sampler = ChunkShuffleSampler(ds, seed=seed)
         for epoch in (0, 1, 5):
@@ -149,14 +175,14 @@ def test_sampler_keeps_each_chunk_contiguous(written):
 
 def test_sampler_with_explicit_rows_keeps_chunks_contiguous(written):
     rows = np.array([25, 0, 9, 24, 1, 8, 26, 3, 10])
-    ds = FeatureDataset(written.run, [(10, "mid")], rows=rows)
+    ds = view(written.run, [(10, "mid")], rows=rows)
     order = list(ChunkShuffleSampler(ds, seed=2))
     assert sorted(order) == list(range(9))
     assert sorted(_chunk_runs([int(rows[i]) // 4 for i in order])) == [0, 2, 6]
 
 
 def test_sampler_is_deterministic_per_seed_and_epoch(written):
-    ds = FeatureDataset(written.run, [(10, "mid")])
+    ds = view(written.run, [(10, "mid")])
     a, b = ChunkShuffleSampler(ds, seed=11), ChunkShuffleSampler(ds, seed=11)
     assert list(a) == list(b)
     assert list(a) == list(a)  # iterating again gives the same epoch
@@ -168,7 +194,7 @@ def test_sampler_is_deterministic_per_seed_and_epoch(written):
 
 
 def test_sampler_really_shuffles(written):
-    ds = FeatureDataset(written.run, [(10, "mid")])
+    ds = view(written.run, [(10, "mid")])
     sampler = ChunkShuffleSampler(ds, seed=0)
     chunk_orders, segments = [], []
     for epoch in range(5):
@@ -182,7 +208,7 @@ def test_sampler_really_shuffles(written):
 
 
 def test_sampler_order_decodes_each_chunk_once(written):
-    ds = FeatureDataset(written.run, [(10, "down0"), (None, "mid")])
+    ds = view(written.run, [(10, "down0"), (None, "mid")])
     counters = _count_reads(ds)
     sampler = ChunkShuffleSampler(ds, seed=5)
     sampler.set_epoch(2)
@@ -193,22 +219,22 @@ def test_sampler_order_decodes_each_chunk_once(written):
         assert y == written.labels[row]
     expected = [written.run.chunk_slice(c) for c in (0, 1, 2, 4, 5, 6, 7)]
     for counter in counters:
-        assert len(counter.reads) == len(expected)
-        assert sorted(counter.reads, key=lambda s: s.start) == expected
+        assert len(counter) == len(expected)
+        assert sorted(counter, key=lambda s: s.start) == expected
 
 
 def test_read_counter_sees_re_decoding(written):
     """The counter of the test above can fail: alternating chunks re-decodes every time."""
-    ds = FeatureDataset(written.run, [(10, "mid")])
+    ds = view(written.run, [(10, "mid")])
     (counter,) = _count_reads(ds)
     order = [0, 3, 1, 4, 2, 5]  # rows 0, 4, 1, 5, 3, 6: chunks 0, 1, 0, 1, 0, 1
     for i in order:
         ds[i]
-    assert len(counter.reads) == 6
+    assert len(counter) == 6
 
 
 def test_dataloader_with_sampler(written):
-    ds = FeatureDataset(written.run, [(10, "down0")])
+    ds = view(written.run, [(10, "down0")])
     sampler = ChunkShuffleSampler(ds, seed=1)
     order = list(sampler)
     loader = DataLoader(ds, batch_size=5, sampler=sampler)
@@ -220,7 +246,7 @@ def test_dataloader_with_sampler(written):
 
 
 def test_a_window_of_chunks_is_shuffled_together_and_each_chunk_decoded_once(written):
-    ds = FeatureDataset(written.run, [(10, "down0")], cache_chunks=3)
+    ds = view(written.run, [(10, "down0")], cache_chunks=3)
     (counter,) = _count_reads(ds)
     sampler = ChunkShuffleSampler(ds, seed=4, window_chunks=3)
     order = list(sampler)
@@ -238,22 +264,22 @@ def test_a_window_of_chunks_is_shuffled_together_and_each_chunk_decoded_once(wri
     assert len(_chunk_runs(chunks)) > 7  # rows of the chunks of a window interleave
     for i in order:
         np.testing.assert_array_equal(ds[i][0].numpy(), written.data[(10, "down0")][int(ds.rows[i])])
-    assert sorted(counter.reads, key=lambda s: s.start) == [written.run.chunk_slice(c) for c in (0, 1, 2, 4, 5, 6, 7)]
+    assert sorted(counter, key=lambda s: s.start) == [written.run.chunk_slice(c) for c in (0, 1, 2, 4, 5, 6, 7)]
 
 
 def test_the_chunk_cache_keeps_the_last_chunks_used(written):
-    ds = FeatureDataset(written.run, [(10, "mid")], cache_chunks=2)
+    ds = view(written.run, [(10, "mid")], cache_chunks=2)
     (counter,) = _count_reads(ds)
     for i in [0, 3, 1, 4, 2, 5]:  # chunks 0, 1, 0, 1, 0, 1: both stay cached
         ds[i]
     ds[7]  # chunk 2 evicts chunk 0, the least recently used
     ds[4]  # chunk 1 is still there
     ds[0]  # chunk 0 is read again
-    assert [s.start for s in counter.reads] == [0, 4, 8, 0]
+    assert [s.start for s in counter] == [0, 4, 8, 0]
 
 
 def test_a_window_needs_a_cache_that_holds_it(written):
     with pytest.raises(ValueError, match=r"needs FeatureDataset\(cache_chunks >= 4\)"):
-        ChunkShuffleSampler(FeatureDataset(written.run, [(10, "mid")], cache_chunks=2), window_chunks=4)
+        ChunkShuffleSampler(view(written.run, [(10, "mid")], cache_chunks=2), window_chunks=4)
     with pytest.raises(ValueError, match="cache_chunks must be at least 1"):
-        FeatureDataset(written.run, [(10, "mid")], cache_chunks=0)
+        view(written.run, [(10, "mid")], cache_chunks=0)

@@ -1,6 +1,6 @@
 """Fixtures for tests/heads: synthetic stores whose labels are a known function of the features.
 
-Helpers are handed out as fixtures (`build_run`, `noise`, `lit_channel`, `counting`): test modules
+Helpers are handed out as fixtures (`build_run`, `noise`, `lit_channel`, `chunk_reads`): test modules
 cannot import this file."""
 
 from __future__ import annotations
@@ -82,21 +82,16 @@ def _one_thread(one_torch_thread):
     yield
 
 
-class CountingArray:
-    """A zarr array that counts the chunks each read touches (and checks reads are whole chunks)."""
-
-    def __init__(self, array, chunk_rows: int):
-        self.array, self.chunk_rows, self.chunks = array, chunk_rows, Counter()
-        self.shape = array.shape
-
-    def __getitem__(self, selection):
-        assert isinstance(selection, slice) and selection.start % self.chunk_rows == 0
-        assert selection.stop - selection.start == self.chunk_rows  # whole chunk (zarr clips the last)
-        self.chunks[selection.start // self.chunk_rows] += 1
-        return self.array[selection]
-
-
 @pytest.fixture
-def counting() -> Callable[..., CountingArray]:
-    """counting(array, chunk_rows): the array, counting the chunks read (`.chunks`, a Counter)."""
-    return CountingArray
+def chunk_reads(monkeypatch) -> Counter:
+    """From now on, a Counter of the chunks read through `Run.read_chunk` (every feature read goes
+    through it, a whole chunk at a time): (run_id, t, block, chunk) -> reads."""
+    reads: Counter = Counter()
+    original = Run.read_chunk
+
+    def counted(self, t, block, chunk):
+        reads[(self.run_id, t, block, chunk)] += 1
+        return original(self, t, block, chunk)
+
+    monkeypatch.setattr(Run, "read_chunk", counted)
+    return reads

@@ -35,7 +35,8 @@ def test_attention_head_prints_results_json(store, tmp_path):
     (head,) = doc["heads"]
     assert head["name"] == "attention_t5_a_lr0.003" and head["keys"] == [[5, "a"]]
     assert doc["top1"] == head["top1"] >= 0.9 and {"top5", "per_class"} <= head.keys()
-    assert (tmp_path / "out" / "results.json").exists() and (tmp_path / "out" / head["weights"]).exists()
+    folder = tmp_path / "out" / f"probe-attention-{doc['run_id']}-{doc['out'][-8:]}"  # the digest of the config
+    assert doc["out"] == str(folder) and (folder / "results.json").exists() and (folder / head["weights"]).exists()
 
 
 def test_lists_of_blocks_timesteps_and_lrs_make_a_grid(store, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from featurestore.store import FeatureStore, Run
+from pipelines.analysis import results_dir
 from pipelines.heads.logistic import split_rows
 from pipelines.heads.modules import load_head
 from pipelines.heads.probe import ProbeConfig, probe_heads
@@ -21,13 +23,14 @@ SMALL = {"width": 16, "num_heads": 4, "hidden": 32, "expert_width": 8}
 KINDS = ["linear", "mlp", "attention", "difformer", "uhead"]
 
 
-def probe(run: Run, head: str, blocks: tuple[str, ...] | None = None, **kw) -> dict:
-    """probe_heads with small heads; blocks default to a (single-map heads) or a and b."""
+def probe(run: Run, head: str, blocks: tuple[str, ...] | None = None, out: str | None = None, **kw) -> dict:
+    """probe_heads with small heads, into the results folder `out` (default: the store's own);
+    blocks default to a (single-map heads) or a and b."""
     train = TrainConfig(**{"epochs": 8, "batch_size": 16, "patience": 3, **kw.pop("train", {})})
     blocks = blocks or (("a",) if head in ("linear", "mlp", "attention") else ("a", "b"))
     cfg = ProbeConfig(head=head, blocks=list(blocks), timesteps=[5], lrs=kw.pop("lrs", [3e-3]), run_id=run.run_id,
                       head_options={**SMALL, **kw.pop("head_options", {})}, train=train, **kw)
-    return probe_heads(FeatureStore.open(run.store.url), cfg)
+    return probe_heads(FeatureStore.open(run.store.url), cfg, results_dir(run.store.url, out))
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +75,8 @@ def test_uhead_solves_a_task_only_the_expert_can_see(make_run, lit_channel, nois
     assert with_expert["heads"][0]["expert_keys"] == [[None, "layer4"]]
 
 
-def test_a_grid_reads_each_chunk_once_per_epoch_and_equals_its_heads_trained_alone(signal_run, tmp_path, monkeypatch,
-                                                                                   counting):
-    counters = []
-    original = Run.array
-
-    def counted(self, t, block):
-        counters.append(counting(original(self, t, block), self.chunk_rows))
-        return counters[-1]
-
-    monkeypatch.setattr(Run, "array", counted)
+def test_a_grid_reads_each_chunk_once_per_epoch_and_equals_its_heads_trained_alone(signal_run, tmp_path,
+                                                                                   chunk_reads):
     grid = probe(signal_run, "linear", blocks=("a", "b"), lrs=[3e-3, 1e-2], out=str(tmp_path / "grid"))
     head_names = [h["name"] for h in grid["heads"]]
     assert head_names == ["linear_t5_a_lr0.003", "linear_t5_a_lr0.01", "linear_t5_b_lr0.003", "linear_t5_b_lr0.01"]
@@ -90,9 +85,9 @@ def test_a_grid_reads_each_chunk_once_per_epoch_and_equals_its_heads_trained_alo
     train_rows, _ = split_rows(signal_run, "train", "test", None, 0)
     _, val_rows = carve_validation(train_rows, 0.1, 0)
     with_val = set((val_rows // signal_run.chunk_rows).tolist())
-    reads = Counter({c: grid["epochs_run"] + 1 + (c in with_val) for c in range(signal_run.n_chunks)})
+    reads = {c: grid["epochs_run"] + 1 + (c in with_val) for c in range(signal_run.n_chunks)}
     assert 0 < len(with_val) < signal_run.n_chunks
-    assert [c.chunks for c in counters] == [reads] * 2
+    assert chunk_reads == Counter({(signal_run.run_id, 5, b, c): n for b in ("a", "b") for c, n in reads.items()})
 
     alone = probe(signal_run, "linear", blocks=("b",), lrs=[1e-2], out=str(tmp_path / "alone"))
     # Bit-identical, not merely close: the head is seeded on its own, trains without randomness,
@@ -100,7 +95,7 @@ def test_a_grid_reads_each_chunk_once_per_epoch_and_equals_its_heads_trained_alo
     in_grid = next(h for h in grid["heads"] if h["name"] == "linear_t5_b_lr0.01")
     assert {k: in_grid[k] for k in ("top1", "top5", "per_class", "val_top1", "best_epoch", "epochs")} == \
            {k: alone["heads"][0][k] for k in ("top1", "top5", "per_class", "val_top1", "best_epoch", "epochs")}
-    a, b = load_file(tmp_path / "grid" / in_grid["weights"]), load_file(tmp_path / "alone" / alone["heads"][0]["weights"])
+    a, b = load_file(f"{grid['out']}/{in_grid['weights']}"), load_file(f"{alone['out']}/{alone['heads'][0]['weights']}")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -139,9 +134,9 @@ def test_the_same_seed_repeats_a_run_and_another_seed_does_not(signal_run, tmp_p
     again = probe(signal_run, "mlp", train={"seed": 3, "epochs": 3}, out=str(tmp_path / "2"))
     probe(signal_run, "mlp", train={"seed": 4, "epochs": 3}, out=str(tmp_path / "3"))
     assert numbers(first) == numbers(again)
-    assert json.loads((tmp_path / "1" / "results.json").read_text())["heads"] == first["heads"]
+    assert json.loads((tmp_path / "1" / Path(first["out"]).name / "results.json").read_text())["heads"] == first["heads"]
     name = first["heads"][0]["weights"]
-    w1, w2, w3 = (load_file(tmp_path / d / name) for d in "123")
+    w1, w2, w3 = (load_file(next((tmp_path / d).glob("probe-mlp-*")) / name) for d in "123")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert not all(torch.equal(w1[k], w3[k]) for k in w1)
 
@@ -150,7 +145,7 @@ def test_saved_heads_reproduce_the_reported_test_accuracy(make_run, lit_channel,
     labels = rng.integers(0, 7, N)  # 7 classes, so top-5 is not trivially 1
     run = make_run({(5, "a"): lit_channel(rng, labels, (8, 8, 8), 1.0), (5, "b"): lit_channel(rng, labels, (8, 4, 4), 1.0)}, labels)
     doc = probe(run, "difformer", lrs=[1e-3, 3e-3], train={"epochs": 3})
-    out = run.store.url.rsplit("/", 1)[0] + "/results"  # the default: next to the store
+    out = str(Path(run.store.url).resolve()) + ".results/probe-difformer-" + run.run_id  # the default: the store's own
     assert doc["out"].startswith(out) and doc["run_id"] == run.run_id
     assert {"top1", "top5", "config", "run_id", "seconds_per_epoch", "heads"} <= doc.keys()
     assert doc["seconds_per_epoch"] > 0 and doc["config"]["head"] == "difformer"

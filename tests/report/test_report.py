@@ -56,13 +56,13 @@ def store_with_results(tmp_path_factory):
     second = write_run(store, {"backbone": "other", "dataset": "toy"}, rows, labels, ["b0"], [5], rng)
     out = results_dir(str(path), None)
     sweep = sweep_run(store, first, pool=None, knn_k=5)
-    save_sweep(sweep, out)
+    sweep_json = save_sweep(sweep, out)[0]
     cka = cka_run(*grid_views(store, "blocks", first, timestep=5), "blocks", pool=None)
     save_cka(cka, out)
     knn = knn_run(store, second, 5, "b0", [5], pool=None)
     write_json({**knn.to_dict(), "note": "</pre>" + EVIL}, out / f"knn-{second}-t5-b0.json")
     (out / "copied").mkdir()
-    shutil.copy(out / f"sweep-{first}.json", out / "copied" / "sweep-copy.json")  # no plots beside it: drawn
+    shutil.copy(sweep_json, out / "copied" / "sweep-copy.json")  # no plots beside it: drawn
     (out / "broken.json").write_text('{"rows": [1, 2')
     return path, [first, second], sweep, cka
 
