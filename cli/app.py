@@ -2,25 +2,53 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Optional
 
+import click
 import typer
-
-app = typer.Typer(help="Extract diffusion features once into a zarr store; probe, compare and retrieve from the cache.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-backbones_app = typer.Typer(help="The registered backbones and their block tables.", no_args_is_help=True)
-app.add_typer(backbones_app, name="backbones")
+import typer.core
 
 EXIT_ERROR = 1
 EXIT_SOME_FAILED = 3  # extraction finished, but some images could not be read
+EXIT_NONFINITE = 4  # extraction finished, but some stored features are inf/NaN (takes precedence over 3)
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (`| head -1`): 128 + SIGPIPE, as shells report it
+
+
+class Commands(typer.core.TyperGroup):
+    """Every command's two endings that are not errors, handled here once (click and typer would
+    turn them into a bare exit code): Ctrl-C prints one line, "interrupted", with the notes the
+    interrupted code added (extract: what is saved, how to resume), and exits 130; a reader that
+    closes stdout early ends the command quietly, with exit 141."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+            return result
+        except KeyboardInterrupt as exc:
+            notes = getattr(exc, "__notes__", [])
+            typer.echo("interrupted" + (": " + "; ".join(notes) if notes else ""), err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit succeeds
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+
+
+app = typer.Typer(help="Extract diffusion features once into a zarr store; probe, compare and retrieve from the cache.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=Commands)
+backbones_app = typer.Typer(help="The registered backbones and their block tables.", no_args_is_help=True)
+app.add_typer(backbones_app, name="backbones")
 
 # Declarations several commands share (each command keeps its own default value).
 StoreArgument = Annotated[str, typer.Argument(help="Store path or URL.")]
 RunOption = Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")]
 HoldoutOption = Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")]
-ResultsOption = Annotated[Optional[str], typer.Option(help="Results folder (default: results/ next to the store).")]
+ResultsOption = Annotated[Optional[str], typer.Option(help="Results folder (default: the store's own <store>.results/).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 # the trained heads' architecture (probe, fewshot)
 WidthOption = Annotated[int, typer.Option(help="attention, difformer: token width; uhead: pyramid width.")]
@@ -31,6 +59,9 @@ ExpertRunOption = Annotated[Optional[str], typer.Option(
     help="uhead: run id of an expert (e.g. a ResNet under timestep none) in this store.")]
 ExpertWidthOption = Annotated[int, typer.Option(help="uhead: channels of each adapted expert map.")]
 PoolingOption = Annotated[str, typer.Option(help="uhead: attention (learned query) | conv (1x1 conv + mean).")]
+AllowIncompleteFlag = Annotated[bool, typer.Option(
+    "--allow-incomplete", help="Use only the extracted images of an incomplete run (default: refuse it; "
+                               "re-running the same extract resumes it). The output counts the images pending.")]
 
 
 def user_errors(command: Callable) -> Callable:
@@ -40,6 +71,8 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except BrokenPipeError:
+            raise  # not an error of the input: `Commands` ends quietly
         except (ValueError, OSError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_ERROR) from None

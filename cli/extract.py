@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import EXIT_SOME_FAILED, app, parse_blocks, parse_pool, parse_timesteps, user_errors
+from cli.app import EXIT_NONFINITE, EXIT_SOME_FAILED, app, parse_blocks, parse_pool, parse_timesteps, user_errors
 
 
 @app.command()
@@ -71,5 +71,21 @@ def extract(
             )
         for image_id, error in list(result.failed.items())[:20]:
             typer.echo(f"failed: {image_id}: {error}", err=True)
+    if result.nonfinite:
+        typer.echo(nonfinite_line(result.nonfinite, dtype), err=True)
+        raise typer.Exit(EXIT_NONFINITE)
     if result.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def nonfinite_line(nonfinite: dict[str, dict[str, int]], dtype: str) -> str:
+    """One line naming the arrays ("t<T>/<block>") that hold inf/NaN, with counts, and what to do:
+    store float32 when only the cast overflowed; look at the model when it computed them itself."""
+    computed = {key: c["computed"] for key, c in nonfinite.items() if c["computed"]}
+    if computed:
+        where = ", ".join(f"{key} ({n:,} values)" for key, n in computed.items())
+        return (f"error: the model itself produced inf/NaN in {where}, before the cast to {dtype}; check the weights "
+                "and inputs (--dtype float32 will not help). The run is stored; reading those arrays is refused")
+    where = ", ".join(f"{key} ({c['stored']:,} values)" for key, c in nonfinite.items())
+    return (f"error: {dtype} overflow: {where} stored as inf (values beyond 65504); extract again with "
+            "--dtype float32 (a new run). The run is stored; reading those arrays is refused")

@@ -127,10 +127,28 @@ class Manifest:
             "source outside the root (after resolving '..')",
             [source(i) for i in rows if files[i] and _escapes(files[i])],
         )
+        check(
+            "file or folder name that is not valid UTF-8 (rename it)",
+            [source(i) for i in rows if not _is_utf8(self.ids[i]) or not _is_utf8(self.sources[i])]
+            + [f"class {c!r}" for c in self.classes if not _is_utf8(c)],
+        )
         check("empty split", [name(i) for i in rows if not self.splits[i]])
         check("empty domain", [name(i) for i in rows if not self.domains[i]])
         if problems:
             raise ManifestError(f"{where} is invalid:\n  - " + "\n  - ".join(problems))
+
+    def outside_root(self) -> list[str]:
+        """Ids whose file, once symbolic links are resolved, is not under the resolved root: a link
+        inside the root that points out of it is refused like a '..' path."""
+        inside: dict[str, bool] = {}
+        result = []
+        for id_, source in zip(self.ids, self.sources):
+            file = source.split("#", 1)[0]
+            if file not in inside:
+                inside[file] = (self.root / file).resolve().is_relative_to(self.root)
+            if not inside[file]:
+                result.append(id_)
+        return result
 
     def missing(self) -> list[str]:
         """Ids whose file does not exist under the root; each distinct file is looked at once."""
@@ -169,7 +187,7 @@ class Manifest:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise ManifestError(f"cannot read manifest CSV {path}: {e}") from e
 
         lines = text.splitlines(keepends=True)
@@ -242,6 +260,15 @@ def _validate_from(manifest: Manifest, path: Path) -> None:
         raise ManifestError(f"{path}: {e}") from None
 
 
+def _is_utf8(text: str) -> bool:
+    """False for a name Python decoded from undecodable bytes (surrogate escapes, e.g. b"\\xff.png")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _escapes(file: str) -> bool:
     """True when a relative path leaves (or is) the root once '..' and '.' are resolved."""
     norm = posixpath.normpath(file)
@@ -260,6 +287,12 @@ def _parse_classes(text: str, where: str) -> list[str]:
 
 def _classes_from_rows(labels: list[int], class_names: list[str], path: Path) -> list[str]:
     """The class list of a CSV without a classes line: label i -> the class_name of its rows."""
+    negative = sorted({label for label in labels if label < 0})
+    if negative:
+        raise ManifestError(
+            f"{path}: negative label(s) {_listing(negative)}; labels are class indices 0, 1, ... "
+            f'(or, after a first line \'{_CLASSES_PREFIX} ["name0", "name1", ...]\', indices into that list)'
+        )
     by_label: dict[int, str] = {}
     for label, class_name in zip(labels, class_names):
         by_label.setdefault(label, class_name)

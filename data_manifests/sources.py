@@ -3,6 +3,18 @@
 Container files (IDX, npz, ndjson) are decoded once and kept in a small LRU cache, because a
 dataset of thousands of rows hits the same file thousands of times. Cache keys include the file's
 mtime and size, so a rewritten file is read again.
+
+Image files are decoded to mode "L" (grey sources) or "RGB" by these rules:
+
+- the EXIF orientation tag is applied (the image is turned upright, as viewers show it);
+- 16-bit grey (I;16, I;16B, ...) is scaled to 8 bits: round(value / 257), so 65535 -> 255;
+- 32-bit integer grey (I) is taken as 16-bit data, as PNG and TIFF 16-bit files often decode to
+  it: round(value / 257); values outside 0..65535 fail the image (no range can be assumed);
+- float grey (F) is taken as [0, 1] when every value is in it (x 255), else as [0, 255]; values
+  outside [0, 255] or NaN fail the image;
+- transparency (LA, RGBA, PA, P or RGB with a transparent colour) is put on white; "1" is 0/255;
+  CMYK and other colour modes use Pillow's conversion to RGB;
+- an image over Pillow's MAX_IMAGE_PIXELS (its decompression-bomb limit, ~89M pixels) fails.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from data_manifests.manifest import ManifestError
 
@@ -26,6 +38,7 @@ SKETCH_SIZE = 256  # Quick, Draw! drawings are rasterised onto a canvas this wid
 SKETCH_MARGIN = 16
 SKETCH_LINE_WIDTH = 3
 _CACHED_FILES = 4
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 T = TypeVar("T")
 
 
@@ -129,22 +142,56 @@ def load_image(path: Path, fragment: str | None) -> Image.Image:
 
 
 def _open_image_file(path: Path) -> Image.Image:
-    """Decode fully and reduce to "L" (grey sources) or "RGB", putting transparency on white."""
+    """Decode fully, turn upright and reduce to "L" or "RGB" (the rules in the module docstring).
+    Raises OSError naming the file for an undecodable, oversized or out-of-range image."""
     try:
         with Image.open(path) as opened:
+            # Pillow refuses over twice MAX_IMAGE_PIXELS and only warns above it: refuse both, before decoding
+            if Image.MAX_IMAGE_PIXELS and opened.width * opened.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{opened.width}x{opened.height} is "
+                                                   f"{opened.width * opened.height:,} pixels, over {Image.MAX_IMAGE_PIXELS:,}")
             opened.load()
+            ImageOps.exif_transpose(opened, in_place=True)
             image = opened
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError as e:
+        raise OSError(f"{path}: refused as a possible decompression bomb: {e} (PIL.Image.MAX_IMAGE_PIXELS)") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unknown, corrupt or cut-short files
         raise OSError(f"{path}: cannot decode image: {e}") from e
-    if image.mode in ("L", "RGB"):
+    try:
+        return to_l_or_rgb(image)
+    except ValueError as e:
+        raise OSError(f"{path}: {e}") from None
+
+
+def to_l_or_rgb(image: Image.Image) -> Image.Image:
+    """An image of any Pillow mode as "L" or "RGB" by the rules of the module docstring.
+    Raises ValueError for 32-bit or float grey values outside the range they are read in."""
+    if image.mode in ("L", "RGB") and "transparency" not in image.info:
         return image
-    grey = image.mode in ("1", "L", "LA", "La", "I", "I;16", "F")
+    if image.mode in (*_SIXTEEN_BIT, "I", "F"):
+        return Image.fromarray(_grey_to_8_bits(np.asarray(image), image.mode))
+    grey = image.mode in ("1", "L", "LA", "La")
     if image.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
     return image.convert("L" if grey else "RGB")
+
+
+def _grey_to_8_bits(values: np.ndarray, mode: str) -> np.ndarray:
+    """(H, W) uint8 from 16-bit, 32-bit integer or float grey values (rules in the module docstring)."""
+    if mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
+            raise ValueError(f"float image with values outside [0, 255] (min {values.min()}, max {values.max()}); "
+                             "save it as 8 or 16 bits")
+        scaled = values * 255.0 if values.max() <= 1 else values
+    else:
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"32-bit image with values outside 0..65535 (min {values.min()}, max {values.max()}); "
+                             "save it as 8 or 16 bits")
+        scaled = values / 257.0
+    return np.rint(scaled).astype(np.uint8)
 
 
 def rasterise_strokes(strokes: list) -> Image.Image:

@@ -86,6 +86,10 @@ class Backbone(ABC):
         """Conditioning for prompts (conditional backbones; the empty prompt is the unconditional one)."""
         raise NotImplementedError(f"{self.name} takes no prompt")
 
+    def truncated_prompts(self, prompts: Sequence[str]) -> tuple[int, int]:
+        """(context length in tokens, how many of `prompts` are longer and cut to it by encode_prompts)."""
+        raise NotImplementedError(f"{self.name} takes no prompt")
+
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())

@@ -9,6 +9,8 @@ must reach the same store path (a shared file system) or URL (an object store th
 
 from __future__ import annotations
 
+import logging
+import signal
 import time
 from dataclasses import replace
 
@@ -42,6 +44,17 @@ def extract_shard(cfg: ExtractConfig, run_id: str, chunks: list[int]) -> dict[st
     return run_chunks(job, run, chunks)
 
 
+def dask_setup(worker: object) -> None:
+    """Preload of the local cluster's workers: they ignore Ctrl-C, which a terminal sends to every
+    process of the command; the submitting process alone answers it, and closes them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def quiet() -> None:
+    """After Ctrl-C, closing busy workers is expected: no warnings from dask about it."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
 def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> dict[str, float]:
     """Distribute the chunks over a dask cluster; phase seconds are summed over workers."""
     from distributed import Client, LocalCluster, as_completed
@@ -51,7 +64,8 @@ def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> dict[str, floa
     if cfg.scheduler:
         client = Client(cfg.scheduler)
     else:
-        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               preload=[__name__])
         client = Client(cluster)
     try:
         n_workers = len(client.scheduler_info()["workers"])
@@ -65,6 +79,11 @@ def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> dict[str, floa
             for phase, value in future.result().items():
                 if phase in seconds:
                     seconds[phase] += value
+    except KeyboardInterrupt:
+        quiet()
+        if cluster is not None:
+            client.run(quiet)
+        raise
     finally:
         client.close()
         if cluster is not None:

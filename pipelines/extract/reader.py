@@ -1,7 +1,10 @@
 """Reader: decode a chunk of manifest rows into the backbone's declared input.
 
 A file that is missing or cannot be decoded fails that image only: its error is recorded and
-the rest of the chunk goes on.
+the rest of the chunk goes on. So does an image longer than MAX_ASPECT_RATIO times its width (or
+the reverse): the centre crop would keep little of it, and scaling its short side up to the
+model's size would take memory in proportion to its length (decoding a 16000x1 PNG
+took 3.5 GB at 224 pixels).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from data_manifests.manifest import Manifest
 from data_manifests.sources import load_image
 from pipelines.extract.backbone import InputSpec
 
+MAX_ASPECT_RATIO = 10  # long side / short side; the resized image is at most this many squares of the input size
+
 
 @dataclass
 class Chunk:
@@ -27,9 +32,13 @@ class Chunk:
 
 
 def to_input(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Convert to the backbone's channels, resize the short side and centre-crop to size, scale."""
-    image = image.convert("L" if spec.channels == 1 else "RGB")
+    """Convert to the backbone's channels, resize the short side and centre-crop to size, scale.
+    Returns (C, size, size) float32; raises ValueError for an aspect ratio over MAX_ASPECT_RATIO."""
     w, h = image.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ValueError(f"image is {w}x{h} pixels: its aspect ratio is over {MAX_ASPECT_RATIO}:1, "
+                         "the limit of the resize and centre crop to the model's square input")
+    image = image.convert("L" if spec.channels == 1 else "RGB")
     if (w, h) != (spec.size, spec.size):
         scale = spec.size / min(w, h)
         rw, rh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))

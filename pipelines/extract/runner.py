@@ -11,7 +11,9 @@ block; work that does not depend on t (decode, VAE and text encode) happens once
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,6 +82,8 @@ class ExtractResult:
     chunks_skipped: int
     seconds: dict[str, float]  # waiting on read, compute (prepare: its once-per-image part), waiting on write, total
     images_timesteps_per_s: float
+    # "t<T>/<block>" -> {"computed", "stored"}: inf/NaN values over the whole run, only arrays with any
+    nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -105,8 +109,24 @@ class Job:
 
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Run (or continue) the extraction of `cfg` into its store."""
+    """Run (or continue) the extraction of `cfg` into its store.
+
+    Raises OSError naming the store when its device is full. An exception while the chunks run
+    (KeyboardInterrupt from Ctrl-C too) carries a note: how many chunks are saved, and that the
+    same extraction resumes from there."""
     job = prepare_job(cfg)
+    try:
+        return _extract(job)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise OSError(f"no space left on the device of the store {cfg.store} ({exc}): free some space or use a "
+                      "--store elsewhere; the chunks saved so far are kept, and the same command resumes") from exc
+
+
+def _extract(job: Job) -> ExtractResult:
+    """`extract` once the job is resolved: images, captions, prompts, the run, its chunks."""
+    cfg = job.cfg
     store = FeatureStore.open(cfg.store, mode="a")
     manifest = job.manifest
     rows = store.add_images(manifest.name, {
@@ -115,23 +135,31 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     })
     caption_key = ensure_captions(store, job, rows) if job.prompt.kind == "blip" else None
     job.prompts = job_prompts(job, store, rows, caption_key)
+    provenance = {
+        "backbone": job.backbone.describe(),
+        "weights": str(cfg.weights) if cfg.weights else "default",
+        "manifest": {"name": manifest.name, "root": str(manifest.root), "digest": manifest.digest(),
+                     "classes": list(manifest.classes)},
+    }
+    if job.prompts is not None:
+        provenance["prompts"] = prompt_provenance(job.backbone, job.prompts)
     run = store.create_run(
         run_spec(job, caption_key), arrays=job.shapes, timesteps=job.timesteps, rows=rows,
         chunk_rows=cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype), dtype=cfg.dtype,
-        provenance={
-            "backbone": job.backbone.describe(),
-            "weights": str(cfg.weights) if cfg.weights else "default",
-            "manifest": {"name": manifest.name, "root": str(manifest.root), "digest": manifest.digest(),
-                         "classes": list(manifest.classes)},
-        },
+        provenance=provenance,
     )
     todo = [c for c, done in enumerate(run.done_chunks()) if not done]
-    if todo and (cfg.workers or cfg.scheduler):
-        from pipelines.extract.distribute import run_on_dask
+    try:
+        if todo and (cfg.workers or cfg.scheduler):
+            from pipelines.extract.distribute import run_on_dask
 
-        seconds = run_on_dask(cfg, run, todo)
-    else:
-        seconds = run_chunks(job, run, todo)
+            seconds = run_on_dask(cfg, run, todo)
+        else:
+            seconds = run_chunks(job, run, todo)
+    except KeyboardInterrupt as exc:
+        exc.add_note(f"{int(run.done_chunks().sum())} of {run.n_chunks} chunks of run {run.run_id} are saved; "
+                     "run the same command again to resume")
+        raise
     if todo:
         run.record_session({"chunks": len(todo), "seconds": {k: round(v, 3) for k, v in seconds.items()}})
     if run.done_chunks().all():
@@ -142,6 +170,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         store=str(cfg.store), run_id=run.run_id, images=len(run), done=status.done, failed=status.failed_ids,
         chunks_written=len(todo), chunks_skipped=run.n_chunks - len(todo), seconds=seconds,
         images_timesteps_per_s=work / seconds["total"] if todo else 0.0,
+        nonfinite={key: c for key, c in (run.nonfinite() or {}).items() if c["stored"] or c["computed"]},
     )
 
 
@@ -271,11 +300,25 @@ def job_prompts(job: Job, store: FeatureStore, rows: np.ndarray, caption_key: st
     return prompts_for(job.prompt, job.manifest.ids, job.manifest.class_names, captions)
 
 
+def prompt_provenance(backbone: Backbone, prompts: list[str]) -> dict[str, int]:
+    """{"context_tokens", "truncated"}: the text encoder's context and how many images' prompts
+    are longer and cut to it; warns with one line on stderr when any is."""
+    context, truncated = backbone.truncated_prompts(prompts)
+    if truncated:
+        print(f"warning: {truncated:,} of {len(prompts):,} prompts are longer than {backbone.name}'s "
+              f"{context}-token context and are cut to it (recorded in the run's provenance)", file=sys.stderr)
+    return {"context_tokens": context, "truncated": truncated}
+
+
 # -- the chunk loop -----------------------------------------------------------------------------
 
-def compute_chunk(job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int], None] = lambda n: None,
-                  seconds: dict[str, float] | None = None) -> dict[tuple[int | None, str], np.ndarray]:
-    """Mapper: every (t, block) of one chunk of rows; failed rows stay zero.
+def compute_chunk(
+    job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int], None] = lambda n: None,
+    seconds: dict[str, float] | None = None,
+) -> tuple[dict[tuple[int | None, str], np.ndarray], dict[tuple[int | None, str], int]]:
+    """Mapper: every (t, block) of one chunk of rows, (n, C, H, W) in the stored dtype, failed rows
+    zero; and per (t, block) the inf/NaN values the model computed (counted on the device before
+    the cast to the stored dtype, over the rows computed).
     One prepare per batch (its time added to seconds["prepare"]), then one forward per (batch, t)."""
     cfg, backbone = job.cfg, job.backbone
     ids = job.manifest.ids[rows]
@@ -283,6 +326,7 @@ def compute_chunk(job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int],
     ok = np.flatnonzero(~chunk.failed)
     shapes = job.shapes
     out = {(t, b): np.zeros((len(ids), *shapes[b]), dtype=cfg.dtype) for t in job.timesteps for b in job.blocks}
+    nonfinite: dict[tuple[int | None, str], torch.Tensor] = {}  # device scalars, read once at the end
     device = torch.device(cfg.device)
     for start in range(0, len(ok), cfg.batch_size):
         batch = ok[start : start + cfg.batch_size]
@@ -298,13 +342,14 @@ def compute_chunk(job: Job, chunk: Chunk, rows: slice, on_batch: Callable[[int],
                 for block, h in backbone.forward_blocks(x_t, t_batch, job.blocks, prepared.cond).items():
                     if block in job.pool:
                         h = F.adaptive_avg_pool2d(h, job.pool[block])  # on the device, before the copy
+                    nonfinite[(t, block)] = nonfinite.get((t, block), 0) + h.numel() - torch.isfinite(h).sum()
                     copies.append(((t, block), to_host(h.to(DTYPES[cfg.dtype]))))
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the copies ran while later forwards did
         for key, host in copies:
             out[key][batch] = host.numpy()
         on_batch(len(batch))
-    return out
+    return out, {key: int(count) for key, count in nonfinite.items()}
 
 
 def to_host(h: torch.Tensor) -> torch.Tensor:
@@ -372,19 +417,23 @@ def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         disable=not job.cfg.progress,
     )
-    task = progress.add_task(f"{run.run_id} ({n_t} t x {len(job.blocks)} blocks)",
-                             total=sum(run.chunk_len(c) for c in todo), rate="")
+    total = sum(run.chunk_len(c) for c in todo)
+    already = f", {len(run) - total:,} already done" if total < len(run) else ""
+    task = progress.add_task(f"{run.run_id} ({n_t} t x {len(job.blocks)} blocks{already})", total=total, rate="")
 
     def advance(n: int) -> None:
         progress.advance(task, n)
         speed = progress.tasks[task].completed / (time.perf_counter() - begin)
         progress.update(task, rate=f"{speed:.1f} img/s ({speed * n_t:.1f} img*t/s)")
 
-    def read(c: int) -> Chunk:
+    def read(c: int) -> Chunk | None:
+        if not claims.take(c):
+            return None  # another process extracting this spec has it, or has written it
         s = run.chunk_slice(c)
         return read_chunk(job.manifest, range(s.start, s.stop), job.backbone.input, decoders)
 
-    with ThreadPoolExecutor(4) as decoders, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, progress:
+    with (run.claims() as claims, ThreadPoolExecutor(4) as decoders, ThreadPoolExecutor(1) as reader,
+          ThreadPoolExecutor(1) as writer, progress):
         next_chunk: Future = reader.submit(read, todo[0])
         last_write: Future | None = None
         for k, c in enumerate(todo):
@@ -393,18 +442,23 @@ def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
             if k + 1 < len(todo):
                 next_chunk = reader.submit(read, todo[k + 1])
             seconds["read"] += time.perf_counter() - tic
+            if chunk is None:
+                progress.update(task, total=progress.tasks[task].total - run.chunk_len(c))
+                continue
 
             tic = time.perf_counter()
-            features = compute_chunk(job, chunk, run.chunk_slice(c), advance, seconds)
+            features, nonfinite = compute_chunk(job, chunk, run.chunk_slice(c), advance, seconds)
             seconds["compute"] += time.perf_counter() - tic
 
             tic = time.perf_counter()
             if last_write is not None:
                 last_write.result()  # at most one chunk waits in memory for the disk
-            last_write = writer.submit(run.write_chunk, c, features, chunk.failed, chunk.errors)
+            last_write = writer.submit(run.write_chunk, c, features, chunk.failed, chunk.errors, nonfinite)
+            last_write.add_done_callback(lambda _, c=c: claims.release(c))
             seconds["write"] += time.perf_counter() - tic
         tic = time.perf_counter()
-        last_write.result()
+        if last_write is not None:
+            last_write.result()
         seconds["write"] += time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - begin
     return seconds
@@ -424,6 +478,12 @@ def _load_manifest(cfg: ExtractConfig) -> Manifest:
         raise ManifestError(
             f"none of the {len(manifest)} files of {manifest.name!r} exist under {manifest.root}; "
             "point --data-root at the dataset"
+        )
+    outside = manifest.outside_root()
+    if outside:
+        raise ManifestError(
+            f"{len(outside)} files of {manifest.name!r} are symbolic links (or under one) that lead outside the "
+            f"root {manifest.root}, refused like a '..' path: {', '.join(map(repr, outside[:5]))}"
         )
     return manifest
 

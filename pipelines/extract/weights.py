@@ -60,7 +60,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: a corrupt or cut-short file
+            raise WeightsError(f"cannot read {path} as a safetensors file: {exc}") from exc
     if path.suffix in (".pt", ".pth", ".th", ".bin", ".ckpt"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -159,6 +159,14 @@ class SD15Backbone(Backbone):
         # transformers 5 keeps the layer norm on the model itself, 4.x under .text_model
         return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
+    def truncated_prompts(self, prompts: Sequence[str]) -> tuple[int, int]:
+        """(77, how many prompts have more than 77 tokens, start and end included): encode_prompts
+        cuts those. Each distinct prompt is tokenized once."""
+        distinct = list(dict.fromkeys(prompts))
+        ids = self._component(self.tokenizer)(distinct, truncation=False, verbose=False).input_ids
+        cut = {p for p, tokens in zip(distinct, ids) if len(tokens) > TOKENS}
+        return TOKENS, sum(p in cut for p in prompts)
+
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), D): CLIP's pooled text embedding (the end-of-text token after the final layer
         norm), the class-name vectors of a cosine classifier."""
