@@ -31,3 +31,5 @@ def inspect(
             f"blocks={','.join(spec['blocks'])}  done {run['done']}/{run['images']}, failed {run['failed']}, "
             f"pending {run['pending']}"
         )
+    for run_id, error in doc["broken_runs"].items():
+        typer.echo(f"  {run_id}  broken: {error}")

@@ -13,20 +13,30 @@ Layout (every path is a zarr array or group)::
         nonfinite                    (n_chunks, n_arrays, 2) int64: per chunk and (t, block) in the order
                                      of the attribute `nonfinite_keys`, the non-finite values the model
                                      computed (before the cast to the stored dtype) and those stored
+      .featurestore-locks/           local stores only (not zarr): the store lock, per-chunk claims
 
 A chunk of rows is the unit of work: it is written whole (every array, then the failure columns,
 then its done flag), so a killed extraction leaves only complete chunks marked done, and two
 writers never share a zarr chunk. Every feature value read goes through `Run.read_chunk`, which
 refuses a chunk that is not done, missing, undecodable or holds non-finite values of images that
 did not fail. This module knows nothing of torch.
+
+Store-level changes (images table, captions, run creation, attributes) are made under the store
+lock (`StoreLock`) and commit last: the images table's row count (attribute `rows` of `images`)
+is written after the rows, a store's `format_version` after everything else, a run's `created`
+after its arrays, so a process killed at any point leaves nothing that a reader takes as written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -35,10 +45,19 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs
+from filelock import FileLock, Timeout
 
 FORMAT_VERSION = 1
 IMAGE_COLUMNS = ("dataset", "id", "label", "class_name", "split", "domain", "source")
 _TABLE_CHUNK = 65536
+LOCKS = ".featurestore-locks"  # folder of a local store holding its lock files (zarr skips it, with a warning)
+MARKER = ".featurestore-writer"  # object at a URL store's root while a writer changes store-level metadata
+LOCK_TIMEOUT_S = 600.0  # longest wait for another process's store-level change
+MARKER_WAIT_S = 30.0  # longest wait for another writer's marker at a URL before refusing
+# Spec keys added after runs were first written, with the value every run had before the key
+# existed: an older run whose spec lacks them is the same run as a new spec with these values.
+SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none"}
+_REPAIR_HINT = "run `featurestore verify STORE --repair`, then extract again"
 
 
 class StoreError(ValueError):
@@ -54,7 +73,9 @@ class NonFiniteError(StoreError):
 
 
 class DamagedChunkError(StoreError):
-    """A chunk marked done whose file is missing or cannot be decoded."""
+    """A chunk marked done whose file is missing or cannot be decoded; `problem` says which."""
+
+    problem: str = ""
 
 
 def package_version() -> str:
@@ -68,6 +89,11 @@ def run_id_of(spec: Mapping[str, Any]) -> str:
     """Stable id of a run: a digest of its canonical JSON spec (key order does not matter)."""
     canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def same_spec(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two specs describe the same run once keys added since (SPEC_DEFAULTS) are filled in."""
+    return run_id_of({**SPEC_DEFAULTS, **a}) == run_id_of({**SPEC_DEFAULTS, **b})
 
 
 def timestep_key(t: int | None) -> str:
@@ -101,127 +127,211 @@ class ImagesTable:
         return ImagesTable(**{c: getattr(self, c)[rows] for c in IMAGE_COLUMNS})
 
 
+class StoreLock:
+    """Serialises changes of store-level metadata across processes; re-entrant within a process.
+
+    Local stores: an OS file lock, `<store>/.featurestore-locks/store.lock`, which the OS releases
+    when its process dies (kill -9 included). Stores at fsspec URLs have no cross-process lock:
+    each change writes a marker object, `<url>/.featurestore-writer`, and deletes it after; a
+    writer that finds another's marker waits up to MARKER_WAIT_S seconds, then refuses. Raises
+    StoreError when the wait runs out."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._local = "://" not in url
+        self._file = FileLock(str(Path(url) / LOCKS / "store.lock"), thread_local=False) if self._local else None
+        self._threads = threading.RLock()
+        self._depth = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._threads:
+            self._depth += 1
+            try:
+                if self._depth > 1:
+                    yield
+                else:
+                    with self._acquire():
+                        yield
+            finally:
+                self._depth -= 1
+
+    @contextmanager
+    def _acquire(self) -> Iterator[None]:
+        if self._local:
+            try:
+                self._file.acquire(timeout=LOCK_TIMEOUT_S)
+            except Timeout:
+                raise StoreError(f"{self.url}: waited {LOCK_TIMEOUT_S:.0f} s for another process that is changing "
+                                 f"this store (lock {self._file.lock_file}); try again when it has finished") from None
+            try:
+                yield
+            finally:
+                self._file.release()
+            return
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.url)
+        marker = f"{root.rstrip('/')}/{MARKER}"
+        deadline = time.monotonic() + MARKER_WAIT_S
+        while fs.exists(marker):
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"{self.url}: another writer is changing this store ({_read_text(fs, marker)}); a store at a URL "
+                    f"takes one writer at a time. If none is running (a writer killed mid-change), delete "
+                    f"{self.url.rstrip('/')}/{MARKER}"
+                )
+            time.sleep(0.1)
+        fs.pipe_file(marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}).encode())
+        try:
+            yield
+        finally:
+            fs.rm_file(marker)
+
+
 class FeatureStore:
     """A feature store at a local path or fsspec URL."""
 
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
         self.url = url
-        self._images: ImagesTable | None = None  # read once per handle; add_images keeps it current
+        self.lock = StoreLock(url)
+        self._images: ImagesTable | None = None  # re-read when the committed row count changes
 
     @classmethod
-    def open(cls, url: str, mode: str = "r") -> FeatureStore:
-        """Open a store; mode "a" creates it when missing, "r" requires it to exist."""
+    def open(cls, url: str | Path, mode: str = "r") -> FeatureStore:
+        """Open a store; mode "a" creates it when missing and completes one whose creation was
+        interrupted, "r" requires a complete one. Raises StoreError (one line) otherwise."""
         url = str(url).removeprefix("file://")  # a local path: zarr's LocalStore creates folders
         local = Path(url)
-        if "://" not in url and local.is_dir() and any(local.iterdir()) and not (local / "zarr.json").exists():
+        if ("://" not in url and local.is_dir() and not (local / "zarr.json").exists()
+                and any(p.name != LOCKS for p in local.iterdir())):
             raise StoreError(f"{url} is a folder with other files in it, not a feature store; use another path")
-        try:
-            group = zarr.open_group(url, mode="r" if mode == "r" else "a")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise StoreError(f"no feature store at {url}") from exc
-        except zarr.errors.ContainsArrayError as exc:
-            raise StoreError(f"{url} holds a zarr array, not a feature store") from exc
-        if mode != "r" and "format_version" not in group.attrs:
-            if len(list(group.keys())):
-                raise StoreError(f"{url} is a zarr group but not a feature store; use another path")
-            group.attrs.update({"format_version": FORMAT_VERSION, "created_by": package_version()})
-            _create_images_table(group)
-        if group.attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{url}: store format {group.attrs.get('format_version')!r}, this version reads {FORMAT_VERSION}"
-            )
+        group = _open_root(url, "r" if mode == "r" else "r+")
+        if mode != "r" and (group is None or not _is_complete(group, url)):
+            if group is not None:
+                _refuse_foreign(group, url)  # before the lock, which would add a folder to it
+            with StoreLock(url).held():
+                group = _create(url)
+        if group is None:
+            raise StoreError(f"no feature store at {url}")
+        _check_complete(group, url)
         return cls(group, url)
 
     # -- images -------------------------------------------------------------------------------
     @property
     def images(self) -> ImagesTable:
-        if self._images is None:
-            g = self.group["images"]
-            self._images = ImagesTable(**{c: _read_column(g[c]) for c in IMAGE_COLUMNS})
+        """The committed rows of the images table (rows a killed append left beyond them are not)."""
+        g = _node(self.group, "images", self.url)
+        n = _committed_rows(g)
+        if self._images is None or len(self._images) != n:
+            self._images = ImagesTable(**{c: _read_column(g[c], n) for c in IMAGE_COLUMNS})
         return self._images
 
     def add_images(self, dataset: str, columns: Mapping[str, Sequence]) -> np.ndarray:
         """Merge a manifest's rows into the images table; returns each row's index in the table.
 
         Images are keyed by (dataset, id). A known key must carry the same label, class name,
-        split, domain and source, otherwise the store refuses the manifest.
+        split, domain and source, otherwise the store refuses the manifest. New rows are written
+        under the store lock, and the new row count is committed last.
         """
         new = {c: np.asarray(columns[c]) for c in IMAGE_COLUMNS if c != "dataset"}
         new["dataset"] = np.full(len(new["id"]), dataset)
         ids, counts = np.unique(new["id"], return_counts=True)
         if (counts > 1).any():
             raise StoreError(f"image ids repeat within dataset {dataset!r}: {', '.join(map(str, ids[counts > 1][:5]))}")
-        current = self.images
-        index = {(d, i): r for r, (d, i) in enumerate(zip(current.dataset.tolist(), current.id.tolist()))}
-        rows = np.empty(len(new["id"]), dtype=np.int64)
-        appended: list[int] = []
-        for k, image_id in enumerate(new["id"].tolist()):
-            row = index.get((dataset, image_id))
-            if row is None:
-                rows[k] = len(current) + len(appended)
-                appended.append(k)
-                continue
-            for c in ("label", "class_name", "split", "domain", "source"):
-                if str(getattr(current, c)[row]) != str(new[c][k]):
-                    raise StoreError(
-                        f"image {image_id!r} of dataset {dataset!r} is already in the store with "
-                        f"{c}={getattr(current, c)[row]!r}, the manifest says {new[c][k]!r}"
-                    )
-            rows[k] = row
-        if appended:
-            g = self.group["images"]
-            start = len(current)
-            for c in IMAGE_COLUMNS:
-                g[c].resize((start + len(appended),))
-                g[c][start:] = new[c][appended]
-            self._images = None
+        with self.lock.held():
+            current = self.images  # as committed now: another process may have appended since
+            index = {(d, i): r for r, (d, i) in enumerate(zip(current.dataset.tolist(), current.id.tolist()))}
+            rows = np.empty(len(new["id"]), dtype=np.int64)
+            appended: list[int] = []
+            for k, image_id in enumerate(new["id"].tolist()):
+                row = index.get((dataset, image_id))
+                if row is None:
+                    rows[k] = len(current) + len(appended)
+                    appended.append(k)
+                    continue
+                for c in ("label", "class_name", "split", "domain", "source"):
+                    if str(getattr(current, c)[row]) != str(new[c][k]):
+                        raise StoreError(
+                            f"image {image_id!r} of dataset {dataset!r} is already in the store with "
+                            f"{c}={getattr(current, c)[row]!r}, the manifest says {new[c][k]!r}"
+                        )
+                rows[k] = row
+            if appended:
+                g = _node(self.group, "images", self.url)
+                start, stop = len(current), len(current) + len(appended)
+                for c in IMAGE_COLUMNS:
+                    g[c].resize((stop,))  # also drops rows a killed append left beyond `start`
+                    g[c][start:] = new[c][appended]
+                g.attrs["rows"] = stop  # the commit
         return rows
 
     # -- captions -----------------------------------------------------------------------------
     def captions(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(text, done) per images-table row for one captioner; rows never captioned are not done."""
-        n = self.group["images"]["id"].shape[0]
-        if "captions" not in self.group or key not in self.group["captions"]:
+        n = len(self.images)
+        captions = _node(self.group, "captions", self.url, missing_ok=True)
+        g = None if captions is None else _node(captions, key, self.url, missing_ok=True)
+        if g is None or "created" not in g.attrs:
             return np.full(n, "", dtype=str), np.zeros(n, dtype=bool)
-        g = self.group["captions"][key]
-        text, done = _read_column(g["text"]), g["done"][:].astype(bool)
+        text, done = _read_column(g["text"], n), g["done"][:n].astype(bool)
         pad = n - len(text)  # images added after the last captioning
         return np.concatenate([text, np.full(pad, "", dtype=str)]), np.concatenate([done, np.zeros(pad, bool)])
 
     def write_captions(self, key: str, rows: np.ndarray, texts: Sequence[str], info: Mapping[str, Any]) -> None:
-        """Store captions of images-table rows under the captioner's key, with its provenance."""
-        n = self.group["images"]["id"].shape[0]
-        g = self.group.require_group("captions").require_group(key)
-        if "text" not in g:
-            g.create_array("text", shape=(n,), dtype=str, chunks=(_TABLE_CHUNK,))
-            g.create_array("done", shape=(n,), dtype="uint8", chunks=(_TABLE_CHUNK,), fill_value=0)
-            g.attrs.update({**info, "created": _now()})
-        for name in ("text", "done"):
-            if g[name].shape[0] < n:
-                g[name].resize((n,))
-        order = np.argsort(rows)
-        rows = np.asarray(rows)[order]
-        g["text"].set_coordinate_selection(rows, np.asarray(list(texts), dtype=str)[order])
-        g["done"].set_coordinate_selection(rows, np.ones(len(rows), dtype=np.uint8))
+        """Store captions of images-table rows under the captioner's key, with its provenance
+        (under the store lock: captions of several processes share zarr chunks)."""
+        with self.lock.held():
+            n = len(self.images)
+            g = self.group.require_group("captions").require_group(key)
+            if "created" not in g.attrs:  # new, or killed before its attributes: (re)create
+                g.create_array("text", shape=(n,), dtype=str, chunks=(_TABLE_CHUNK,), overwrite=True)
+                g.create_array("done", shape=(n,), dtype="uint8", chunks=(_TABLE_CHUNK,), fill_value=0, overwrite=True)
+                g.attrs.update({**info, "created": _now()})
+            for name in ("text", "done"):
+                if g[name].shape[0] < n:
+                    g[name].resize((n,))
+            order = np.argsort(rows)
+            rows = np.asarray(rows)[order]
+            g["text"].set_coordinate_selection(rows, np.asarray(list(texts), dtype=str)[order])
+            g["done"].set_coordinate_selection(rows, np.ones(len(rows), dtype=np.uint8))
 
     # -- runs ---------------------------------------------------------------------------------
     def run_ids(self) -> list[str]:
         """Runs that were fully created (one killed while being created is rebuilt by create_run)."""
-        return [r for r in self._run_groups() if "created" in self.group["runs"][r].attrs]
+        return [r for r, g in self._run_groups().items() if isinstance(g, zarr.Group) and "created" in g.attrs]
 
     def incomplete_run_ids(self) -> list[str]:
-        return [r for r in self._run_groups() if "created" not in self.group["runs"][r].attrs]
+        return [r for r, g in self._run_groups().items() if isinstance(g, zarr.Group) and "created" not in g.attrs]
 
-    def _run_groups(self) -> list[str]:
-        return sorted(self.group["runs"].group_keys()) if "runs" in self.group else []
+    def broken_runs(self) -> dict[str, str]:
+        """Runs whose group metadata cannot be read: run id -> the error, naming the file."""
+        return {r: str(g) for r, g in self._run_groups().items() if isinstance(g, StoreError)}
+
+    def _run_groups(self) -> dict[str, zarr.Group | StoreError]:
+        """Every folder under runs/: its group, or the StoreError its metadata gives (one broken
+        run does not hide the others)."""
+        runs = _node(self.group, "runs", self.url, missing_ok=True)
+        out: dict[str, zarr.Group | StoreError] = {}
+        for name in [] if runs is None else _child_names(runs):
+            try:
+                out[name] = _node(runs, name, self.url, hint=f"delete runs/{name} to extract that run again")
+            except StoreError as exc:
+                out[name] = exc
+        return out
 
     def run(self, run_id: str) -> Run:
-        if run_id in self.incomplete_run_ids():
-            raise StoreError(f"run {run_id} was never fully created (killed while starting); extract again to rebuild it")
-        if run_id not in self.run_ids():
+        """The created run `run_id`. Raises StoreError when it is missing, was never fully
+        created, or its metadata is corrupt."""
+        runs = _node(self.group, "runs", self.url, missing_ok=True)
+        group = None if runs is None else _node(runs, run_id, self.url, missing_ok=True,
+                                                hint=f"delete runs/{run_id} to extract that run again")
+        if group is None:
             raise StoreError(f"no run {run_id!r} in {self.url}; runs: {', '.join(self.run_ids()) or 'none'}")
-        return Run(self.group["runs"][run_id], self)
+        if "created" not in group.attrs:
+            raise StoreError(f"run {run_id} was never fully created (killed while starting); extract again to rebuild it")
+        return Run(group, self)
 
     def runs(self) -> list[Run]:
         return [self.run(r) for r in self.run_ids()]
@@ -237,47 +347,51 @@ class FeatureStore:
         dtype: str,
         provenance: Mapping[str, Any],
     ) -> Run:
-        """Create the run of `spec`, or return it if it exists (same spec, same id).
+        """Create the run of `spec`, or return it if it exists: the same spec, also when the run
+        was written before keys of SPEC_DEFAULTS existed (it keeps its id). Under the store lock.
 
         `arrays` gives each block's stored (C, H, W); every (timestep, block) gets an (N, C, H, W)
-        array chunked along N by `chunk_rows`.
+        array chunked along N by `chunk_rows`. Raises StoreError when the run's group exists with
+        corrupt metadata (it is not overwritten).
         """
         run_id = run_id_of(spec)
-        runs = self.group.require_group("runs")
-        if run_id in runs and "created" in runs[run_id].attrs:
-            return Run(runs[run_id], self)
-        # A run killed while being created has no "created" attribute (written last): rebuild it.
-        g = runs.require_group(run_id)
-        n = len(rows)
-        g.create_array("rows", shape=(n,), dtype="int64", chunks=(max(n, 1),), overwrite=True)[:] = rows
-        for t in timesteps:
-            tg = g.require_group(timestep_key(t))
-            for block, chw in arrays.items():
-                tg.create_array(
-                    block, shape=(n, *chw), dtype=dtype, chunks=(chunk_rows, *chw),
-                    compressors=feature_codec(), fill_value=0, overwrite=True,
-                    config={"write_empty_chunks": True},  # a done chunk always has its file (see read_chunk)
-                )
-        n_chunks = -(-n // chunk_rows)
-        keys = [f"{timestep_key(t)}/{b}" for t in timesteps for b in arrays]
-        g.create_array("nonfinite", shape=(n_chunks, len(keys), 2), dtype="int64", chunks=(1, len(keys), 2),
-                       fill_value=0, overwrite=True)
-        g.create_array("done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
-        g.create_array("failed", shape=(n,), dtype="uint8", chunks=(chunk_rows,), fill_value=0, overwrite=True)
-        g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_rows,), overwrite=True)
-        g.attrs.update({
-            "run_id": run_id,
-            "spec": dict(spec),
-            "blocks": {b: list(chw) for b, chw in arrays.items()},
-            "timesteps": list(timesteps),
-            "chunk_rows": int(chunk_rows),
-            "dtype": dtype,
-            "nonfinite_keys": keys,
-            "provenance": {**provenance, "package_version": package_version()},
-            "created": _now(),
-            "finished": None,
-        })
-        return Run(g, self)
+        with self.lock.held():
+            groups = self._run_groups()
+            if isinstance(groups.get(run_id), StoreError):
+                raise groups[run_id]
+            for g in [groups.get(run_id), *groups.values()]:
+                if isinstance(g, zarr.Group) and "created" in g.attrs and same_spec(g.attrs["spec"], spec):
+                    return Run(g, self)
+            # A run killed while being created has no "created" attribute (written last): rebuild it.
+            g = self.group.require_group("runs").require_group(run_id)
+            n = len(rows)
+            g.create_array("rows", shape=(n,), dtype="int64", chunks=(max(n, 1),), overwrite=True)[:] = rows
+            for t in timesteps:
+                tg = g.require_group(timestep_key(t))
+                for block, chw in arrays.items():
+                    tg.create_array(block, shape=(n, *chw), dtype=dtype, chunks=(chunk_rows, *chw),
+                                    compressors=feature_codec(), fill_value=0, overwrite=True)
+            n_chunks = -(-n // chunk_rows)
+            keys = [f"{timestep_key(t)}/{b}" for t in timesteps for b in arrays]
+            g.create_array("nonfinite", shape=(n_chunks, len(keys), 2), dtype="int64", chunks=(1, len(keys), 2),
+                           fill_value=0, overwrite=True)
+            g.create_array("done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
+            g.create_array("failed", shape=(n,), dtype="uint8", chunks=(chunk_rows,), fill_value=0, overwrite=True)
+            g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_rows,), overwrite=True)
+            g.attrs.update({
+                "run_id": run_id,
+                "spec": dict(spec),
+                "blocks": {b: list(chw) for b, chw in arrays.items()},
+                "timesteps": list(timesteps),
+                "chunk_rows": int(chunk_rows),
+                "dtype": dtype,
+                "nonfinite_keys": keys,
+                "every_chunk_stored": True,  # write_chunk stores every per-chunk array's file, even all-zero ones
+                "provenance": {**provenance, "package_version": package_version()},
+                "created": _now(),
+                "finished": None,
+            })
+            return Run(g, self)
 
 
 @dataclass(frozen=True)
@@ -315,12 +429,16 @@ class Run:
         self.provenance: dict[str, Any] = attrs["provenance"]
         self.attrs = attrs
 
+    def _get(self, path: str) -> zarr.Array:
+        """The run's array at `path`; StoreError naming its zarr.json when that cannot be read."""
+        return _node(self.group, path, self.store.url, hint=_REPAIR_HINT)
+
     def __len__(self) -> int:
-        return self.group["rows"].shape[0]
+        return self._get("rows").shape[0]
 
     @property
     def n_chunks(self) -> int:
-        return self.group["done"].shape[0]
+        return self._get("done").shape[0]
 
     def chunk_slice(self, chunk: int) -> slice:
         return slice(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, len(self)))
@@ -337,12 +455,18 @@ class Run:
             raise StoreError(f"run {self.run_id} has no block {block!r}; blocks: {', '.join(self.blocks)}")
         if t not in self.timesteps:
             raise StoreError(f"run {self.run_id} has no timestep {t!r}; timesteps: {self.timesteps}")
-        return self.group[timestep_key(t)][block]
+        return self._get(f"{timestep_key(t)}/{block}")
+
+    def chunk_arrays(self) -> list[str]:
+        """Names of the arrays written per chunk: every "t<T>/<block>", "failed", "error" and
+        (runs that count them) "nonfinite"."""
+        features = [f"{timestep_key(t)}/{b}" for t in self.timesteps for b in self.blocks]
+        return [*features, "failed", "error", *(["nonfinite"] if "nonfinite_keys" in self.attrs else [])]
 
     # -- images of this run ---------------------------------------------------------------------
     @property
     def rows(self) -> np.ndarray:
-        return self.group["rows"][:]
+        return self._get("rows")[:]
 
     @property
     def images(self) -> ImagesTable:
@@ -354,7 +478,10 @@ class Run:
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def done_chunks(self) -> np.ndarray:
-        return self.group["done"][:].astype(bool)
+        return self._get("done")[:].astype(bool)
+
+    def chunk_done(self, chunk: int) -> bool:
+        return bool(self._get("done")[chunk])
 
     def rows_done(self) -> np.ndarray:
         """Per row: whether its chunk has been written completely."""
@@ -362,11 +489,11 @@ class Run:
 
     @property
     def failed(self) -> np.ndarray:
-        return self.group["failed"][:].astype(bool)
+        return self._get("failed")[:].astype(bool)
 
     @property
     def errors(self) -> np.ndarray:
-        return _read_column(self.group["error"])
+        return _read_column(self._get("error"))
 
     def write_chunk(
         self,
@@ -377,7 +504,8 @@ class Run:
         nonfinite_computed: Mapping[tuple[int | None, str], int] | None = None,
     ) -> dict[tuple[int | None, str], tuple[int, int]]:
         """Write one whole chunk of rows for every array, then mark it done (last, so a kill
-        before the mark leaves the chunk to be written again).
+        before the mark leaves the chunk to be written again). Every array gets its chunk file,
+        also when all its values are zero, so a done chunk without one is known to be damaged.
 
         `nonfinite_computed`: per (t, block), the non-finite values the model produced before the
         cast to the stored dtype (None: not counted, taken as the stored count). The stored ones
@@ -385,28 +513,28 @@ class Run:
         rows = self.chunk_slice(chunk)
         counts: dict[tuple[int | None, str], tuple[int, int]] = {}
         for (t, block), values in features.items():
-            self.array(t, block)[rows] = values
+            _writer(self.array(t, block))[rows] = values
             stored = int(values.size - np.count_nonzero(np.isfinite(values)))
             computed = stored if nonfinite_computed is None else int(nonfinite_computed.get((t, block), 0))
             if stored or computed:
                 counts[(t, block)] = (computed, stored)
-        if "nonfinite" in self.group:
+        if "nonfinite_keys" in self.attrs:
             keys = self.attrs["nonfinite_keys"]
             table = np.zeros((len(keys), 2), dtype=np.int64)
             for (t, block), pair in counts.items():
                 table[keys.index(f"{timestep_key(t)}/{block}")] = pair
-            self.group["nonfinite"][chunk] = table
-        self.group["failed"][rows] = np.asarray(failed, dtype=np.uint8)
-        self.group["error"][rows] = np.asarray(list(errors), dtype=str)
-        self.group["done"][chunk] = 1
+            _writer(self._get("nonfinite"))[chunk] = table
+        _writer(self._get("failed"))[rows] = np.asarray(failed, dtype=np.uint8)
+        _writer(self._get("error"))[rows] = np.asarray(list(errors), dtype=str)
+        self._get("done")[chunk] = 1
         return counts
 
     def nonfinite(self) -> dict[str, dict[str, int]] | None:
         """Per array ("t<T>/<block>"): {"computed", "stored"} non-finite values over the done
         chunks; None for a run written before they were counted."""
-        if "nonfinite" not in self.group:
+        if "nonfinite_keys" not in self.attrs:
             return None
-        totals = (self.group["nonfinite"][:] * self.done_chunks()[:, None, None]).sum(axis=0)
+        totals = (self._get("nonfinite")[:] * self.done_chunks()[:, None, None]).sum(axis=0)
         return {key: {"computed": int(c), "stored": int(s)} for key, (c, s) in zip(self.attrs["nonfinite_keys"], totals)}
 
     def status(self) -> RunStatus:
@@ -425,16 +553,35 @@ class Run:
 
     def record_session(self, session: Mapping[str, Any]) -> None:
         """Append one extraction session (when, how long per phase) to the run's provenance."""
-        sessions = [*self._fresh_attrs().get("sessions", []), {"ended": _now(), **session}]
-        self.group.attrs["sessions"] = self.attrs["sessions"] = sessions
+        with self.store.lock.held():
+            g = self._fresh_group()
+            sessions = [*g.attrs.get("sessions", []), {"ended": _now(), **session}]
+            g.attrs["sessions"] = self.attrs["sessions"] = sessions
 
     def mark_finished(self) -> None:
-        if self._fresh_attrs().get("finished") is None:
-            self.group.attrs["finished"] = self.attrs["finished"] = _now()
+        with self.store.lock.held():
+            g = self._fresh_group()
+            self.attrs["finished"] = g.attrs.get("finished")
+            if self.attrs["finished"] is None:
+                g.attrs["finished"] = self.attrs["finished"] = _now()
 
-    def _fresh_attrs(self) -> dict[str, Any]:
-        """The attributes as stored now (another handle may have written since this one opened)."""
-        return zarr.open_group(self.group.store, path=self.group.path, mode="r").attrs.asdict()
+    def redo(self, chunks: Sequence[int]) -> None:
+        """Mark chunks not done (and the run not finished), so that extracting the same spec
+        again computes them."""
+        with self.store.lock.held():
+            done = self._get("done")
+            for c in chunks:
+                done[c] = 0
+            g = self._fresh_group()
+            g.attrs["finished"] = self.attrs["finished"] = None
+
+    def _fresh_group(self) -> zarr.Group:
+        """The run's group as stored now (another process may have changed its attributes)."""
+        return _node(self.store.group, f"runs/{self.run_id}", self.store.url)
+
+    def claims(self) -> ChunkClaims:
+        """Claims on this run's chunks for one writer process (see ChunkClaims)."""
+        return ChunkClaims(self)
 
     def usable_rows(self, allow_incomplete: bool = False) -> np.ndarray:
         """Sorted int64 indices of the rows whose chunk is done and whose image did not fail.
@@ -455,24 +602,17 @@ class Run:
         """All rows of one chunk of (t, block), as stored. The one place feature values are read.
 
         Raises IncompleteRunError for a chunk not marked done, DamagedChunkError for a done chunk
-        whose file is missing or undecodable (`featurestore verify --repair` marks it to redo),
-        NonFiniteError for inf/NaN in rows of images that did not fail."""
-        arr = self.array(t, block)
-        where = f"run {self.run_id} array {timestep_key(t)}/{block} chunk {chunk}"
+        whose file (or that of its failure flags) is missing or undecodable (`featurestore verify
+        --repair` marks it to redo), NonFiniteError for inf/NaN in rows of images that did not fail."""
+        self.array(t, block)  # refuses an unknown t or block
+        name = f"{timestep_key(t)}/{block}"
+        where = f"run {self.run_id} array {name} chunk {chunk}"
         if not 0 <= chunk < self.n_chunks:
             raise StoreError(f"{where}: no such chunk (the run has {self.n_chunks})")
-        if not self.group["done"][chunk]:
+        if not self.chunk_done(chunk):
             raise IncompleteRunError(f"{where} is not extracted yet; re-run the same `featurestore extract` to resume")
-        rows = self.chunk_slice(chunk)
-        failed = self.group["failed"][rows].astype(bool)
-        if not _chunk_exists(arr, chunk) and not failed.all():
-            raise DamagedChunkError(f"{where} is marked done but its file is missing; "
-                                    "run `featurestore verify STORE --repair`, then extract again")
-        try:
-            values = arr[rows]
-        except Exception as exc:  # noqa: BLE001 - any codec or I/O error means the chunk is damaged
-            raise DamagedChunkError(f"{where} cannot be decoded ({type(exc).__name__}: {exc}); "
-                                    "run `featurestore verify STORE --repair`, then extract again") from None
+        failed = self._stored("failed", chunk).astype(bool)
+        values = self._stored(name, chunk, failed)
         if values.dtype.kind == "f":
             bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1) & ~failed
             if bad.any():
@@ -482,6 +622,43 @@ class Run:
                     "extract again with --dtype float32 (a new run)"
                 )
         return values
+
+    def damaged_arrays(self, chunk: int) -> dict[str, str]:
+        """For a done chunk: the per-chunk arrays (`chunk_arrays`) whose chunk file is missing
+        or cannot be decoded, name -> problem. Empty when the chunk is sound."""
+        problems: dict[str, str] = {}
+        try:
+            failed = self._stored("failed", chunk).astype(bool)
+        except DamagedChunkError as exc:
+            problems["failed"], failed = exc.problem, None
+        for name in self.chunk_arrays():
+            if name == "failed":
+                continue
+            try:
+                self._stored(name, chunk, failed)
+            except DamagedChunkError as exc:
+                problems[name] = exc.problem
+        return problems
+
+    def _stored(self, name: str, chunk: int, failed: np.ndarray | None = None) -> np.ndarray:
+        """Chunk `chunk` of the per-chunk array `name` as stored: rows (n, ...) of a feature or
+        failure column, or the (1, n_arrays, 2) slice of "nonfinite".
+
+        Raises DamagedChunkError when the chunk's file is missing or cannot be decoded. A missing
+        file is accepted only in runs written before every chunk got its file: there an all-zero
+        chunk was not stored (failure columns and counts of a chunk without failures; features
+        of a chunk whose images all failed, which `failed` tells)."""
+        array = self._get(name)
+        where = f"run {self.run_id} array {name} chunk {chunk}"
+        is_feature = name not in ("failed", "error", "nonfinite")
+        absent_ok = not self.attrs.get("every_chunk_stored") and (
+            not is_feature or (failed is not None and bool(failed.all())))
+        if not absent_ok and not _chunk_exists(array, chunk):
+            raise _damaged(where, "is marked done but its file is missing")
+        try:
+            return array[chunk : chunk + 1] if name == "nonfinite" else array[self.chunk_slice(chunk)]
+        except Exception as exc:  # noqa: BLE001 - any codec or I/O error means the chunk is damaged
+            raise _damaged(where, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
 
     def numpy(self, t: int | None, block: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Features of (t, block) as an (n, C, H, W) array of the stored dtype, for all rows, a
@@ -528,6 +705,54 @@ class Run:
         return da.concatenate(parts) if parts else da.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
 
 
+class ChunkClaims:
+    """One writer process's claims on chunks of a run, so that processes extracting the same spec
+    split the chunks instead of writing one twice. Use as a context manager (releases every claim
+    at exit); `take` before reading a chunk's images, `release` after its `write_chunk`.
+
+    Local stores: a non-blocking OS file lock per chunk under `.featurestore-locks/<run_id>/`,
+    released by the OS when the process dies. Stores at URLs have no cross-process lock: there
+    every chunk not done is taken (two writers of one spec at a URL may both compute a chunk)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._folder = None if "://" in run.store.url else Path(run.store.url) / LOCKS / run.run_id
+        self._held: dict[int, FileLock] = {}
+
+    def take(self, chunk: int) -> bool:
+        """Claim `chunk` without waiting; False when it is done or another process holds it."""
+        if self.run.chunk_done(chunk):
+            return False
+        if self._folder is None:
+            return True
+        lock = FileLock(str(self._folder / f"{chunk}.lock"), timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            return False
+        if self.run.chunk_done(chunk):  # written by another process between the two looks
+            lock.release()
+            return False
+        self._held[chunk] = lock
+        return True
+
+    def release(self, chunk: int) -> None:
+        """Give up the claim on `chunk` (any thread); its lock file goes once the chunk is done."""
+        lock = self._held.pop(chunk, None)
+        if lock is None:
+            return
+        if self.run.chunk_done(chunk):  # a later claimant finds the chunk done, whichever file it locks
+            Path(lock.lock_file).unlink(missing_ok=True)
+        lock.release()
+
+    def __enter__(self) -> ChunkClaims:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for chunk in list(self._held):
+            self.release(chunk)
+
+
 def _chunk_exists(array: zarr.Array, chunk: int) -> bool:
     """Whether the file (object) of chunk `chunk` along the first axis of `array` exists."""
     from zarr.core.sync import sync
@@ -536,17 +761,126 @@ def _chunk_exists(array: zarr.Array, chunk: int) -> bool:
     return sync(array.store_path.store.exists(f"{array.path}/{key}"))
 
 
-def _create_images_table(group: zarr.Group) -> None:
-    g = group.require_group("images")
-    for c in IMAGE_COLUMNS:
-        dtype = "int64" if c == "label" else str
-        g.create_array(c, shape=(0,), dtype=dtype, chunks=(_TABLE_CHUNK,))
+def _node(parent: zarr.Group, path: str, url: str, *, missing_ok: bool = False,
+          hint: str = "") -> zarr.Group | zarr.Array | None:
+    """parent[path], where a zarr.json that cannot be read is a StoreError naming the file.
+    A missing node raises StoreError too, or gives None when `missing_ok`."""
+    file = "/".join(p for p in (url.rstrip("/"), parent.path, path, "zarr.json") if p)
+    try:
+        return parent[path]
+    except KeyError:
+        if missing_ok:
+            return None
+        raise StoreError(f"{file} is missing{'; ' + hint if hint else ''}") from None
+    except (ValueError, TypeError) as exc:  # JSON or metadata errors of zarr
+        raise StoreError(f"{file} is corrupt ({type(exc).__name__}: {exc}){'; ' + hint if hint else ''}") from None
 
 
-def _read_column(array: zarr.Array) -> np.ndarray:
-    """A table column as a plain numpy array (zarr returns strings as StringDType; users expect "U")."""
-    values = array[:]
+def _child_names(group: zarr.Group) -> list[str]:
+    """Names of the folders (prefixes) in a group, read from the store without parsing them."""
+    from zarr.core.sync import sync
+
+    async def names() -> list[str]:
+        return [k async for k in group.store.list_dir(group.path)]
+
+    return sorted(n for n in sync(names()) if n not in ("zarr.json", LOCKS, MARKER))
+
+
+def _open_root(url: str, mode: str) -> zarr.Group | None:
+    """The store's root group, or None when there is none."""
+    try:
+        return zarr.open_group(url, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    except zarr.errors.ContainsArrayError as exc:
+        raise StoreError(f"{url} holds a zarr array, not a feature store") from exc
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"{url.rstrip('/')}/zarr.json is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def _is_complete(group: zarr.Group, url: str) -> bool:
+    """Whether store creation got to its end: `format_version` (written last) and every images
+    column (stores of earlier versions wrote `format_version` first)."""
+    if "format_version" not in group.attrs:
+        return False
+    images = _node(group, "images", url, missing_ok=True)
+    return images is not None and all(_node(images, c, url, missing_ok=True) is not None for c in IMAGE_COLUMNS)
+
+
+def _refuse_foreign(group: zarr.Group, url: str) -> None:
+    """Raise StoreError when `group` holds something (attributes or members) but was never
+    begun as a feature store."""
+    attrs = group.attrs.asdict()
+    if "created_by" not in attrs and "format_version" not in attrs and (attrs or _child_names(group)):
+        raise StoreError(f"{url} is a zarr group but not a feature store; use another path")
+
+
+def _check_complete(group: zarr.Group, url: str) -> None:
+    """Raise StoreError (one line) unless `group` is a complete store of this format."""
+    attrs = group.attrs.asdict()
+    if "format_version" not in attrs and "created_by" not in attrs:
+        raise StoreError(f"{url} is a zarr group but not a feature store; use another path")
+    if attrs.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise StoreError(f"{url}: store format {attrs['format_version']!r}, this version reads {FORMAT_VERSION}")
+    if not _is_complete(group, url):
+        raise StoreError(f"{url} was interrupted while being created; open it for writing (e.g. extract into it) "
+                         "to complete it")
+
+
+def _create(url: str) -> zarr.Group:
+    """Create the store at `url`, or complete one whose creation was interrupted (under the store
+    lock; another process may have done it meanwhile). Its first write marks the root as a
+    feature store being created (`created_by`), `format_version` is written last."""
+    group = zarr.open_group(url, mode="a", attributes={"created_by": package_version()})
+    _refuse_foreign(group, url)
+    attrs = group.attrs.asdict()
+    if attrs.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        return group  # another format: refused by _check_complete, never changed
+    if "created_by" not in attrs:  # an empty zarr group that was there before
+        group.attrs["created_by"] = package_version()
+    if not _is_complete(group, url):
+        g = group.require_group("images")
+        for c in IMAGE_COLUMNS:
+            g.create_array(c, shape=(0,), dtype="int64" if c == "label" else str, chunks=(_TABLE_CHUNK,),
+                           overwrite=True)
+        g.attrs["rows"] = 0
+    if "format_version" not in attrs:
+        group.attrs["format_version"] = FORMAT_VERSION
+    return group
+
+
+def _committed_rows(images: zarr.Group) -> int:
+    """Rows of the images table that were committed; stores of earlier versions kept no count:
+    there it is the shortest column (a killed append lengthened the first columns only)."""
+    if "rows" in images.attrs:
+        return int(images.attrs["rows"])
+    return min(images[c].shape[0] for c in IMAGE_COLUMNS)
+
+
+def _read_column(array: zarr.Array, n: int | None = None) -> np.ndarray:
+    """The first n values (all: None) of a table column as a plain numpy array (zarr returns
+    strings as StringDType; users expect "U")."""
+    values = array[:n]
     return np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values
+
+
+def _writer(array: zarr.Array) -> zarr.Array:
+    """The array, set to store every chunk written, also all-zero ones (zarr keeps that setting
+    per handle, not in the metadata)."""
+    return array.with_config({"write_empty_chunks": True})
+
+
+def _damaged(where: str, problem: str) -> DamagedChunkError:
+    error = DamagedChunkError(f"{where} {problem}; {_REPAIR_HINT}")
+    error.problem = problem
+    return error
+
+
+def _read_text(fs: Any, path: str) -> str:
+    try:
+        return fs.cat_file(path).decode()
+    except OSError:  # deleted meanwhile
+        return "marker gone"
 
 
 def _now() -> str:

@@ -98,6 +98,7 @@ def test_empty_store(store_path):
     FeatureStore.open(store_path, "a")
     assert inspect_store(str(store_path)) == {
         "store": str(store_path), "format_version": FORMAT_VERSION, "images": 0, "runs": [], "incomplete_runs": [],
+        "broken_runs": {},
     }
 
 

@@ -10,7 +10,15 @@ import zarr
 from store_builders import BLOCKS, SPEC, TIMESTEPS, age_files, file_stamps, manifest, write_random_chunk
 
 import featurestore.store as store_module
-from featurestore.store import FORMAT_VERSION, FeatureStore, Run, StoreError, run_id_of, timestep_key
+from featurestore.store import (
+    FORMAT_VERSION,
+    FeatureStore,
+    IncompleteRunError,
+    Run,
+    StoreError,
+    run_id_of,
+    timestep_key,
+)
 
 
 def _run_kwargs(n=6, chunk_rows=4, dtype="float32", blocks=BLOCKS, timesteps=TIMESTEPS):
@@ -212,7 +220,8 @@ def test_create_run_same_spec_returns_existing_run_and_writes_nothing(make_run):
     assert run.run_id == w.run.run_id
     assert w.store.run_ids() == [w.run.run_id]
     assert run.status() == status
-    np.testing.assert_array_equal(run.numpy(10, "down0"), w.data[(10, "down0")])
+    usable = w.usable_rows()
+    np.testing.assert_array_equal(run.numpy(10, "down0", usable), w.data[(10, "down0")][usable])
 
 
 def test_create_run_with_changed_spec_makes_a_second_run(make_run):
@@ -225,8 +234,9 @@ def test_create_run_with_changed_spec_makes_a_second_run(make_run):
     assert (status.done, status.failed, status.pending) == (0, 0, w.n)
     # the first run is untouched
     first = FeatureStore.open(w.path, "r").run(w.run.run_id)
+    usable = w.usable_rows()
     for key, expected in w.data.items():
-        np.testing.assert_array_equal(first.numpy(*key), expected)
+        np.testing.assert_array_equal(first.numpy(*key, usable), expected[usable])
     assert first.done_chunks().tolist() == [True, False, True]
 
 
@@ -257,7 +267,8 @@ def test_interrupted_run_creation_is_refused_then_rebuilt(make_run):
     assert run.done_chunks().tolist() == [False, False, False]
     assert run.status().pending == w.n and run.status().failed == 0
     assert not run.failed.any()
-    np.testing.assert_array_equal(run.numpy(10, "down0"), np.zeros((w.n, *BLOCKS["down0"]), np.float32))
+    with pytest.raises(IncompleteRunError):
+        run.numpy(10, "down0")
     assert store.run(run.run_id).run_id == run.run_id  # usable again
 
 
@@ -387,28 +398,34 @@ def test_errors_column(make_run):
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_numpy_returns_what_was_written(make_run, dtype):
-    w = make_run(dtype=dtype)
+    w = make_run(dtype=dtype)  # usable rows 0, 2, 3, 8 (chunk 1 is not done, rows 1 and 9 failed)
     rng = np.random.default_rng(1)
+    usable = w.usable_rows()
+    assert usable.tolist() == [0, 2, 3, 8]
     for (t, block), expected in w.data.items():
-        assert np.abs(expected[:4]).sum() > 0  # real data, not the fill value
-        got = w.run.numpy(t, block)
+        assert np.abs(expected[usable]).min() > 0  # real data, not the fill value
+        got = w.run.numpy(t, block, usable)
         assert got.dtype == np.dtype(dtype)
-        np.testing.assert_array_equal(got, expected)
-        np.testing.assert_array_equal(w.run.numpy(t, block, slice(2, 9)), expected[2:9])
-        np.testing.assert_array_equal(w.run.numpy(t, block, slice(8, None)), expected[8:])
-        index = np.sort(rng.choice(10, 5, replace=False))
+        np.testing.assert_array_equal(got, expected[usable])
+        np.testing.assert_array_equal(w.run.numpy(t, block, slice(2, 4)), expected[2:4])
+        np.testing.assert_array_equal(w.run.numpy(t, block, slice(8, 9)), expected[8:9])
+        index = np.sort(rng.choice(usable, 3, replace=False))
         np.testing.assert_array_equal(w.run.numpy(t, block, index), expected[index])
-        unsorted = np.array([9, 0, 5, 2])
+        unsorted = np.array([8, 0, 3, 2])
         np.testing.assert_array_equal(w.run.numpy(t, block, unsorted), expected[unsorted])
-    # rows of the undone chunk read as the fill value
-    np.testing.assert_array_equal(w.run.numpy(10, "down0", slice(4, 8)), 0)
+    # rows of the undone chunk and failed rows are refused, not read as the fill value
+    with pytest.raises(IncompleteRunError):
+        w.run.numpy(10, "down0", slice(4, 8))
+    with pytest.raises(StoreError, match="failed"):
+        w.run.numpy(10, "down0", np.array([0, 1]))
 
 
 def test_numpy_after_reopening(make_run):
     w = make_run()
     run = FeatureStore.open(w.path, "r").run(w.run.run_id)
+    usable = w.usable_rows()
     for key, expected in w.data.items():
-        np.testing.assert_array_equal(run.numpy(*key), expected)
+        np.testing.assert_array_equal(run.numpy(*key, usable), expected[usable])
 
 
 def test_rewriting_a_chunk_replaces_it(make_run):
@@ -418,7 +435,8 @@ def test_rewriting_a_chunk_replaces_it(make_run):
     w.run.write_chunk(0, features, np.zeros(4, bool), [""] * 4)
     for key, expected in w.data.items():
         expected[:4] = features[key]
-        np.testing.assert_array_equal(w.run.numpy(*key), expected)
+        np.testing.assert_array_equal(w.run.numpy(*key, w.run.usable_rows(allow_incomplete=True)),
+                                      expected[[0, 1, 2, 3, 8]])
     status = w.run.status()
     assert (status.done, status.failed, status.pending) == (5, 1, 4)
     assert w.run.errors[:4].tolist() == [""] * 4
@@ -431,8 +449,10 @@ def test_dask_view(make_run):
         assert lazy.shape == expected.shape
         assert lazy.dtype == expected.dtype
         assert lazy.chunks == ((4, 4, 2), *((c,) for c in expected.shape[1:]))
-        np.testing.assert_array_equal(lazy.compute(), expected)
-        np.testing.assert_array_equal(lazy[3:9].mean(axis=(1, 2, 3)).compute(), expected[3:9].mean(axis=(1, 2, 3)))
+        np.testing.assert_array_equal(lazy[:4].compute(), expected[:4])  # failed row 1 reads as stored: zeros
+        np.testing.assert_array_equal(lazy[8:].mean(axis=(1, 2, 3)).compute(), expected[8:].mean(axis=(1, 2, 3)))
+        with pytest.raises(IncompleteRunError):
+            lazy.compute()  # chunk 1 is not done
 
 
 def _fake_clock(monkeypatch):
