@@ -15,8 +15,9 @@ from cli.app import EXIT_ERROR, JsonFlag, StoreArgument, app, user_errors
 def verify(
     store: StoreArgument,
     run: Annotated[Optional[str], typer.Option(help="Check only this run.")] = None,
-    repair: Annotated[bool, typer.Option("--repair", help="Mark damaged chunks not done, so that extracting "
-                                                          "the same spec again recomputes them.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Mark damaged chunks not done and remove broken "
+                                                          "runs, so that extracting the same spec again "
+                                                          "recomputes them.")] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Check that every done chunk of every run has its files and decodes; exit 1 on damage."""

@@ -58,6 +58,7 @@ MARKER_WAIT_S = 30.0  # longest wait for another writer's marker at a URL before
 # existed: an older run whose spec lacks them is the same run as a new spec with these values.
 SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none"}
 _REPAIR_HINT = "run `featurestore verify STORE --repair`, then extract again"
+_REMOVE_HINT = "`featurestore verify STORE --repair` removes the run; extract again to rebuild it"
 
 
 class StoreError(ValueError):
@@ -316,7 +317,7 @@ class FeatureStore:
         out: dict[str, zarr.Group | StoreError] = {}
         for name in [] if runs is None else _child_names(runs):
             try:
-                out[name] = _node(runs, name, self.url, hint=f"delete runs/{name} to extract that run again")
+                out[name] = _node(runs, name, self.url, hint=_REMOVE_HINT)
             except StoreError as exc:
                 out[name] = exc
         return out
@@ -326,7 +327,7 @@ class FeatureStore:
         created, or its metadata is corrupt."""
         runs = _node(self.group, "runs", self.url, missing_ok=True)
         group = None if runs is None else _node(runs, run_id, self.url, missing_ok=True,
-                                                hint=f"delete runs/{run_id} to extract that run again")
+                                                hint=_REMOVE_HINT)
         if group is None:
             raise StoreError(f"no run {run_id!r} in {self.url}; runs: {', '.join(self.run_ids()) or 'none'}")
         if "created" not in group.attrs:
@@ -335,6 +336,14 @@ class FeatureStore:
 
     def runs(self) -> list[Run]:
         return [self.run(r) for r in self.run_ids()]
+
+    def remove_run(self, run_id: str) -> None:
+        """Delete the folder of run `run_id` (under the store lock), readable or not: a broken run
+        cannot be repaired chunk by chunk, and extracting its spec again rebuilds it."""
+        from zarr.core.sync import sync
+
+        with self.lock.held():
+            sync(self.group.store.delete_dir(f"{self.group.path}/runs/{run_id}".lstrip("/")))
 
     def create_run(
         self,
@@ -361,7 +370,10 @@ class FeatureStore:
                 raise groups[run_id]
             for g in [groups.get(run_id), *groups.values()]:
                 if isinstance(g, zarr.Group) and "created" in g.attrs and same_spec(g.attrs["spec"], spec):
-                    return Run(g, self)
+                    run = Run(g, self)
+                    for name in run.chunk_arrays():
+                        run._get(name)  # corrupt metadata of an array: StoreError naming the file
+                    return run
             # A run killed while being created has no "created" attribute (written last): rebuild it.
             g = self.group.require_group("runs").require_group(run_id)
             n = len(rows)

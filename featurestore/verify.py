@@ -30,6 +30,7 @@ class VerifyResult:
     damaged: list[Damage] = field(default_factory=list)
     broken_runs: dict[str, str] = field(default_factory=dict)  # run id -> why it cannot be opened
     repaired: dict[str, list[int]] = field(default_factory=dict)  # run id -> chunks marked not done
+    removed: list[str] = field(default_factory=list)  # broken runs deleted by --repair
 
     @property
     def ok(self) -> bool:
@@ -46,7 +47,9 @@ class VerifyResult:
             n = sum(len(c) for c in self.repaired.values())
             out.append(f"marked {n} chunks not done in runs {', '.join(self.repaired)}: "
                        "extract the same spec again to recompute them")
-        elif self.damaged:
+        if self.removed:
+            out.append(f"removed broken runs {', '.join(self.removed)}: extract the same spec again to rebuild them")
+        if not (self.repaired or self.removed) and not self.ok:
             out.append("run `featurestore verify STORE --repair`, then extract again")
         return out
 
@@ -57,7 +60,8 @@ class VerifyResult:
 def verify_store(url: str, run_id: str | None = None, repair: bool = False) -> VerifyResult:
     """Check that every done chunk of every run (or of `run_id`) has a readable file in every
     per-chunk array (features, failure flags and messages, non-finite counts). With `repair`,
-    damaged chunks are marked not done and their runs not finished.
+    damaged chunks are marked not done and their runs not finished, and broken runs (metadata that
+    cannot be read) are removed, so that extracting the same spec again recomputes them.
 
     Raises StoreError when the store (or the run asked for) cannot be opened."""
     store = FeatureStore.open(url, "r")
@@ -81,10 +85,13 @@ def verify_store(url: str, run_id: str | None = None, repair: bool = False) -> V
             continue
         result.chunks_checked += len(done)
         result.damaged += found
-    if repair and result.damaged:
+    if repair and not result.ok:
         writable = FeatureStore.open(url, "a")
-        for rid in dict.fromkeys(d.run_id for d in result.damaged):
+        for rid in dict.fromkeys(d.run_id for d in result.damaged if d.run_id not in result.broken_runs):
             chunks = sorted({d.chunk for d in result.damaged if d.run_id == rid})
             writable.run(rid).redo(chunks)
             result.repaired[rid] = chunks
+        for rid in result.broken_runs:
+            writable.remove_run(rid)
+            result.removed.append(rid)
     return result

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from store_builders import SPEC, write_random_chunk
+from store_builders import BLOCKS, SPEC, TIMESTEPS, write_random_chunk
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -159,6 +159,28 @@ def test_corrupt_array_metadata_is_named_and_the_run_listed_as_broken(make_run):
     doc = inspect_store(str(w.path))
     assert [r["run_id"] for r in doc["runs"]] == [other.run_id]
     assert str(meta) in doc["broken_runs"][w.run.run_id]
+    # extracting that spec again is refused while the array cannot be read (before: "done", nothing written)
+    with pytest.raises(StoreError, match=f"{meta} is corrupt"):
+        FeatureStore.open(w.path, "a").create_run(SPEC, arrays=BLOCKS, timesteps=list(TIMESTEPS), rows=w.run.rows,
+                                                  chunk_rows=w.chunk_rows, dtype="float16", provenance={})
+
+
+@pytest.mark.parametrize("broken", [("zarr.json",), ("t10", "down0", "zarr.json")], ids=["run", "array"])
+def test_verify_repair_removes_a_broken_run_so_extracting_again_rebuilds_it(make_run, broken):
+    w, other, values = _two_runs(make_run)
+    rows = w.run.rows
+    w.path.joinpath("runs", w.run.run_id, *broken).write_text("{broken")
+    result = cli.invoke(app, ["verify", str(w.path), "--repair"])
+    assert result.exit_code == 1  # damage was found (and repaired)
+    assert f"removed broken runs {w.run.run_id}: extract the same spec again to rebuild them" in result.output
+    store = FeatureStore.open(w.path)
+    assert store.run_ids() == [other.run_id] and store.broken_runs() == {}
+    np.testing.assert_array_equal(store.run(other.run_id).numpy(10, "mid"), values)
+    rebuilt = FeatureStore.open(w.path, "a").create_run(
+        SPEC, arrays=BLOCKS, timesteps=list(TIMESTEPS), rows=rows, chunk_rows=w.chunk_rows,
+        dtype="float16", provenance={})
+    assert rebuilt.run_id == w.run.run_id and not rebuilt.done_chunks().any()
+    assert cli.invoke(app, ["verify", str(w.path)]).exit_code == 0
 
 
 @pytest.mark.parametrize("command", [["inspect", "--json"], ["verify"]])
