@@ -33,6 +33,8 @@ def pooled(features: np.ndarray, size: int | None) -> np.ndarray:
     """Adaptive average pooling of (N, C, H, W) to (N, C, size, size), as torch's
     adaptive_avg_pool2d bins it (window i covers floor(i*H/size) .. ceil((i+1)*H/size)), then
     flatten to (N, C*size*size) float32. A map already at most size x size is left as it is."""
+    if size is not None and size < 1:
+        raise ValueError(f"--pool takes a positive size, got {size}")
     x = features.astype(np.float32)
     if size is not None and x.ndim == 4 and (x.shape[2] > size or x.shape[3] > size):
         x = _adaptive_mean(_adaptive_mean(x, size, axis=2), size, axis=3)

@@ -117,12 +117,20 @@ def in_top(scores: np.ndarray, classes: np.ndarray, n: int) -> np.ndarray:
     return (rank < n) & (own[:, 0] > 0)
 
 
+def check_temperature(temperature: float) -> None:
+    """The vote weight exp(s / T) needs T > 0: T = 0 makes every vote inf (ties decide), T < 0
+    inverts the ranking. Raises ValueError otherwise."""
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be positive (votes weigh exp(cosine / T)), got {temperature}")
+
+
 def knn_accuracy(
     sims: np.ndarray, indices: np.ndarray, train_labels: np.ndarray, test_labels: np.ndarray,
     ks: Sequence[int], temperature: float = TEMPERATURE,
 ) -> dict[int, tuple[float, float]]:
     """Top-1 and top-5 accuracy (VOTE_RULE) for each k from the neighbour lists of the largest k
     (best first): {k: (top1, top5)}. A test label absent from the train set is never right."""
+    check_temperature(temperature)
     classes, train_classes = np.unique(train_labels, return_inverse=True)
     known = np.isin(test_labels, classes)
     test_classes = np.where(known, np.searchsorted(classes, test_labels).clip(max=len(classes) - 1), 0)
@@ -143,6 +151,7 @@ def knn_run(
     features streamed in chunk-aligned slabs of about `slab_rows` rows. Errors (ValueError) as
     `split_rows` and `read_pooled`, and for k outside 1..train images."""
     check_faiss_device(device)
+    check_temperature(temperature)
     run = resolve_run(store, run_id)
     train, test = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
     if not ks or min(ks) < 1 or max(ks) > len(train):

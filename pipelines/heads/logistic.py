@@ -78,10 +78,10 @@ def split_rows(run: Run, train_split: str, test_split: str, holdout: float | Non
         train = np.flatnonzero(status_ok & (splits == train_split))
         test = np.flatnonzero(status_ok & (splits == test_split))
     if len(train) == 0 or len(test) == 0:
-        found = ", ".join(sorted(set(splits.tolist())))
+        found = ", ".join(sorted(set(splits[status_ok].tolist()))) or "none"
         raise ValueError(
-            f"need images in both splits {train_split!r} and {test_split!r} (found: {found}); "
-            "choose --train-split/--test-split or use --holdout FRACTION"
+            f"need usable (extracted, not failed) images in both splits {train_split!r} and {test_split!r} "
+            f"(they are in: {found}); choose --train-split/--test-split or use --holdout FRACTION"
         )
     return train, test
 

@@ -72,6 +72,13 @@ class HeadSpec:
             raise ValueError("the cosine classifier needs text embeddings (--text-embeddings)")
         if self.pooling not in ("attention", "conv"):
             raise ValueError(f"unknown uhead pooling {self.pooling!r}; choose attention or conv")
+        sizes = {"--pool": self.pool, "--hidden": self.hidden, "--width": self.width, "--depth": self.depth,
+                 "--attn-heads": self.num_heads, "--expert-width": self.expert_width}
+        small = [f"{option} {value}" for option, value in sizes.items() if value < 1]
+        if small:
+            raise ValueError(f"head sizes must be positive integers, got {', '.join(small)}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be positive (logits are cosines / T), got {self.temperature}")
 
     def to_json(self) -> dict:
         doc = asdict(self)

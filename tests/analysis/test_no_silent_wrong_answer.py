@@ -255,3 +255,40 @@ def test_report_shows_only_its_own_stores_results(two_stores, tmp_path):
         {"file": file_b.name, "why": f"another store's: run(s) {run_b} are not in this store"}]
     page = (tmp_path / "a.html").read_text()
     assert f"knn-{run_a}-" in page and "another store&#x27;s" in page and page.count(run_b) == 2  # skipped table only
+
+
+# -- options that would give numbers without meaning ----------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["knn", "--block", "a", "--timestep", "5", "--k", "3", "--temperature", "0"], "--temperature must be positive"),
+    (["knn", "--block", "a", "--timestep", "5", "--k", "3", "--temperature", "-0.07"], "--temperature must be positive"),
+    (["sweep", "--temperature", "0"], "--temperature must be positive"),
+    (["fewshot", "--head", "knn", "--shots", "1", "--seeds", "0", "--temperature", "0"], "--temperature must be positive"),
+    (["knn", "--block", "a", "--timestep", "5", "--k", "3", "--pool", "0"], "--pool takes a positive size, got 0"),
+    (["probe", "--block", "a", "--timestep", "5", "--pool", "-1"], "--pool takes a positive size, got -1"),
+    (["cka", "--timestep", "5", "--pool", "0"], "--pool takes a positive size, got 0"),
+    (["probe", "--head", "linear", "--block", "a", "--timestep", "5", "--pool", "0"],
+     "head sizes must be positive integers, got --pool 0"),
+    (["probe", "--head", "mlp", "--block", "a", "--timestep", "5", "--hidden", "0"],
+     "head sizes must be positive integers, got --hidden 0"),
+])
+def test_meaningless_vote_temperatures_and_pool_sizes_are_refused(two_stores, tmp_path, args, message):
+    store = two_stores[0]
+    line = one_error_line(invoke(args[0], store, *args[1:], "--out", tmp_path / "out"))
+    assert message in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_incomplete_without_test_images_names_the_splits_of_the_usable_images(tmp_path):
+    """Chunk 0 (all the test images) pending, chunk 1 (train) done: the refusal names the splits of
+    the images that can be used, not of every image (before: "found: test, train")."""
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), mode="a")
+    ids = [f"img{i}" for i in range(16)]
+    rows = store.add_images("synthetic", {"id": ids, "label": [i % 2 for i in range(16)],
+                                          "class_name": [f"c{i % 2}" for i in range(16)],
+                                          "split": ["test"] * 8 + ["train"] * 8, "domain": ["photo"] * 16, "source": ids})
+    run = store.create_run({"name": "half"}, arrays={"a": (2, 1, 1)}, timesteps=[5], rows=rows, chunk_rows=8,
+                           dtype="float32", provenance={})
+    run.write_chunk(1, {(5, "a"): np.ones((8, 2, 1, 1), np.float32)}, np.zeros(8, bool), [""] * 8)
+    line = one_error_line(invoke("knn", tmp_path / "s.zarr", "--block", "a", "--timestep", "5", "--k", "1",
+                                 "--allow-incomplete", "--out", tmp_path / "out"))
+    assert "(they are in: train)" in line
