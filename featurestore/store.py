@@ -731,13 +731,14 @@ class ChunkClaims:
         self._folder = None if "://" in run.store.url else Path(run.store.url) / LOCKS / run.run_id
         self._held: dict[int, FileLock] = {}
 
-    def take(self, chunk: int) -> bool:
-        """Claim `chunk` without waiting; False when it is done or another process holds it."""
+    def take(self, chunk: int, wait: bool = False) -> bool:
+        """Claim `chunk`; False when it is done or another process holds it. With `wait`, wait
+        for another process's claim to end first (False if that process wrote the chunk)."""
         if self.run.chunk_done(chunk):
             return False
         if self._folder is None:
             return True
-        lock = FileLock(str(self._folder / f"{chunk}.lock"), timeout=0, thread_local=False)
+        lock = FileLock(str(self._folder / f"{chunk}.lock"), timeout=-1 if wait else 0, thread_local=False)
         try:
             lock.acquire()
         except Timeout:

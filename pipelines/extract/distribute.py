@@ -33,8 +33,9 @@ def shards(todo: list[int], n: int) -> list[list[int]]:
     return out
 
 
-def extract_shard(cfg: ExtractConfig, run_id: str, chunks: list[int]) -> dict[str, float]:
-    """Worker function: compute and write the given chunks of a run that already exists."""
+def extract_shard(cfg: ExtractConfig, run_id: str, chunks: list[int]) -> tuple[dict[str, float], list[int]]:
+    """Worker function: compute and write the given chunks of a run that already exists; returns
+    `run_chunks`' (seconds per phase, chunks written)."""
     key = repr(cfg)
     if key not in _JOBS:
         _JOBS[key] = prepare_job(cfg)
@@ -55,8 +56,9 @@ def quiet() -> None:
     logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
-def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> dict[str, float]:
-    """Distribute the chunks over a dask cluster; phase seconds are summed over workers."""
+def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> tuple[dict[str, float], list[int]]:
+    """Distribute the chunks over a dask cluster: (phase seconds summed over workers, the chunks
+    the workers wrote)."""
     from distributed import Client, LocalCluster, as_completed
 
     begin = time.perf_counter()
@@ -75,8 +77,11 @@ def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> dict[str, floa
         parts = shards(todo, n_workers * SHARDS_PER_WORKER)
         futures = [client.submit(extract_shard, worker_cfg, run.run_id, part, pure=False) for part in parts]
         seconds = {"read": 0.0, "compute": 0.0, "prepare": 0.0, "write": 0.0}
+        written: list[int] = []
         for future in as_completed(futures):
-            for phase, value in future.result().items():
+            shard_seconds, shard_written = future.result()
+            written += shard_written
+            for phase, value in shard_seconds.items():
                 if phase in seconds:
                     seconds[phase] += value
     except KeyboardInterrupt:
@@ -88,4 +93,4 @@ def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> dict[str, floa
         client.close()
         if cluster is not None:
             cluster.close()
-    return {**seconds, "total": time.perf_counter() - begin, "workers": n_workers}
+    return {**seconds, "total": time.perf_counter() - begin, "workers": n_workers}, sorted(written)

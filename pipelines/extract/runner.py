@@ -149,27 +149,35 @@ def _extract(job: Job) -> ExtractResult:
         provenance=provenance,
     )
     todo = [c for c, done in enumerate(run.done_chunks()) if not done]
+    done_before = run.n_chunks - len(todo)
     try:
         if todo and (cfg.workers or cfg.scheduler):
             from pipelines.extract.distribute import run_on_dask
 
-            seconds = run_on_dask(cfg, run, todo)
+            seconds, written = run_on_dask(cfg, run, todo)
         else:
-            seconds = run_chunks(job, run, todo)
+            seconds, written = run_chunks(job, run, todo)
+        left = [c for c in todo if not run.chunk_done(c)]
+        if left:  # claimed by another process extracting this spec: wait for it, or do them if it died
+            more_seconds, more_written = run_chunks(job, run, left, wait_for_claims=True)
+            seconds = {k: seconds.get(k, 0.0) + v for k, v in more_seconds.items()}
+            written += more_written
     except KeyboardInterrupt as exc:
-        exc.add_note(f"{int(run.done_chunks().sum())} of {run.n_chunks} chunks of run {run.run_id} are saved; "
+        saved = int(run.done_chunks().sum())
+        run.record_session({"chunks": saved - done_before, "interrupted": True})
+        exc.add_note(f"{saved} of {run.n_chunks} chunks of run {run.run_id} are saved; "
                      "run the same command again to resume")
         raise
-    if todo:
-        run.record_session({"chunks": len(todo), "seconds": {k: round(v, 3) for k, v in seconds.items()}})
+    if written:
+        run.record_session({"chunks": len(written), "seconds": {k: round(v, 3) for k, v in seconds.items()}})
     if run.done_chunks().all():
         run.mark_finished()
     status = run.status()
-    work = sum(run.chunk_len(c) for c in todo) * len(job.timesteps)
+    work = sum(run.chunk_len(c) for c in written) * len(job.timesteps)
     return ExtractResult(
         store=str(cfg.store), run_id=run.run_id, images=len(run), done=status.done, failed=status.failed_ids,
-        chunks_written=len(todo), chunks_skipped=run.n_chunks - len(todo), seconds=seconds,
-        images_timesteps_per_s=work / seconds["total"] if todo else 0.0,
+        chunks_written=len(written), chunks_skipped=run.n_chunks - len(written), seconds=seconds,
+        images_timesteps_per_s=work / seconds["total"] if written else 0.0,
         nonfinite={key: c for key, c in (run.nonfinite() or {}).items() if c["stored"] or c["computed"]},
     )
 
@@ -396,8 +404,13 @@ def guided_eps(backbone: Backbone, cond: torch.Tensor | None, scale: float):
     return eps
 
 
-def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
-    """Read ahead one chunk, compute the current one, write the previous one in the background."""
+def run_chunks(job: Job, run: Run, todo: Sequence[int],
+               wait_for_claims: bool = False) -> tuple[dict[str, float], list[int]]:
+    """Read ahead one chunk, compute the current one, write the previous one in the background.
+
+    Each chunk is claimed first (`Run.claims`): a chunk that another process extracting the same
+    spec holds is skipped, or with `wait_for_claims` waited for (then skipped when that process
+    wrote it, computed when it died first). Returns (seconds per phase, the chunks written here)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -408,8 +421,9 @@ def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
     )
 
     seconds = {"read": 0.0, "compute": 0.0, "prepare": 0.0, "write": 0.0, "total": 0.0}  # prepare is part of compute
+    written: list[int] = []
     if not todo:
-        return seconds
+        return seconds, written
     begin = time.perf_counter()
     n_t = len(job.timesteps)
     progress = Progress(
@@ -427,7 +441,7 @@ def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
         progress.update(task, rate=f"{speed:.1f} img/s ({speed * n_t:.1f} img*t/s)")
 
     def read(c: int) -> Chunk | None:
-        if not claims.take(c):
+        if not claims.take(c, wait=wait_for_claims):
             return None  # another process extracting this spec has it, or has written it
         s = run.chunk_slice(c)
         return read_chunk(job.manifest, range(s.start, s.stop), job.backbone.input, decoders)
@@ -455,13 +469,14 @@ def run_chunks(job: Job, run: Run, todo: Sequence[int]) -> dict[str, float]:
                 last_write.result()  # at most one chunk waits in memory for the disk
             last_write = writer.submit(run.write_chunk, c, features, chunk.failed, chunk.errors, nonfinite)
             last_write.add_done_callback(lambda _, c=c: claims.release(c))
+            written.append(c)
             seconds["write"] += time.perf_counter() - tic
         tic = time.perf_counter()
         if last_write is not None:
             last_write.result()
         seconds["write"] += time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - begin
-    return seconds
+    return seconds, written
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -507,6 +522,8 @@ def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource)
         raise ValueError(f"{backbone.name} is unconditional: it takes no prompt (use --prompt null)")
     if cfg.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if cfg.chunk_rows is not None and cfg.chunk_rows < 1:
+        raise ValueError("--chunk-rows must be at least 1")
     if cfg.noise == "ddim-inversion" and cfg.ddim_steps < 1:
         raise ValueError("--ddim-steps must be at least 1")
     if cfg.guidance_scale != 1.0 and not (backbone.conditional and cfg.noise == "ddim-inversion"):

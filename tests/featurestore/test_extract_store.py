@@ -91,14 +91,20 @@ def test_two_extractions_of_one_spec_at_once_split_the_chunks(tmp_path):
             "--chunk-rows", "8", "--batch-size", "8", "--store", str(store)]
     child = Path(__file__).with_name("extract_child.py")
     logs = [tmp_path / f"writer{k}.log" for k in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(child), str(log), "extract", *args], stderr=subprocess.PIPE)
-             for log in logs]
+    procs = [subprocess.Popen([sys.executable, str(child), str(log), "extract", *args, "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for log in logs]
+    results = []
     for p in procs:
-        assert p.wait(300) == 0, p.stderr.read().decode()[-2000:]
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+        results.append(json.loads(out))
     written = [[int(c) for c in log.read_text().split()] if log.exists() else [] for log in logs]
     assert not set(written[0]) & set(written[1]), written
     assert sorted(written[0] + written[1]) == list(range(16))
     assert written[0] and written[1], "the two extractions did not overlap: the test shows nothing"
+    # each reports the chunks it wrote itself, and neither ends while the other still writes one
+    assert [r["chunks_written"] for r in results] == [len(w) for w in written]
+    assert [r["done"] for r in results] == [128, 128]
     (run,) = FeatureStore.open(store).runs()
     assert run.done_chunks().all() and run.attrs["finished"] is not None
     clean = tmp_path / "clean.zarr"

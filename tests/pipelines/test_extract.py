@@ -265,3 +265,10 @@ def test_inspect_json_lists_every_array(tmp_path):
         assert list(root[a["path"]].shape) == a["shape"] == [20, *run["blocks"][a["block"]]]
     assert run["provenance"]["backbone"]["weights_digest"] == run["spec"]["weights_digest"]
     assert run["provenance"]["package_version"]
+
+
+@pytest.mark.parametrize("option", [["--chunk-rows", "0"], ["--batch-size", "0"]])
+def test_zero_chunk_rows_or_batch_size_are_refused_before_anything_is_written(tmp_path, option):
+    result = extract(tmp_path / "s.zarr", "--limit", "8", "--timesteps", "10", *option)
+    assert result.exit_code == 1 and f"error: {option[0]} must be at least 1" in result.output, result.output
+    assert not (tmp_path / "s.zarr").exists()

@@ -54,6 +54,8 @@ def test_ctrl_c_during_extract_is_one_line_and_a_rerun_resumes_to_the_same_array
     assert len(stderr.splitlines()) == 1 and RESUME.fullmatch(stderr.strip()), stderr
     saved = int(RESUME.fullmatch(stderr.strip()).group(1))
     assert 2 <= saved < 16 and only_run(store).done_chunks().sum() == saved
+    assert [{k: v for k, v in sess.items() if k != "ended"} for sess in only_run(store).attrs["sessions"]] == [
+        {"chunks": saved, "interrupted": True}]  # the interrupted session is recorded too
 
     resumed = CliRunner().invoke(app, ["extract", *ARGS, "--store", str(store), "--json"])
     assert resumed.exit_code == 0, resumed.output
