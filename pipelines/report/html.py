@@ -372,6 +372,17 @@ def figures(items: Sequence[Figure]) -> Html:
     return tag("div", join(image(f) for f in items), class_="figures")
 
 
+def images_used(runs: Any) -> Html | str:
+    """A warning line for a result computed without some images of its runs (`runs`: run id ->
+    {"used", "failed", "pending"}): pending ones mean a partial run (--allow-incomplete), whose
+    numbers are not those of the whole run; failed ones were left out. Empty when all were used."""
+    lines = [f"run {run_id}: {n['used']} of {n['used'] + n['failed'] + n['pending']} images used"
+             + (f", {n['pending']} pending (computed on an incomplete run, with --allow-incomplete)" if n["pending"] else "")
+             + (f", {n['failed']} failed (left out)" if n["failed"] else "")
+             for run_id, n in (runs or {}).items() if n.get("pending") or n.get("failed")]
+    return tag("p", "; ".join(lines), class_="note") if lines else ""
+
+
 def render_sweeps(sweeps: Sequence[Loaded[SweepResult]]) -> Html:
     parts = []
     for item in sweeps:
@@ -379,7 +390,7 @@ def render_sweeps(sweeps: Sequence[Loaded[SweepResult]]) -> Html:
         tables = [pivot({(r.timestep, r.block): getattr(r, metric) for r in s.rows}, caption)
                   for metric, caption in zip(SWEEP_METRICS, ("linear probe top-1", f"kNN top-1 (k={s.knn_k})",
                                                              f"kNN top-5 (k={s.knn_k})"))]
-        parts += [tag("h3", item.name),
+        parts += [tag("h3", item.name), images_used(s.runs),
                   tag("p", f"run {s.run_id}, pool {s.pool}, {len(s.rows)} (t, block) pairs in {s.seconds:.1f} s"),
                   tag("div", join(tables), class_="tables"), figures(item.figures)]
     return section("sweeps", "Sweeps: accuracy per (t, block)", *parts)
@@ -391,7 +402,8 @@ def render_ckas(ckas: Sequence[Loaded[CkaResult]]) -> Html:
         c = item.value
         tables = [table(["", *c.cols], ([r, *row] for r, row in zip(c.rows, matrix)), f"linear CKA ({estimator})", grid=True)
                   for estimator, matrix in sorted(c.matrices.items())]
-        parts += [tag("h3", item.name), tag("p", f"grid {c.grid}, method {c.method}, {c.images} images, pool {c.pool}"),
+        parts += [tag("h3", item.name), images_used(c.runs),
+                  tag("p", f"grid {c.grid}, method {c.method}, {c.images} images, pool {c.pool}"),
                   figures(item.figures), tag("div", join(tables), class_="tables")]
     return section("cka", "CKA", *parts)
 
@@ -417,7 +429,7 @@ def render_others(others: Sequence[Loaded[Any]]) -> Html:
     parts = []
     for item in others:
         numbers_ = headline(item.value)
-        parts += [tag("h3", item.name),
+        parts += [tag("h3", item.name), images_used(item.value.get("runs")),
                   table(list(numbers_), [list(numbers_.values())]) if numbers_ else
                   tag("p", "No headline numbers recognised in this file; its content is below.", class_="note"),
                   figures(item.figures) if item.figures else "", details("the whole file", item.value)]

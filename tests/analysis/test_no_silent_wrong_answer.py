@@ -292,3 +292,14 @@ def test_allow_incomplete_without_test_images_names_the_splits_of_the_usable_ima
     line = one_error_line(invoke("knn", tmp_path / "s.zarr", "--block", "a", "--timestep", "5", "--k", "1",
                                  "--allow-incomplete", "--out", tmp_path / "out"))
     assert "(they are in: train)" in line
+
+
+def test_report_marks_results_computed_on_an_incomplete_run(incomplete, tmp_path):
+    path = incomplete[0]
+    out = tmp_path / "out"
+    assert invoke(*command("knn", path, out, "--allow-incomplete")).exit_code == 0
+    result = invoke("report", path, "--results", out, "--out", tmp_path / "r.html")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert (f"{N - 9} of {N} images used, 8 pending (computed on an incomplete run, with --allow-incomplete), "
+            "1 failed (left out)") in page
