@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from cli.app import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from cli.main import app
-from featurestore.store import FeatureStore
+from featurestore.store import FeatureStore, IncompleteRunError
+from featurestore.torch_view import FeatureDataset
 from pipelines.extract.runner import ExtractConfig, extract
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,14 @@ def test_ctrl_c_during_extract_is_one_line_and_a_rerun_resumes_to_the_same_array
     assert 2 <= saved < 16 and only_run(store).done_chunks().sum() == saved
     assert [{k: v for k, v in sess.items() if k != "ended"} for sess in only_run(store).attrs["sessions"]] == [
         {"chunks": saved, "interrupted": True}]  # the interrupted session is recorded too
+    # the half-finished run is refused by stage 2 and by the torch view, never read as zeros
+    pending = 512 - 32 * saved
+    knn = CliRunner().invoke(app, ["knn", str(store), "--block", "block2", "--timestep", "50", "--holdout", "0.5",
+                                   "--k", "1", "--out", str(tmp_path / "results")])
+    assert knn.exit_code == 1 and knn.output.count("\n") == 1, knn.output
+    assert f"is incomplete: {pending} of 512 images pending; re-run the same `featurestore extract`" in knn.output
+    with pytest.raises(IncompleteRunError, match=f"{pending} of 512 images pending"):
+        FeatureDataset(only_run(store), [(50, "block2")])
 
     resumed = CliRunner().invoke(app, ["extract", *ARGS, "--store", str(store), "--json"])
     assert resumed.exit_code == 0, resumed.output
