@@ -182,7 +182,10 @@ def to_l_or_rgb(image: Image.Image) -> Image.Image:
 def _grey_to_8_bits(values: np.ndarray, mode: str) -> np.ndarray:
     """(H, W) uint8 from 16-bit, 32-bit integer or float grey values (rules in the module docstring)."""
     if mode == "F":
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise ValueError(f"float image with {int((~finite).sum())} NaN or infinite pixels; save it as 8 or 16 bits")
+        if values.min() < 0 or values.max() > 255:
             raise ValueError(f"float image with values outside [0, 255] (min {values.min()}, max {values.max()}); "
                              "save it as 8 or 16 bits")
         scaled = values * 255.0 if values.max() <= 1 else values

@@ -9,6 +9,7 @@ took 3.5 GB at 224 pixels).
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ from PIL import Image
 from data_manifests.manifest import Manifest
 from data_manifests.sources import load_image
 from pipelines.extract.backbone import InputSpec
+
+# Pillow warns on opening an image over MAX_IMAGE_PIXELS (and refuses over twice that); load_image
+# refuses both as a failed image with one line, so the warning would only repeat it on stderr.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 MAX_ASPECT_RATIO = 10  # long side / short side; the resized image is at most this many squares of the input size
 

@@ -76,6 +76,7 @@ def test_float_grey_is_read_as_0_1_or_0_255(tmp_path, values, expected):
     (np.array([[0, 70000]], dtype=np.int32), "outside 0..65535"),
     (np.array([[-1.0, 0.5]], dtype=np.float32), "outside [0, 255]"),
     (np.array([[0.0, 300.0]], dtype=np.float32), "outside [0, 255]"),
+    (np.array([[0.5, np.nan, 0.2]], dtype=np.float32), "float image with 1 NaN or infinite pixels"),
 ])
 def test_grey_values_out_of_range_fail_naming_the_file(tmp_path, array, message):
     path = tmp_path / "odd.tif"
@@ -156,3 +157,24 @@ def test_a_long_thin_image_fails_without_taking_gigabytes(tmp_path):
     assert doc["failed"] == [True, False], doc
     assert doc["errors"][0] == ("ValueError: image is 16000x1 pixels: its aspect ratio is over 10:1, "
                                 "the limit of the resize and centre crop to the model's square input")
+
+
+def test_an_extraction_fails_a_decompression_bomb_in_one_line_without_pillows_warning(tmp_path):
+    """Pillow warns (2 lines on stderr) on opening an image just over its limit; the reader refuses
+    it as a failed image, so nothing else reaches stderr."""
+    Image.fromarray(np.zeros((60, 60), np.uint8)).save(tmp_path / "big.png")
+    script = textwrap.dedent("""
+        import sys
+        from PIL import Image
+        import pipelines.extract.reader  # the extraction's reader, as `featurestore extract` imports it
+        from data_manifests.sources import load_image
+        Image.MAX_IMAGE_PIXELS = 2000
+        try:
+            load_image(sys.argv[1], None)
+        except OSError as e:
+            print(e)
+    """)
+    done = subprocess.run([sys.executable, "-W", "default", "-c", script, str(tmp_path / "big.png")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert "refused as a possible decompression bomb" in done.stdout, done.stdout + done.stderr
+    assert done.stderr == ""
