@@ -41,6 +41,8 @@ def extract(
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per chunk of a new run (default from block sizes).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Run on an existing dask cluster at this address.")] = None,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Extract again the chunks holding images that failed (e.g. once their files are fixed).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run the frozen backbone once per (image, timestep) and store every requested block."""
@@ -53,7 +55,7 @@ def extract(
         seed=seed, noise=noise, ddim_steps=ddim_steps, guidance_scale=guidance_scale, prompt=prompt,
         captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), dtype=dtype,
         device=device, autocast=autocast, chunk_rows=chunk_rows, workers=workers, scheduler=scheduler,
-        progress=not json_out and sys.stderr.isatty(),
+        progress=not json_out and sys.stderr.isatty(), retry_failed=retry_failed,
     )
     result = run_extract(cfg)
     if json_out:
@@ -71,6 +73,9 @@ def extract(
             )
         for image_id, error in list(result.failed.items())[:20]:
             typer.echo(f"failed: {image_id}: {error}", err=True)
+        if result.failed:
+            typer.echo(f"{len(result.failed)} images failed and are left out of every analysis; once their files are "
+                       "fixed, the same command with --retry-failed extracts them", err=True)
     if result.nonfinite:
         typer.echo(nonfinite_line(result.nonfinite, dtype), err=True)
         raise typer.Exit(EXIT_NONFINITE)

@@ -18,6 +18,7 @@ def inspect(
 ) -> None:
     """Runs, specs, arrays and image counts of a store."""
     from featurestore.inspect import inspect_store
+    from featurestore.store import timestep_key
 
     doc = inspect_store(store)
     if json_out:
@@ -28,8 +29,12 @@ def inspect(
         spec = run["spec"]
         typer.echo(
             f"  {run['run_id']}  {spec['backbone']} on {spec['dataset']}  t={spec['timesteps']}  "
-            f"blocks={','.join(spec['blocks'])}  done {run['done']}/{run['images']}, failed {run['failed']}, "
-            f"pending {run['pending']}"
+            f"blocks={','.join(spec['blocks'])}  {spec.get('dtype', '')}  done {run['done']}/{run['images']}, "
+            f"failed {run['failed']}, pending {run['pending']}"
         )
+        bad = [f"{timestep_key(a['timestep'])}/{a['block']} ({a['nonfinite']['stored']:,})"
+               for a in run["arrays"] if a["nonfinite"] and a["nonfinite"]["stored"]]
+        if bad:
+            typer.echo(f"    non-finite values stored (reading refused): {', '.join(bad)}")
     for run_id, error in doc["broken_runs"].items():
         typer.echo(f"  {run_id}  broken: {error}")

@@ -603,9 +603,10 @@ class Run:
         done = self.rows_done()
         if not allow_incomplete and not done.all():
             pending = int((~done).sum())
+            partial = f", or pass --allow-incomplete to use the {len(self) - pending} done" if pending < len(self) else ""
             raise IncompleteRunError(
                 f"run {self.run_id} is incomplete: {pending} of {len(self)} images pending; re-run the same "
-                f"`featurestore extract` to resume, or pass --allow-incomplete to use the {len(self) - pending} done"
+                f"`featurestore extract` to resume{partial}"
             )
         return np.flatnonzero(done & ~self.failed)
 

@@ -69,6 +69,7 @@ class ExtractConfig:
     workers: int | None = None  # dask LocalCluster with this many worker processes
     scheduler: str | None = None  # address of an existing dask cluster
     progress: bool = True
+    retry_failed: bool = False  # compute again the chunks that hold images which failed before
 
 
 @dataclass
@@ -148,6 +149,8 @@ def _extract(job: Job) -> ExtractResult:
         chunk_rows=cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype), dtype=cfg.dtype,
         provenance=provenance,
     )
+    if cfg.retry_failed:
+        run.redo(sorted({int(r) // run.chunk_rows for r in np.flatnonzero(run.failed & run.rows_done())}))
     todo = [c for c, done in enumerate(run.done_chunks()) if not done]
     done_before = run.n_chunks - len(todo)
     try:

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore.store import IncompleteRunError, NonFiniteError, StoreError, timestep_key
+from store_builders import manifest
+
+from featurestore.store import FeatureStore, IncompleteRunError, NonFiniteError, StoreError, timestep_key
 from featurestore.torch_view import ChunkShuffleSampler, FeatureDataset
 
 # N=30 in chunks of 4: 8 chunks, the last one has 2 rows. Chunk 3 (rows 12-15) is not done but has a
@@ -283,3 +285,14 @@ def test_a_window_needs_a_cache_that_holds_it(written):
         ChunkShuffleSampler(view(written.run, [(10, "mid")], cache_chunks=2), window_chunks=4)
     with pytest.raises(ValueError, match="cache_chunks must be at least 1"):
         view(written.run, [(10, "mid")], cache_chunks=0)
+
+
+def test_a_run_with_nothing_extracted_is_refused_without_suggesting_allow_incomplete(store_path):
+    store = FeatureStore.open(store_path, "a")
+    rows = store.add_images("toy", manifest(range(4), [0, 1, 0, 1]))
+    run = store.create_run({"name": "empty"}, arrays={"mid": (4, 1, 1)}, timesteps=[10], rows=rows, chunk_rows=2,
+                           dtype="float32", provenance={})
+    with pytest.raises(IncompleteRunError) as err:
+        run.usable_rows()
+    assert str(err.value).endswith("4 of 4 images pending; re-run the same `featurestore extract` to resume")
+    assert len(run.usable_rows(allow_incomplete=True)) == 0

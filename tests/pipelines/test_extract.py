@@ -198,6 +198,29 @@ def test_bad_images_are_recorded_and_the_rest_extracted(tmp_path):
     np.testing.assert_array_equal(values, only_run(good_store).numpy(10, "block1"))
 
 
+def test_retry_failed_extracts_images_whose_files_were_fixed(tmp_path):
+    root = tmp_path / "data"
+    sources = write_image_folder(root, 10)
+    moved = root / "c0" / "img4.png"
+    moved.rename(tmp_path / "away.png")
+    write_csv(root / "m.csv", sources)
+    store = tmp_path / "s.zarr"
+    args = ["extract", "--manifest", root / "m.csv", "--store", store, "--timesteps", "10", "--chunk-rows", "4"]
+    first = cli(*args)
+    assert first.exit_code == EXIT_SOME_FAILED and "the same command with --retry-failed extracts them" in first.output
+    (tmp_path / "away.png").rename(moved)  # the file is back
+    assert cli(*args).exit_code == EXIT_SOME_FAILED  # a plain re-run does not try it again
+    retried = cli(*args, "--retry-failed", "--json")
+    assert retried.exit_code == 0, retried.output
+    doc = json.loads(retried.stdout)
+    assert (doc["done"], doc["failed"], doc["chunks_written"]) == (10, {}, 1)  # only the chunk of img4
+    clean = tmp_path / "clean.zarr"
+    assert cli(*args[:4], clean, *args[5:]).exit_code == 0
+    run, reference = only_run(store), only_run(clean)
+    for block in run.blocks:
+        assert run.numpy(10, block).tobytes() == reference.numpy(10, block).tobytes(), block
+
+
 def test_a_wrong_data_root_is_a_clear_error(tmp_path):
     result = cli("extract", "--dataset", "mnist-test", "--data-root", tmp_path, "--store", tmp_path / "s.zarr")
     assert result.exit_code == 1 and "error:" in result.output, result.output
