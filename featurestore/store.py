@@ -440,10 +440,13 @@ class Run:
         self.chunk_rows: int = attrs["chunk_rows"]
         self.provenance: dict[str, Any] = attrs["provenance"]
         self.attrs = attrs
+        self._arrays: dict[str, zarr.Array] = {}  # opened once per handle: a run's array metadata never changes
 
     def _get(self, path: str) -> zarr.Array:
         """The run's array at `path`; StoreError naming its zarr.json when that cannot be read."""
-        return _node(self.group, path, self.store.url, hint=_REPAIR_HINT)
+        if path not in self._arrays:
+            self._arrays[path] = _node(self.group, path, self.store.url, hint=_REPAIR_HINT)
+        return self._arrays[path]
 
     def __len__(self) -> int:
         return self._get("rows").shape[0]
@@ -627,7 +630,7 @@ class Run:
         failed = self._stored("failed", chunk).astype(bool)
         values = self._stored(name, chunk, failed)
         if values.dtype.kind == "f":
-            bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1) & ~failed
+            bad = _nonfinite_rows(values) & ~failed
             if bad.any():
                 raise NonFiniteError(
                     f"{where} holds non-finite values (inf/NaN) for {int(bad.sum())} images"
@@ -765,6 +768,15 @@ class ChunkClaims:
     def __exit__(self, *exc: object) -> None:
         for chunk in list(self._held):
             self.release(chunk)
+
+
+def _nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """(n,) bool: rows of a float array holding inf or NaN. float16 is checked on its bits (all
+    exponent bits set), several times faster than np.isfinite, which has no fast path for it."""
+    if values.dtype == np.float16:
+        exponent = np.uint16(0x7C00)
+        return ((values.view(np.uint16) & exponent) == exponent).reshape(len(values), -1).any(axis=1)
+    return ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
 
 
 def _chunk_exists(array: zarr.Array, chunk: int) -> bool:

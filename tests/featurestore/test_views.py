@@ -296,3 +296,16 @@ def test_a_run_with_nothing_extracted_is_refused_without_suggesting_allow_incomp
         run.usable_rows()
     assert str(err.value).endswith("4 of 4 images pending; re-run the same `featurestore extract` to resume")
     assert len(run.usable_rows(allow_incomplete=True)) == 0
+
+
+def test_the_float16_bit_check_finds_exactly_the_rows_np_isfinite_finds():
+    from featurestore.store import _nonfinite_rows
+
+    specials = np.array([65504, -65504, 6e-8, -0.0, np.inf, -np.inf, np.nan, 1.0], dtype=np.float16)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3, 2, 2)).astype(np.float16)
+    x.reshape(64, -1)[np.arange(64), rng.integers(0, 12, 64)] = rng.choice(specials, 64)
+    expected = ~np.isfinite(x.astype(np.float32)).reshape(64, -1).all(axis=1)
+    assert 0 < expected.sum() < 64
+    np.testing.assert_array_equal(_nonfinite_rows(x), expected)
+    np.testing.assert_array_equal(_nonfinite_rows(x.astype(np.float32)), expected)
