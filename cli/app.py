@@ -43,6 +43,24 @@ app = typer.Typer(help="Extract diffusion features once into a zarr store; probe
                   no_args_is_help=True, pretty_exceptions_enable=False, cls=Commands)
 backbones_app = typer.Typer(help="The registered backbones and their block tables.", no_args_is_help=True)
 app.add_typer(backbones_app, name="backbones")
+datasets_app = typer.Typer(help="The datasets that --dataset accepts (data_manifests/*.yaml).", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from featurestore.store import version_text
+
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version (and git commit of a checkout), then exit.")] = False,
+) -> None:
+    """Options of `featurestore` itself, before any command."""
 
 # Declarations several commands share (each command keeps its own default value).
 StoreArgument = Annotated[str, typer.Argument(help="Store path or URL.")]

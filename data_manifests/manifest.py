@@ -16,6 +16,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,17 @@ def _existing_root(root: Path, hint: str) -> Path:
 def list_datasets() -> list[str]:
     """Names of the datasets shipped as data_manifests/<name>.yaml."""
     return sorted(p.stem for p in DATASETS_DIR.glob("*.yaml"))
+
+
+def dataset_description(name: str) -> str:
+    """The title of data_manifests/<name>.yaml: its header comment up to the first colon or full
+    stop (e.g. `CIFAR-10 test set`); '' when the file has no header comment."""
+    header = []
+    for line in (DATASETS_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.removeprefix("#").strip())
+    return re.split(r":\s|\.(?:\s+(?=[A-Z])|$)", " ".join(header), maxsplit=1)[0].strip()
 
 
 def load_dataset(name: str, data_root: str | Path | None = None) -> Manifest:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,6 +60,8 @@ MARKER_WAIT_S = 30.0  # longest wait for another writer's marker at a URL before
 SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none"}
 _REPAIR_HINT = "run `featurestore verify STORE --repair`, then extract again"
 _REMOVE_HINT = "`featurestore verify STORE --repair` removes the run; extract again to rebuild it"
+CHECKOUT = Path(__file__).resolve().parent.parent  # the git checkout this package runs from, if it is one
+GIT_TIMEOUT_S = 2.0
 
 
 class StoreError(ValueError):
@@ -84,6 +87,37 @@ def package_version() -> str:
         return version("featurestore")
     except PackageNotFoundError:
         return "unknown"
+
+
+def git_commit(checkout: Path = CHECKOUT) -> tuple[str, bool] | None:
+    """(short commit, whether tracked files differ from it) of the git checkout at `checkout`;
+    None when it is not a checkout, git is missing or slow, or git fails."""
+    if not (checkout / ".git").exists():  # not the package's folder inside some other repository
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT_S, check=True).stdout
+
+    try:
+        return git("rev-parse", "--short", "HEAD").strip(), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def version_text() -> str:
+    """`featurestore <version>`, plus ` (git <short commit>[, modified])` when run from a checkout."""
+    commit = git_commit()
+    if commit is None:
+        return f"featurestore {package_version()}"
+    short, modified = commit
+    return f"featurestore {package_version()} (git {short}{', modified' if modified else ''})"
+
+
+def _git_provenance() -> dict[str, Any]:
+    """`git_commit` and `git_modified` of the checkout the package runs from; nothing when unknown."""
+    commit = git_commit()
+    return {} if commit is None else {"git_commit": commit[0], "git_modified": commit[1]}
 
 
 def run_id_of(spec: Mapping[str, Any]) -> str:
@@ -322,12 +356,28 @@ class FeatureStore:
                 out[name] = exc
         return out
 
+    def match_run_id(self, text: str) -> str:
+        """The id of the run folder named `text`, or else of the one whose id starts with `text`
+        (`--run 2263` for 226351d6d118426f); `text` itself when none does. Raises StoreError
+        listing the matches when `text` is the start of several run ids."""
+        runs = _node(self.group, "runs", self.url, missing_ok=True)
+        names = [] if runs is None else _child_names(runs)
+        if text in names or not text:
+            return text
+        matches = [name for name in names if name.startswith(text)]
+        if len(matches) > 1:
+            raise StoreError(f"run id prefix {text!r} matches {len(matches)} runs in {self.url}: {', '.join(matches)}")
+        return matches[0] if matches else text
+
     def run(self, run_id: str) -> Run:
-        """The created run `run_id`. Raises StoreError when it is missing, was never fully
-        created, or its metadata is corrupt."""
+        """The created run `run_id`, or the one run whose id starts with `run_id` (see
+        match_run_id). Raises StoreError when it is missing, ambiguous, was never fully created,
+        or its metadata is corrupt."""
         runs = _node(self.group, "runs", self.url, missing_ok=True)
         group = None if runs is None else _node(runs, run_id, self.url, missing_ok=True,
                                                 hint=_REMOVE_HINT)
+        if group is None and runs is not None and (full_id := self.match_run_id(run_id)) != run_id:
+            run_id, group = full_id, _node(runs, full_id, self.url, hint=_REMOVE_HINT)
         if group is None:
             raise StoreError(f"no run {run_id!r} in {self.url}; runs: {', '.join(self.run_ids()) or 'none'}")
         if "created" not in group.attrs:
@@ -399,7 +449,7 @@ class FeatureStore:
                 "dtype": dtype,
                 "nonfinite_keys": keys,
                 "every_chunk_stored": True,  # write_chunk stores every per-chunk array's file, even all-zero ones
-                "provenance": {**provenance, "package_version": package_version()},
+                "provenance": {**provenance, "package_version": package_version(), **_git_provenance()},
                 "created": _now(),
                 "finished": None,
             })

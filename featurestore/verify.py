@@ -67,6 +67,7 @@ def verify_store(url: str, run_id: str | None = None, repair: bool = False) -> V
     store = FeatureStore.open(url, "r")
     broken = store.broken_runs()
     if run_id is not None:
+        run_id = store.match_run_id(run_id)
         broken = {run_id: broken[run_id]} if run_id in broken else {}
         runs = [] if broken else [store.run(run_id)]
     else:

@@ -174,6 +174,8 @@ def fewshot_run(store: FeatureStore, cfg: FewshotConfig) -> FewshotResult:
     work), then score each classifier on every set against the full test split."""
     tic = time.perf_counter()
     run = resolve_run(store, cfg.run_id)
+    if cfg.expert_run is not None:  # a prefix of the id: the full id in the settings and files
+        cfg = dataclasses.replace(cfg, expert_run=store.run(cfg.expert_run).run_id)
     train, test = split_rows(run, cfg.train_split, cfg.test_split, cfg.holdout, cfg.split_seed, cfg.allow_incomplete)
     labels = run.labels
     names = class_names(labels, run.images.class_name)

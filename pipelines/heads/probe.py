@@ -10,7 +10,7 @@ write one safetensors file per head plus `results.json` into the grid's folder i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,8 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
     if cfg.expert_blocks and cfg.expert_run is None:
         raise ValueError("--expert-blocks needs --expert-run")
     expert = store.run(cfg.expert_run) if cfg.expert_run is not None else None
+    if expert is not None:  # a prefix of the id: the full id in the settings and files
+        cfg = replace(cfg, expert_run=expert.run_id)
     expert_keys = [(t, b) for t in expert.timesteps for b in (cfg.expert_blocks or expert.blocks)] if expert else []
     table = run.images
     labels = table.label.astype(np.int64)
