@@ -14,7 +14,7 @@ STORE ?= stores/$(DATASET)-$(BACKBONE).zarr
 DATA_ROOT ?=
 EXTRA ?=
 
-.PHONY: help install test demo extract clean
+.PHONY: help install test test-fast demo extract clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ install: $(INSTALLED) ## Create .venv (if missing) and install the project with 
 
 test: $(INSTALLED) ## Run the test suite
 	$(PY) -m pytest -q
+
+test-fast: $(INSTALLED) ## Run the test suite without the tests marked slow
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(INSTALLED) ## Extract, probe and report on the embedded MNIST default (a few minutes on 2 cores)
 	$(FS) demo --out demo-output
