@@ -464,15 +464,6 @@ class RunStatus:
     pending: int
     failed_ids: dict[str, str]
 
-    def note(self) -> str:
-        """One line for outputs: how many images were used, failed and left pending."""
-        parts = [f"{self.done} of {self.images} images used"]
-        if self.failed:
-            parts.append(f"{self.failed} failed (excluded)")
-        if self.pending:
-            parts.append(f"{self.pending} pending (run incomplete: --allow-incomplete)")
-        return ", ".join(parts)
-
 
 class Run:
     """One extraction run: its spec, block table and arrays."""

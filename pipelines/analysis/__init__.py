@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.store import Run, RunStatus, run_id_of
+from featurestore.store import Run, run_id_of
 
 SLAB_ROWS = 4096
 RESULTS_SUFFIX = ".results"
@@ -108,12 +108,16 @@ def run_images(runs: Sequence[Run]) -> dict[str, dict[str, int]]:
 
 
 def images_note(runs: Mapping[str, Mapping[str, int]]) -> list[str]:
-    """One line per run with failed or pending images, for text outputs (`RunStatus.note`)."""
+    """One line per run with failed or pending images (`run_images` counts), for text outputs."""
     lines = []
     for run_id, n in runs.items():
         if n["failed"] or n["pending"]:
-            status = RunStatus(n["used"] + n["failed"] + n["pending"], n["used"], n["failed"], n["pending"], {})
-            lines.append(f"run {run_id}: {status.note()}")
+            parts = [f"{n['used']} of {n['used'] + n['failed'] + n['pending']} images used"]
+            if n["failed"]:
+                parts.append(f"{n['failed']} failed (excluded)")
+            if n["pending"]:
+                parts.append(f"{n['pending']} pending (run incomplete: --allow-incomplete)")
+            lines.append(f"run {run_id}: {', '.join(parts)}")
     return lines
 
 
