@@ -77,6 +77,8 @@ ExpertRunOption = Annotated[Optional[str], typer.Option(
     help="uhead: run id of an expert (e.g. a ResNet under timestep none) in this store.")]
 ExpertWidthOption = Annotated[int, typer.Option(help="uhead: channels of each adapted expert map.")]
 PoolingOption = Annotated[str, typer.Option(help="uhead: attention (learned query) | conv (1x1 conv + mean).")]
+QuietFlag = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress bar or per-epoch lines on stderr (they never go to stdout).")]
 AllowIncompleteFlag = Annotated[bool, typer.Option(
     "--allow-incomplete", help="Use only the extracted images of an incomplete run (default: refuse it; "
                                "re-running the same extract resumes it). The output counts the images pending.")]
