@@ -37,6 +37,9 @@ def extract(
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     pool: Annotated[Optional[str], typer.Option(help="Adaptive average pool: SIZE for all, or BLOCK=SIZE,...")] = None,
     dtype: Annotated[str, typer.Option(help="Stored precision: float16 or float32.")] = "float16",
+    codec: Annotated[str, typer.Option(
+        help="How features are stored (part of the run spec): zstd (lossless), bitround:K (K mantissa bits "
+             "kept, then zstd) or int8 (8-bit codes per chunk and channel, then zstd).")] = "zstd",
     autocast: Annotated[Optional[str], typer.Option(help="Compute precision on CUDA: bf16 (default there), fp16, none.")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per chunk of a new run (default from block sizes).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on a local dask cluster of N worker processes.")] = None,
@@ -53,7 +56,7 @@ def extract(
         weights=weights, backbone_config=backbone_config, timesteps=parse_timesteps(timesteps),
         blocks=parse_blocks(blocks), attention_maps=attention_maps, limit=limit, batch_size=batch_size,
         seed=seed, noise=noise, ddim_steps=ddim_steps, guidance_scale=guidance_scale, prompt=prompt,
-        captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), dtype=dtype,
+        captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), dtype=dtype, codec=codec,
         device=device, autocast=autocast, chunk_rows=chunk_rows, workers=workers, scheduler=scheduler,
         progress=not json_out and sys.stderr.isatty(), retry_failed=retry_failed,
     )

@@ -29,7 +29,7 @@ def inspect(
         spec = run["spec"]
         typer.echo(
             f"  {run['run_id']}  {spec['backbone']} on {spec['dataset']}  t={spec['timesteps']}  "
-            f"blocks={','.join(spec['blocks'])}  {spec.get('dtype', '')}  done {run['done']}/{run['images']}, "
+            f"blocks={','.join(spec['blocks'])}  {spec.get('dtype', '')} {run['codec']}  done {run['done']}/{run['images']}, "
             f"failed {run['failed']}, pending {run['pending']}"
         )
         bad = [f"{timestep_key(a['timestep'])}/{a['block']} ({a['nonfinite']['stored']:,})"

@@ -36,6 +36,7 @@ def _describe(run: Run) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "spec": run.spec,
+        "codec": run.codec,  # zstd (lossless), bitround:K or int8; runs whose spec lacks it are zstd
         "blocks": run.blocks,
         "timesteps": run.timesteps,
         "arrays": [

@@ -48,6 +48,8 @@ import zarr
 import zarr.codecs
 from filelock import FileLock, Timeout
 
+from featurestore.codecs import BitRoundCodec, Int8Codec, parse_codec  # also registers them with zarr for reading
+
 FORMAT_VERSION = 1
 IMAGE_COLUMNS = ("dataset", "id", "label", "class_name", "split", "domain", "source")
 _TABLE_CHUNK = 65536
@@ -57,7 +59,7 @@ LOCK_TIMEOUT_S = 600.0  # longest wait for another process's store-level change
 MARKER_WAIT_S = 30.0  # longest wait for another writer's marker at a URL before refusing
 # Spec keys added after runs were first written, with the value every run had before the key
 # existed: an older run whose spec lacks them is the same run as a new spec with these values.
-SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none"}
+SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none", "codec": "zstd"}
 _REPAIR_HINT = "run `featurestore verify STORE --repair`, then extract again"
 _REMOVE_HINT = "`featurestore verify STORE --repair` removes the run; extract again to rebuild it"
 CHECKOUT = Path(__file__).resolve().parent.parent  # the git checkout this package runs from, if it is one
@@ -136,11 +138,23 @@ def timestep_key(t: int | None) -> str:
     return "tnone" if t is None else f"t{int(t)}"
 
 
-def feature_codec() -> zarr.codecs.ZstdCodec:
-    """Plain zstd (zarr's default for v3), chosen with bench/codecs.py on the demo's activations:
+def feature_codec(codec: str, dtype: str) -> dict[str, Any]:
+    """The zarr codecs of a feature array stored with `codec` (a run spec's "codec"), as keyword
+    arguments of `create_array`: `zstd` (lossless, the default), `bitround:K` (K mantissa bits
+    kept, then zstd) or `int8` (8-bit codes per chunk and channel, then zstd); the lossy ones are
+    in featurestore/codecs.py. Raises ValueError (one line) for another name or a K out of range
+    for `dtype`.
+
+    Plain zstd (zarr's default for v3) was chosen with bench/codecs.py on the demo's activations:
     1.81 bytes per float16 value written at ~245 MB/s, where Blosc zstd5+shuffle saves 9% more
     (1.65) but writes at ~68 MB/s -- too slow for a writer that must keep up with an accelerator."""
-    return zarr.codecs.ZstdCodec(level=0)
+    kind, params = parse_codec(codec, dtype)
+    zstd = zarr.codecs.ZstdCodec(level=0)
+    if kind == "bitround":
+        return {"filters": [BitRoundCodec(**params)], "compressors": zstd}
+    if kind == "int8":
+        return {"serializer": Int8Codec(), "compressors": zstd}
+    return {"compressors": zstd}
 
 
 @dataclass(frozen=True)
@@ -410,10 +424,12 @@ class FeatureStore:
         was written before keys of SPEC_DEFAULTS existed (it keeps its id). Under the store lock.
 
         `arrays` gives each block's stored (C, H, W); every (timestep, block) gets an (N, C, H, W)
-        array chunked along N by `chunk_rows`. Raises StoreError when the run's group exists with
-        corrupt metadata (it is not overwritten).
+        array chunked along N by `chunk_rows`, stored with the spec's "codec" (`feature_codec`; a
+        bad one raises ValueError before anything is written). Raises StoreError when the run's
+        group exists with corrupt metadata (it is not overwritten).
         """
         run_id = run_id_of(spec)
+        codec = feature_codec({**SPEC_DEFAULTS, **spec}["codec"], dtype)  # a bad name is refused before any write
         with self.lock.held():
             groups = self._run_groups()
             if isinstance(groups.get(run_id), StoreError):
@@ -432,7 +448,7 @@ class FeatureStore:
                 tg = g.require_group(timestep_key(t))
                 for block, chw in arrays.items():
                     tg.create_array(block, shape=(n, *chw), dtype=dtype, chunks=(chunk_rows, *chw),
-                                    compressors=feature_codec(), fill_value=0, overwrite=True)
+                                    **codec, fill_value=0, overwrite=True)
             n_chunks = -(-n // chunk_rows)
             keys = [f"{timestep_key(t)}/{b}" for t in timesteps for b in arrays]
             g.create_array("nonfinite", shape=(n_chunks, len(keys), 2), dtype="int64", chunks=(1, len(keys), 2),
@@ -480,6 +496,7 @@ class Run:
         self.timesteps: list[int | None] = attrs["timesteps"]
         self.chunk_rows: int = attrs["chunk_rows"]
         self.provenance: dict[str, Any] = attrs["provenance"]
+        self.codec: str = {**SPEC_DEFAULTS, **self.spec}["codec"]  # how the features are stored (feature_codec)
         self.attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}  # opened once per handle: a run's array metadata never changes
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from data_manifests.manifest import Manifest, ManifestError, load_dataset, load_manifest
-from featurestore.store import FeatureStore, Run
+from featurestore.store import FeatureStore, Run, feature_codec
 from pipelines.device import resolve_device
 from pipelines.extract.backbone import Backbone, create_backbone
 from pipelines.extract.noise import NOISE_MODES, ddim_invert, q_sample
@@ -63,6 +63,7 @@ class ExtractConfig:
     caption_max_tokens: int = 30
     pool: dict[str, int] = field(default_factory=dict)  # block -> output size; "*" for every block
     dtype: str = "float16"
+    codec: str = "zstd"  # zstd (lossless), bitround:K or int8 (featurestore.store.feature_codec)
     device: str = "cpu"
     autocast: str | None = None  # none | bf16 | fp16; None: bf16 on CUDA, none elsewhere
     chunk_rows: int | None = None  # layout of a new run; None: from the block sizes
@@ -223,6 +224,9 @@ def run_spec(job: Job, caption_key: str | None) -> dict:
         "pool": job.pool,
         "dtype": cfg.dtype,
         "autocast": cfg.autocast,  # reduced-precision compute changes the values
+        # so does lossy storage; zstd, lossless and the default (SPEC_DEFAULTS), is left out, so
+        # that lossless runs keep the ids they had before the codec could be chosen
+        **({} if cfg.codec == "zstd" else {"codec": cfg.codec}),
     }
 
 
@@ -521,6 +525,7 @@ def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource)
         raise ValueError(f"--noise {cfg.noise!r} is not available; use one of {', '.join(NOISE_MODES)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    feature_codec(cfg.codec, cfg.dtype)  # ValueError for an unknown codec or a K out of range
     if prompt.kind != "null" and not backbone.conditional:
         raise ValueError(f"{backbone.name} is unconditional: it takes no prompt (use --prompt null)")
     if cfg.batch_size < 1:

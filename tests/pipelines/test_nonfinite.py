@@ -76,7 +76,7 @@ def test_float16_overflow_is_stored_reported_in_one_line_and_refused_on_read(tmp
         run.numpy(T, "block1")
     assert np.isfinite(run.numpy(T, "block2")).all()
     shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "half.zarr")]).output
-    assert f"float16  done {IMAGES}/{IMAGES}" in shown
+    assert f"float16 zstd  done {IMAGES}/{IMAGES}" in shown
     assert f"non-finite values stored (reading refused): t{T}/block1 ({expected:,})" in shown
 
     full = extract(tmp_path / "full.zarr", weights, "--dtype", "float32")
