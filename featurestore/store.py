@@ -15,6 +15,14 @@ Layout (every path is a zarr array or group)::
                                      computed (before the cast to the stored dtype) and those stored
       .featurestore-locks/           local stores only (not zarr): the store lock, per-chunk claims
 
+Arrays carry zarr v3 `dimension_names` (stores written before that have none and read the
+same): "image" along a run's N rows, "chunk" along its chunks, "store_row" along the images table
+and captions, and `feature_dimensions(block)` on feature arrays, so xarray.open_zarr opens a run's
+groups and the images table.
+
+Reading and writing are separate classes: `FeatureStore.open(url)` (mode "r") gives a read-only
+FeatureStore whose runs are `Run`s; mode "a" gives a WritableStore whose runs are `WritableRun`s.
+
 A chunk of rows is the unit of work: it is written whole (every array, then the failure columns,
 then its done flag), so a killed extraction leaves only complete chunks marked done, and two
 writers never share a zarr chunk. Every feature value read goes through `Run.read_chunk`, which
@@ -36,7 +44,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -49,6 +57,7 @@ import zarr.codecs
 from filelock import FileLock, Timeout
 
 from featurestore.codecs import BitRoundCodec, Int8Codec, parse_codec  # also registers them with zarr for reading
+from featurestore.pooling import pooled
 
 FORMAT_VERSION = 1
 IMAGE_COLUMNS = ("dataset", "id", "label", "class_name", "split", "domain", "source")
@@ -133,6 +142,14 @@ def same_spec(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return run_id_of({**SPEC_DEFAULTS, **a}) == run_id_of({**SPEC_DEFAULTS, **b})
 
 
+def feature_dimensions(block: str) -> tuple[str, str, str, str]:
+    """zarr `dimension_names` of a feature array of `block`: ("image", "<block>_channel",
+    "<block>_y", "<block>_x"). "image" (the run row) is shared by every array of a run; the
+    others carry the block's name because blocks differ in C, H and W, and xarray refuses one
+    dimension name with two sizes in one group."""
+    return ("image", f"{block}_channel", f"{block}_y", f"{block}_x")
+
+
 def timestep_key(t: int | None) -> str:
     """Group name of a timestep; experts that ignore t store theirs under `tnone`."""
     return "tnone" if t is None else f"t{int(t)}"
@@ -157,9 +174,12 @@ def feature_codec(codec: str, dtype: str) -> dict[str, Any]:
     return {"compressors": zstd}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ImagesTable:
-    """Columns of the store's images table, as numpy arrays of equal length."""
+    """Rows of the store's images table (all of them: `store.images`; a run's, in run-row order:
+    `run.images`). Each column is a numpy array of one value per row: `label` int64, the others
+    str ("U"). `store_row` (int64) is each row's index in the store's images table (the values
+    of `run.rows` for a run's table)."""
 
     dataset: np.ndarray
     id: np.ndarray
@@ -168,12 +188,32 @@ class ImagesTable:
     split: np.ndarray
     domain: np.ndarray
     source: np.ndarray
+    store_row: np.ndarray | None = None  # None: rows 0..n-1 of the store's table
+
+    def __post_init__(self) -> None:
+        if self.store_row is None:
+            object.__setattr__(self, "store_row", np.arange(len(self.id), dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.id)
 
     def take(self, rows: np.ndarray) -> ImagesTable:
-        return ImagesTable(**{c: getattr(self, c)[rows] for c in IMAGE_COLUMNS})
+        """The rows at positions `rows` (int indices or a boolean mask), in that order."""
+        return ImagesTable(**{c: getattr(self, c)[rows] for c in (*IMAGE_COLUMNS, "store_row")})
+
+    def to_pandas(self):
+        """A pandas DataFrame with the columns of IMAGE_COLUMNS (label int64, the others str),
+        indexed by `store_row`."""
+        import pandas as pd
+
+        index = pd.Index(self.store_row, name="store_row")
+        return pd.DataFrame({c: getattr(self, c) for c in IMAGE_COLUMNS}, index=index)
+
+    def __repr__(self) -> str:
+        classes = dict(zip(self.label.tolist(), self.class_name.tolist()))
+        names = [classes[k] for k in sorted(classes)]
+        return (f"ImagesTable: {len(self):,} rows; datasets: {_counts(self.dataset)}; splits: {_counts(self.split)}; "
+                f"domains: {_counts(self.domain)}; {len(names):,} classes: {_listed(names)}")
 
 
 class StoreLock:
@@ -239,18 +279,25 @@ class StoreLock:
 
 
 class FeatureStore:
-    """A feature store at a local path or fsspec URL."""
+    """A feature store at a local path or fsspec URL, opened for reading: its images table
+    (`images`), captions and runs (`run`, `runs`, as read-only `Run`s). It has no method that
+    changes the store; `FeatureStore.open(url, "a")` gives a `WritableStore`, which has them."""
 
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
         self.url = url
-        self.lock = StoreLock(url)
         self._images: ImagesTable | None = None  # re-read when the committed row count changes
 
     @classmethod
     def open(cls, url: str | Path, mode: str = "r") -> FeatureStore:
-        """Open a store; mode "a" creates it when missing and completes one whose creation was
-        interrupted, "r" requires a complete one. Raises StoreError (one line) otherwise."""
+        """Open the store at a local path or fsspec URL. Mode "r" (the default) requires a
+        complete store and returns a read-only FeatureStore; mode "a" returns a WritableStore,
+        creating the store when missing and completing one whose creation was interrupted.
+        Raises StoreError (one line) for another mode, a missing or incomplete store (mode "r"),
+        a path holding something else, or another store format."""
+        if mode not in ("r", "a"):
+            raise StoreError(f"mode {mode!r}: a store opens with mode 'r' (read-only) or 'a' (read and write, "
+                             "created when missing); nothing overwrites a store")
         url = str(url).removeprefix("file://")  # a local path: zarr's LocalStore creates folders
         local = Path(url)
         if ("://" not in url and local.is_dir() and not (local / "zarr.json").exists()
@@ -265,7 +312,7 @@ class FeatureStore:
         if group is None:
             raise StoreError(f"no feature store at {url}")
         _check_complete(group, url)
-        return cls(group, url)
+        return FeatureStore(group, url) if mode == "r" else WritableStore(group, url)
 
     # -- images -------------------------------------------------------------------------------
     @property
@@ -276,45 +323,6 @@ class FeatureStore:
         if self._images is None or len(self._images) != n:
             self._images = ImagesTable(**{c: _read_column(g[c], n) for c in IMAGE_COLUMNS})
         return self._images
-
-    def add_images(self, dataset: str, columns: Mapping[str, Sequence]) -> np.ndarray:
-        """Merge a manifest's rows into the images table; returns each row's index in the table.
-
-        Images are keyed by (dataset, id). A known key must carry the same label, class name,
-        split, domain and source, otherwise the store refuses the manifest. New rows are written
-        under the store lock, and the new row count is committed last.
-        """
-        new = {c: np.asarray(columns[c]) for c in IMAGE_COLUMNS if c != "dataset"}
-        new["dataset"] = np.full(len(new["id"]), dataset)
-        ids, counts = np.unique(new["id"], return_counts=True)
-        if (counts > 1).any():
-            raise StoreError(f"image ids repeat within dataset {dataset!r}: {', '.join(map(str, ids[counts > 1][:5]))}")
-        with self.lock.held():
-            current = self.images  # as committed now: another process may have appended since
-            index = {(d, i): r for r, (d, i) in enumerate(zip(current.dataset.tolist(), current.id.tolist()))}
-            rows = np.empty(len(new["id"]), dtype=np.int64)
-            appended: list[int] = []
-            for k, image_id in enumerate(new["id"].tolist()):
-                row = index.get((dataset, image_id))
-                if row is None:
-                    rows[k] = len(current) + len(appended)
-                    appended.append(k)
-                    continue
-                for c in ("label", "class_name", "split", "domain", "source"):
-                    if str(getattr(current, c)[row]) != str(new[c][k]):
-                        raise StoreError(
-                            f"image {image_id!r} of dataset {dataset!r} is already in the store with "
-                            f"{c}={getattr(current, c)[row]!r}, the manifest says {new[c][k]!r}"
-                        )
-                rows[k] = row
-            if appended:
-                g = _node(self.group, "images", self.url)
-                start, stop = len(current), len(current) + len(appended)
-                for c in IMAGE_COLUMNS:
-                    g[c].resize((stop,))  # also drops rows a killed append left beyond `start`
-                    g[c][start:] = new[c][appended]
-                g.attrs["rows"] = stop  # the commit
-        return rows
 
     # -- captions -----------------------------------------------------------------------------
     def captions(self, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -327,24 +335,6 @@ class FeatureStore:
         text, done = _read_column(g["text"], n), g["done"][:n].astype(bool)
         pad = n - len(text)  # images added after the last captioning
         return np.concatenate([text, np.full(pad, "", dtype=str)]), np.concatenate([done, np.zeros(pad, bool)])
-
-    def write_captions(self, key: str, rows: np.ndarray, texts: Sequence[str], info: Mapping[str, Any]) -> None:
-        """Store captions of images-table rows under the captioner's key, with its provenance
-        (under the store lock: captions of several processes share zarr chunks)."""
-        with self.lock.held():
-            n = len(self.images)
-            g = self.group.require_group("captions").require_group(key)
-            if "created" not in g.attrs:  # new, or killed before its attributes: (re)create
-                g.create_array("text", shape=(n,), dtype=str, chunks=(_TABLE_CHUNK,), overwrite=True)
-                g.create_array("done", shape=(n,), dtype="uint8", chunks=(_TABLE_CHUNK,), fill_value=0, overwrite=True)
-                g.attrs.update({**info, "created": _now()})
-            for name in ("text", "done"):
-                if g[name].shape[0] < n:
-                    g[name].resize((n,))
-            order = np.argsort(rows)
-            rows = np.asarray(rows)[order]
-            g["text"].set_coordinate_selection(rows, np.asarray(list(texts), dtype=str)[order])
-            g["done"].set_coordinate_selection(rows, np.ones(len(rows), dtype=np.uint8))
 
     # -- runs ---------------------------------------------------------------------------------
     def run_ids(self) -> list[str]:
@@ -396,10 +386,112 @@ class FeatureStore:
             raise StoreError(f"no run {run_id!r} in {self.url}; runs: {', '.join(self.run_ids()) or 'none'}")
         if "created" not in group.attrs:
             raise StoreError(f"run {run_id} was never fully created (killed while starting); extract again to rebuild it")
+        return self._run(group)
+
+    def _run(self, group: zarr.Group) -> Run:
         return Run(group, self)
 
     def runs(self) -> list[Run]:
+        """Every fully created run (`run_ids`), opened; StoreError as `run` for a corrupt one."""
         return [self.run(r) for r in self.run_ids()]
+
+    def __repr__(self) -> str:
+        kind = "writable" if isinstance(self, WritableStore) else "read-only"
+        runs = self.run_ids()
+        lines = [f"{type(self).__name__}({self.url!r}, {kind}): "
+                 f"{_committed_rows(_node(self.group, 'images', self.url)):,} images, "
+                 f"{len(runs)} run{'' if len(runs) == 1 else 's'}"]
+        for run_id in runs:
+            try:
+                run = self.run(run_id)
+            except StoreError as exc:
+                lines.append(f"  {run_id}  unreadable: {exc}")
+                continue
+            lines.append(f"  {run_id}  {run.spec.get('backbone', '?')}  {run.spec.get('dataset', '?')}  "
+                         f"t={','.join(_t_text(t) for t in run.timesteps)}  blocks={','.join(run.blocks)}  "
+                         f"{run.status_text()}")
+        lines += [f"  {run_id}  broken: {why}" for run_id, why in self.broken_runs().items()]
+        lines += [f"  {run_id}  never fully created" for run_id in self.incomplete_run_ids()]
+        return "\n".join(lines)
+
+class WritableStore(FeatureStore):
+    """A feature store opened for writing (`FeatureStore.open(url, "a")`): the reads of
+    FeatureStore, runs as `WritableRun`s, and the store-level changes (images table, captions,
+    runs), each made under the store lock (`lock`)."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        super().__init__(group, url)
+        self.lock = StoreLock(url)
+
+    def run(self, run_id: str) -> WritableRun:
+        """As FeatureStore.run, as a WritableRun."""
+        return super().run(run_id)  # type: ignore[return-value]
+
+    def runs(self) -> list[WritableRun]:
+        """As FeatureStore.runs, as WritableRuns."""
+        return super().runs()  # type: ignore[return-value]
+
+    def _run(self, group: zarr.Group) -> WritableRun:
+        return WritableRun(group, self)
+
+    def add_images(self, dataset: str, columns: Mapping[str, Sequence]) -> np.ndarray:
+        """Merge a manifest's rows into the images table; returns each row's index in the table.
+
+        Images are keyed by (dataset, id). A known key must carry the same label, class name,
+        split, domain and source, otherwise the store refuses the manifest. New rows are written
+        under the store lock, and the new row count is committed last.
+        """
+        new = {c: np.asarray(columns[c]) for c in IMAGE_COLUMNS if c != "dataset"}
+        new["dataset"] = np.full(len(new["id"]), dataset)
+        ids, counts = np.unique(new["id"], return_counts=True)
+        if (counts > 1).any():
+            raise StoreError(f"image ids repeat within dataset {dataset!r}: {', '.join(map(str, ids[counts > 1][:5]))}")
+        with self.lock.held():
+            current = self.images  # as committed now: another process may have appended since
+            index = {(d, i): r for r, (d, i) in enumerate(zip(current.dataset.tolist(), current.id.tolist()))}
+            rows = np.empty(len(new["id"]), dtype=np.int64)
+            appended: list[int] = []
+            for k, image_id in enumerate(new["id"].tolist()):
+                row = index.get((dataset, image_id))
+                if row is None:
+                    rows[k] = len(current) + len(appended)
+                    appended.append(k)
+                    continue
+                for c in ("label", "class_name", "split", "domain", "source"):
+                    if str(getattr(current, c)[row]) != str(new[c][k]):
+                        raise StoreError(
+                            f"image {image_id!r} of dataset {dataset!r} is already in the store with "
+                            f"{c}={getattr(current, c)[row]!r}, the manifest says {new[c][k]!r}"
+                        )
+                rows[k] = row
+            if appended:
+                g = _node(self.group, "images", self.url)
+                start, stop = len(current), len(current) + len(appended)
+                for c in IMAGE_COLUMNS:
+                    g[c].resize((stop,))  # also drops rows a killed append left beyond `start`
+                    g[c][start:] = new[c][appended]
+                g.attrs["rows"] = stop  # the commit
+        return rows
+
+    def write_captions(self, key: str, rows: np.ndarray, texts: Sequence[str], info: Mapping[str, Any]) -> None:
+        """Store captions of images-table rows under the captioner's key, with its provenance
+        (under the store lock: captions of several processes share zarr chunks)."""
+        with self.lock.held():
+            n = len(self.images)
+            g = self.group.require_group("captions").require_group(key)
+            if "created" not in g.attrs:  # new, or killed before its attributes: (re)create
+                g.create_array("text", shape=(n,), dtype=str, chunks=(_TABLE_CHUNK,), dimension_names=("store_row",),
+                               overwrite=True)
+                g.create_array("done", shape=(n,), dtype="uint8", chunks=(_TABLE_CHUNK,),
+                               dimension_names=("store_row",), fill_value=0, overwrite=True)
+                g.attrs.update({**info, "created": _now()})
+            for name in ("text", "done"):
+                if g[name].shape[0] < n:
+                    g[name].resize((n,))
+            order = np.argsort(rows)
+            rows = np.asarray(rows)[order]
+            g["text"].set_coordinate_selection(rows, np.asarray(list(texts), dtype=str)[order])
+            g["done"].set_coordinate_selection(rows, np.ones(len(rows), dtype=np.uint8))
 
     def remove_run(self, run_id: str) -> None:
         """Delete the folder of run `run_id` (under the store lock), readable or not: a broken run
@@ -436,26 +528,31 @@ class FeatureStore:
                 raise groups[run_id]
             for g in [groups.get(run_id), *groups.values()]:
                 if isinstance(g, zarr.Group) and "created" in g.attrs and same_spec(g.attrs["spec"], spec):
-                    run = Run(g, self)
+                    run = WritableRun(g, self)
                     for name in run.chunk_arrays():
                         run._get(name)  # corrupt metadata of an array: StoreError naming the file
                     return run
             # A run killed while being created has no "created" attribute (written last): rebuild it.
             g = self.group.require_group("runs").require_group(run_id)
             n = len(rows)
-            g.create_array("rows", shape=(n,), dtype="int64", chunks=(max(n, 1),), overwrite=True)[:] = rows
+            g.create_array("rows", shape=(n,), dtype="int64", chunks=(max(n, 1),), dimension_names=("image",),
+                           overwrite=True)[:] = rows
             for t in timesteps:
                 tg = g.require_group(timestep_key(t))
                 for block, chw in arrays.items():
                     tg.create_array(block, shape=(n, *chw), dtype=dtype, chunks=(chunk_rows, *chw),
+                                    dimension_names=feature_dimensions(block),
                                     **codec, fill_value=0, overwrite=True)
             n_chunks = -(-n // chunk_rows)
             keys = [f"{timestep_key(t)}/{b}" for t in timesteps for b in arrays]
             g.create_array("nonfinite", shape=(n_chunks, len(keys), 2), dtype="int64", chunks=(1, len(keys), 2),
+                           dimension_names=("chunk", "nonfinite_key", "nonfinite_kind"), fill_value=0, overwrite=True)
+            g.create_array("done", shape=(n_chunks,), dtype="uint8", chunks=(1,), dimension_names=("chunk",),
                            fill_value=0, overwrite=True)
-            g.create_array("done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
-            g.create_array("failed", shape=(n,), dtype="uint8", chunks=(chunk_rows,), fill_value=0, overwrite=True)
-            g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_rows,), overwrite=True)
+            g.create_array("failed", shape=(n,), dtype="uint8", chunks=(chunk_rows,), dimension_names=("image",),
+                           fill_value=0, overwrite=True)
+            g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_rows,), dimension_names=("image",),
+                           overwrite=True)
             g.attrs.update({
                 "run_id": run_id,
                 "spec": dict(spec),
@@ -469,11 +566,14 @@ class FeatureStore:
                 "created": _now(),
                 "finished": None,
             })
-            return Run(g, self)
+            return WritableRun(g, self)
 
 
 @dataclass(frozen=True)
 class RunStatus:
+    """Image counts of a run (`Run.status`): `done` (extracted, not failed), `failed`, `pending`
+    (chunk not extracted yet), and the failed image ids with their error messages."""
+
     images: int
     done: int
     failed: int
@@ -482,7 +582,16 @@ class RunStatus:
 
 
 class Run:
-    """One extraction run: its spec, block table and arrays."""
+    """One extraction run, read-only: its spec, block table and arrays.
+
+    A run has N rows (`len(run)`); run row i is images-table row `run.rows[i]`. Each (t, block)
+    is an (N, C, H, W) array of the stored dtype (`blocks[block]` gives (C, H, W); `t` is None for
+    experts that ignore it). Features are read with `numpy`, `dask`, `split` and `to_xarray` (and
+    `featurestore.FeatureDataset` for torch); every read goes through `read_chunk`, which raises
+    IncompleteRunError (chunk not extracted yet), DamagedChunkError or NonFiniteError (all
+    StoreError). Rows of images that failed hold no features and are never returned; a run with
+    images still pending is refused unless `allow_incomplete` (then only its done rows are used).
+    Writing is for `WritableRun`."""
 
     def __init__(self, group: zarr.Group, store: FeatureStore):
         self.group = group
@@ -568,40 +677,6 @@ class Run:
     def errors(self) -> np.ndarray:
         return _read_column(self._get("error"))
 
-    def write_chunk(
-        self,
-        chunk: int,
-        features: Mapping[tuple[int | None, str], np.ndarray],
-        failed: np.ndarray,
-        errors: Sequence[str],
-        nonfinite_computed: Mapping[tuple[int | None, str], int] | None = None,
-    ) -> dict[tuple[int | None, str], tuple[int, int]]:
-        """Write one whole chunk of rows for every array, then mark it done (last, so a kill
-        before the mark leaves the chunk to be written again). Every array gets its chunk file,
-        also when all its values are zero, so a done chunk without one is known to be damaged.
-
-        `nonfinite_computed`: per (t, block), the non-finite values the model produced before the
-        cast to the stored dtype (None: not counted, taken as the stored count). The stored ones
-        are counted here. Returns (computed, stored) per (t, block) with any non-finite value."""
-        rows = self.chunk_slice(chunk)
-        counts: dict[tuple[int | None, str], tuple[int, int]] = {}
-        for (t, block), values in features.items():
-            _writer(self.array(t, block))[rows] = values
-            stored = int(values.size - np.count_nonzero(np.isfinite(values)))
-            computed = stored if nonfinite_computed is None else int(nonfinite_computed.get((t, block), 0))
-            if stored or computed:
-                counts[(t, block)] = (computed, stored)
-        if "nonfinite_keys" in self.attrs:
-            keys = self.attrs["nonfinite_keys"]
-            table = np.zeros((len(keys), 2), dtype=np.int64)
-            for (t, block), pair in counts.items():
-                table[keys.index(f"{timestep_key(t)}/{block}")] = pair
-            _writer(self._get("nonfinite"))[chunk] = table
-        _writer(self._get("failed"))[rows] = np.asarray(failed, dtype=np.uint8)
-        _writer(self._get("error"))[rows] = np.asarray(list(errors), dtype=str)
-        self._get("done")[chunk] = 1
-        return counts
-
     def nonfinite(self) -> dict[str, dict[str, int]] | None:
         """Per array ("t<T>/<block>"): {"computed", "stored"} non-finite values over the done
         chunks; None for a run written before they were counted."""
@@ -623,38 +698,6 @@ class Run:
             pending=int((~rows_done).sum()),
             failed_ids={str(ids[i]): str(errors[i]) for i in np.flatnonzero(failed)},
         )
-
-    def record_session(self, session: Mapping[str, Any]) -> None:
-        """Append one extraction session (when, how long per phase) to the run's provenance."""
-        with self.store.lock.held():
-            g = self._fresh_group()
-            sessions = [*g.attrs.get("sessions", []), {"ended": _now(), **session}]
-            g.attrs["sessions"] = self.attrs["sessions"] = sessions
-
-    def mark_finished(self) -> None:
-        with self.store.lock.held():
-            g = self._fresh_group()
-            self.attrs["finished"] = g.attrs.get("finished")
-            if self.attrs["finished"] is None:
-                g.attrs["finished"] = self.attrs["finished"] = _now()
-
-    def redo(self, chunks: Sequence[int]) -> None:
-        """Mark chunks not done (and the run not finished), so that extracting the same spec
-        again computes them."""
-        with self.store.lock.held():
-            done = self._get("done")
-            for c in chunks:
-                done[c] = 0
-            g = self._fresh_group()
-            g.attrs["finished"] = self.attrs["finished"] = None
-
-    def _fresh_group(self) -> zarr.Group:
-        """The run's group as stored now (another process may have changed its attributes)."""
-        return _node(self.store.group, f"runs/{self.run_id}", self.store.url)
-
-    def claims(self) -> ChunkClaims:
-        """Claims on this run's chunks for one writer process (see ChunkClaims)."""
-        return ChunkClaims(self)
 
     def usable_rows(self, allow_incomplete: bool = False) -> np.ndarray:
         """Sorted int64 indices of the rows whose chunk is done and whose image did not fail.
@@ -744,13 +787,100 @@ class Run:
         else:
             index = np.asarray(rows, dtype=np.int64)
         self._check_usable(index)
+        return self._read_rows(t, block, index, lambda x: x)
+
+    def _read_rows(self, t: int | None, block: str, index: np.ndarray,
+                   shaped: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """shaped(features) of run rows `index` (any order), each chunk read once through
+        `read_chunk` and shaped on its own (one raw chunk held at a time)."""
         arr = self.array(t, block)
-        out = np.empty((len(index), *arr.shape[1:]), dtype=arr.dtype)
+        example = shaped(np.zeros((1, *arr.shape[1:]), dtype=arr.dtype))
+        out = np.empty((len(index), *example.shape[1:]), dtype=example.dtype)
         chunk_of = index // self.chunk_rows
         for c in np.unique(chunk_of):
             at = np.flatnonzero(chunk_of == c)
-            out[at] = self.read_chunk(t, block, int(c))[index[at] - c * self.chunk_rows]
+            out[at] = shaped(self.read_chunk(t, block, int(c))[index[at] - c * self.chunk_rows])
         return out
+
+    def split_rows(self, split: str, allow_incomplete: bool = False) -> np.ndarray:
+        """Sorted int64 run rows of the usable images (extracted, not failed) whose split column
+        is `split`: the rows of `split(...)`'s X and y, in that order, and valid `rows=` for
+        `numpy` and FeatureDataset. Raises StoreError when no image of the run has that split
+        (naming the splits it has), IncompleteRunError as `usable_rows`."""
+        splits = self.images.split
+        if split not in set(splits.tolist()):
+            raise StoreError(f"run {self.run_id} has no images of split {split!r}; its images are in splits: "
+                             f"{_counts(splits)}")
+        usable = self.usable_rows(allow_incomplete)
+        return usable[splits[usable] == split]
+
+    def split(self, split: str, *, t: int | None, block: str, pool: int | None = None,
+              allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of one split's usable images, for fitting with numpy or scikit-learn: X float32
+        (n, C*h*w), the features of (t, block) adaptive-average-pooled to pool x pool
+        (`featurestore.pooling.pooled`; None: the full h x w map; maps already that small are
+        kept), flattened per image; y int64 (n,) labels. Row i of both is run row
+        `split_rows(split)[i]`. Raises StoreError as `split_rows` and `read_chunk`, and for an
+        unknown t or block; ValueError for pool < 1."""
+        self.array(t, block)  # an unknown (t, block) fails before anything is read
+        rows = self.split_rows(split, allow_incomplete)
+        return self._read_rows(t, block, rows, lambda x: pooled(x, pool)), self.labels[rows]
+
+    def to_xarray(self, t: int | None | Sequence[int | None] = None, *, block: str, allow_incomplete: bool = False):
+        """Features of `block` as a lazy xarray.DataArray (dask, one dask block per store chunk,
+        read through `read_chunk` when computed) of the stored dtype, over the usable images
+        (extracted, not failed; pending ones refused unless `allow_incomplete`).
+
+        Dimensions ("image", "channel", "y", "x"), with a leading "timestep" for a list `t`;
+        t=None takes the run's timesteps (a "timestep" dimension when it has several). Along
+        "image": coordinate `image` (the run row, as `numpy` takes it), `store_row` and every
+        images-table column (`dataset`, `id`, `label`, `class_name`, `split`, `domain`,
+        `source`); scalar coordinates `block` and (one timestep that is not None) `timestep`.
+        Values equal `run.numpy(t, block, run.usable_rows())`. Raises StoreError for an unknown
+        t or block, IncompleteRunError as `usable_rows`."""
+        import dask.array as da
+        import xarray as xr
+
+        several = isinstance(t, (list, tuple, np.ndarray)) or (t is None and len(self.timesteps) > 1)
+        ts = list(self.timesteps) if t is None else list(t) if several else [t]
+        if not ts:
+            raise StoreError(f"run {self.run_id}: no timestep asked for; timesteps: {self.timesteps}")
+        for step in ts:
+            self.array(step, block)  # refuses an unknown t or block
+        rows = self.usable_rows(allow_incomplete)
+        parts = [self.dask(step, block)[rows] for step in ts]
+        table = self.images.take(rows)
+        coords: dict[str, Any] = {"image": ("image", rows), "store_row": ("image", table.store_row),
+                                  **{c: ("image", getattr(table, c)) for c in IMAGE_COLUMNS}, "block": block}
+        if several:
+            coords["timestep"] = ("timestep", np.asarray(ts))
+        elif ts[0] is not None:
+            coords["timestep"] = ts[0]
+        return xr.DataArray(da.stack(parts) if several else parts[0],
+                            dims=(("timestep",) if several else ()) + ("image", "channel", "y", "x"),
+                            coords=coords, name=block, attrs={"run_id": self.run_id, "store": self.store.url})
+
+    def status_text(self) -> str:
+        """`complete: 2,000 done, 3 failed` or `incomplete: ... , 50 pending` (images); the error
+        when the run's bookkeeping cannot be read."""
+        try:
+            s = self.status()
+        except StoreError as exc:
+            return f"unreadable: {exc}"
+        state = "complete" if s.pending == 0 else "incomplete"
+        return f"{state}: {s.done:,} done, {s.failed:,} failed, {s.pending:,} pending"
+
+    def __repr__(self) -> str:
+        kind = "writable" if isinstance(self, WritableRun) else "read-only"
+        blocks = ", ".join(f"{b} {'x'.join(map(str, chw))}" for b, chw in self.blocks.items())
+        return "\n".join([
+            f"Run {self.run_id} ({kind}) in {self.store.url}",
+            f"  backbone {self.spec.get('backbone', '?')}, dataset {self.spec.get('dataset', '?')}; "
+            f"{len(self):,} images, {self.status_text()}",
+            f"  timesteps: {', '.join(_t_text(t) for t in self.timesteps)}",
+            f"  blocks (C x H x W): {blocks}",
+            f"  dtype {self.attrs.get('dtype', '?')}, {self.chunk_rows:,} rows per chunk",
+        ])
 
     def _check_usable(self, index: np.ndarray) -> None:
         if len(index) and (index.min() < 0 or index.max() >= len(self)):
@@ -779,6 +909,80 @@ class Run:
         return da.concatenate(parts) if parts else da.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
 
 
+class WritableRun(Run):
+    """A run of a store opened for writing (`WritableStore.run`, `create_run`): the reads of Run,
+    chunk writes, claims on chunks and the run's bookkeeping (sessions, finished, redo)."""
+
+    store: WritableStore
+
+    def write_chunk(
+        self,
+        chunk: int,
+        features: Mapping[tuple[int | None, str], np.ndarray],
+        failed: np.ndarray,
+        errors: Sequence[str],
+        nonfinite_computed: Mapping[tuple[int | None, str], int] | None = None,
+    ) -> dict[tuple[int | None, str], tuple[int, int]]:
+        """Write one whole chunk of rows for every array, then mark it done (last, so a kill
+        before the mark leaves the chunk to be written again). Every array gets its chunk file,
+        also when all its values are zero, so a done chunk without one is known to be damaged.
+
+        `nonfinite_computed`: per (t, block), the non-finite values the model produced before the
+        cast to the stored dtype (None: not counted, taken as the stored count). The stored ones
+        are counted here. Returns (computed, stored) per (t, block) with any non-finite value."""
+        rows = self.chunk_slice(chunk)
+        counts: dict[tuple[int | None, str], tuple[int, int]] = {}
+        for (t, block), values in features.items():
+            _writer(self.array(t, block))[rows] = values
+            stored = int(values.size - np.count_nonzero(np.isfinite(values)))
+            computed = stored if nonfinite_computed is None else int(nonfinite_computed.get((t, block), 0))
+            if stored or computed:
+                counts[(t, block)] = (computed, stored)
+        if "nonfinite_keys" in self.attrs:
+            keys = self.attrs["nonfinite_keys"]
+            table = np.zeros((len(keys), 2), dtype=np.int64)
+            for (t, block), pair in counts.items():
+                table[keys.index(f"{timestep_key(t)}/{block}")] = pair
+            _writer(self._get("nonfinite"))[chunk] = table
+        _writer(self._get("failed"))[rows] = np.asarray(failed, dtype=np.uint8)
+        _writer(self._get("error"))[rows] = np.asarray(list(errors), dtype=str)
+        self._get("done")[chunk] = 1
+        return counts
+
+    def record_session(self, session: Mapping[str, Any]) -> None:
+        """Append one extraction session (when, how long per phase) to the run's provenance."""
+        with self.store.lock.held():
+            g = self._fresh_group()
+            sessions = [*g.attrs.get("sessions", []), {"ended": _now(), **session}]
+            g.attrs["sessions"] = self.attrs["sessions"] = sessions
+
+    def mark_finished(self) -> None:
+        with self.store.lock.held():
+            g = self._fresh_group()
+            self.attrs["finished"] = g.attrs.get("finished")
+            if self.attrs["finished"] is None:
+                g.attrs["finished"] = self.attrs["finished"] = _now()
+
+    def redo(self, chunks: Sequence[int]) -> None:
+        """Mark chunks not done (and the run not finished), so that extracting the same spec
+        again computes them."""
+        with self.store.lock.held():
+            done = self._get("done")
+            for c in chunks:
+                done[c] = 0
+            g = self._fresh_group()
+            g.attrs["finished"] = self.attrs["finished"] = None
+
+    def _fresh_group(self) -> zarr.Group:
+        """The run's group as stored now (another process may have changed its attributes)."""
+        return _node(self.store.group, f"runs/{self.run_id}", self.store.url)
+
+    def claims(self) -> ChunkClaims:
+        """Claims on this run's chunks for one writer process (see ChunkClaims)."""
+        return ChunkClaims(self)
+
+
+
 class ChunkClaims:
     """One writer process's claims on chunks of a run, so that processes extracting the same spec
     split the chunks instead of writing one twice. Use as a context manager (releases every claim
@@ -788,7 +992,7 @@ class ChunkClaims:
     released by the OS when the process dies. Stores at URLs have no cross-process lock: there
     every chunk not done is taken (two writers of one spec at a URL may both compute a chunk)."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: WritableRun):
         self.run = run
         self._folder = None if "://" in run.store.url else Path(run.store.url) / LOCKS / run.run_id
         self._held: dict[int, FileLock] = {}
@@ -926,6 +1130,7 @@ def _create(url: str) -> zarr.Group:
         g = group.require_group("images")
         for c in IMAGE_COLUMNS:
             g.create_array(c, shape=(0,), dtype="int64" if c == "label" else str, chunks=(_TABLE_CHUNK,),
+                           dimension_names=("store_row",),
                            overwrite=True)
         g.attrs["rows"] = 0
     if "format_version" not in attrs:
@@ -965,6 +1170,23 @@ def _read_text(fs: Any, path: str) -> str:
         return fs.cat_file(path).decode()
     except OSError:  # deleted meanwhile
         return "marker gone"
+
+
+def _t_text(t: int | None) -> str:
+    return "none" if t is None else str(t)
+
+
+def _listed(names: Sequence[str], shown: int = 10) -> str:
+    """`a, b, c`, the first `shown` of them and `... (k more)`; `none` when empty."""
+    more = f", ... ({len(names) - shown:,} more)" if len(names) > shown else ""
+    return (", ".join(map(str, names[:shown])) or "none") + more
+
+
+def _counts(values: np.ndarray) -> str:
+    """`a (3), b (1)`: the distinct values with their counts, most frequent first (for reprs)."""
+    names, counts = np.unique(values, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return _listed([f"{names[i]} ({counts[i]:,})" for i in order])
 
 
 def _now() -> str:

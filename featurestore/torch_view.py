@@ -24,14 +24,17 @@ from featurestore.store import Run, timestep_key
 class FeatureDataset(Dataset):
     """Items are (features, label): one float32 tensor (C, H, W) for one key, a dict
     {"t<T>/<block>": tensor} (`tnone/<block>` for experts) for several keys; the label an int.
-    `rows` (default: all) are run rows; only images that were extracted and did not fail are
-    allowed. An incomplete run raises IncompleteRunError (how many images are pending; re-running
-    `extract` resumes) unless `allow_incomplete`, which keeps only the extracted images.
+    `split` (e.g. "train") keeps only the images of that split (`Run.split_rows`), so training
+    never sees test images; None keeps every split. `rows` (default: all of the split) are run
+    rows; only images of the split that were extracted and did not fail are allowed (ValueError
+    otherwise). An unknown split raises StoreError naming the run's splits. An incomplete run
+    raises IncompleteRunError (how many images are pending; re-running `extract` resumes) unless
+    `allow_incomplete`, which keeps only the extracted images.
     `cache_chunks`: decoded chunks kept per array (a sampler's window needs that many). Every chunk
     is read through `Run.read_chunk`, so non-finite features raise NonFiniteError when read."""
 
     def __init__(self, run: Run, keys: Sequence[tuple[int | None, str]], rows: np.ndarray | None = None,
-                 allow_incomplete: bool = False, cache_chunks: int = 1):
+                 allow_incomplete: bool = False, cache_chunks: int = 1, split: str | None = None):
         if not keys:
             raise ValueError("FeatureDataset needs at least one (timestep, block)")
         if cache_chunks < 1:
@@ -40,10 +43,11 @@ class FeatureDataset(Dataset):
         self.keys = list(keys)
         for t, block in self.keys:
             run.array(t, block)  # an unknown (t, block) fails here
-        usable = run.usable_rows(allow_incomplete)
+        usable = run.usable_rows(allow_incomplete) if split is None else run.split_rows(split, allow_incomplete)
         self.rows = usable if rows is None else np.asarray(rows, dtype=np.int64)
         if rows is not None and not np.isin(self.rows, usable).all():
-            raise ValueError("some requested rows are not extracted yet or failed")
+            outside = "" if split is None else f", or are not of split {split!r}"
+            raise ValueError(f"some requested rows are not extracted yet or failed{outside}")
         self.labels = run.labels
         self.cache_chunks = cache_chunks
         self._cache: list[OrderedDict[int, np.ndarray]] = [OrderedDict() for _ in self.keys]

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import replace
 
-from featurestore.store import FeatureStore, Run
+from featurestore.store import FeatureStore, WritableRun
 from pipelines.extract.runner import ExtractConfig, Job, job_prompts, prepare_job, run_chunks
 
 SHARDS_PER_WORKER = 2  # a little slack so a slow worker does not hold up the end
@@ -56,7 +56,7 @@ def quiet() -> None:
     logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
-def run_on_dask(cfg: ExtractConfig, run: Run, todo: list[int]) -> tuple[dict[str, float], list[int]]:
+def run_on_dask(cfg: ExtractConfig, run: WritableRun, todo: list[int]) -> tuple[dict[str, float], list[int]]:
     """Distribute the chunks over a dask cluster: (phase seconds summed over workers, the chunks
     the workers wrote)."""
     from distributed import Client, LocalCluster, as_completed

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from data_manifests.manifest import Manifest, ManifestError, load_dataset, load_manifest
-from featurestore.store import FeatureStore, Run, feature_codec
+from featurestore.store import FeatureStore, WritableRun, WritableStore, feature_codec
 from pipelines.device import resolve_device
 from pipelines.extract.backbone import Backbone, create_backbone
 from pipelines.extract.noise import NOISE_MODES, ddim_invert, q_sample
@@ -278,7 +278,7 @@ def default_chunk_rows(shapes: dict[str, tuple[int, int, int]], dtype: str) -> i
 
 # -- prompts and captions -----------------------------------------------------------------------
 
-def ensure_captions(store: FeatureStore, job: Job, rows: np.ndarray) -> str:
+def ensure_captions(store: WritableStore, job: Job, rows: np.ndarray) -> str:
     """Caption (once, batched) every image of the job that the store has no caption of yet;
     returns the captioner's key, under which later runs find and reuse the captions."""
     from PIL import Image
@@ -411,11 +411,11 @@ def guided_eps(backbone: Backbone, cond: torch.Tensor | None, scale: float):
     return eps
 
 
-def run_chunks(job: Job, run: Run, todo: Sequence[int],
+def run_chunks(job: Job, run: WritableRun, todo: Sequence[int],
                wait_for_claims: bool = False) -> tuple[dict[str, float], list[int]]:
     """Read ahead one chunk, compute the current one, write the previous one in the background.
 
-    Each chunk is claimed first (`Run.claims`): a chunk that another process extracting the same
+    Each chunk is claimed first (`WritableRun.claims`): a chunk that another process extracting the same
     spec holds is skipped, or with `wait_for_claims` waited for (then skipped when that process
     wrote it, computed when it died first). Returns (seconds per phase, the chunks written here)."""
     from rich.progress import (

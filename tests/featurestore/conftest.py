@@ -38,6 +38,7 @@ def _build(
     undone_failed: dict[int, str] | None = None,
     seed: int = 0,
     spec=None,
+    splits: tuple[str, ...] | None = None,
 ) -> Written:
     rng = np.random.default_rng(seed)
     failed = {1: "decode error: truncated file", 9: "CUDA out of memory"} if failed is None else failed
@@ -46,14 +47,16 @@ def _build(
     n_images = n + 4
     all_ids = np.array([f"im{i:03d}" for i in range(n_images)])
     all_labels = rng.integers(0, 5, n_images)
-    table_rows = store.add_images("toy", manifest(all_ids, all_labels))  # table row k holds image k
+    all_splits = np.array(splits or ("train",) * n_images)
+    table_rows = store.add_images("toy", manifest(all_ids, all_labels, split=all_splits))  # table row k holds image k
     run_rows = rng.permutation(n_images)[:n]
     run = store.create_run(
         spec or SPEC, arrays=blocks, timesteps=list(timesteps), rows=table_rows[run_rows],
         chunk_rows=chunk_rows, dtype=dtype, provenance={"backbone": {"name": "tiny"}},
     )
     data = {(t, b): np.zeros((n, *chw), dtype=dtype) for t in timesteps for b, chw in blocks.items()}
-    w = Written(store_path, store, run, chunk_rows, data, all_ids[run_rows], all_labels[run_rows], [])
+    w = Written(store_path, store, run, chunk_rows, data, all_ids[run_rows], all_labels[run_rows],
+                all_splits[run_rows], [])
     for chunk in done:
         in_chunk = {r: m for r, m in failed.items() if w.chunk_of(r) == chunk}
         write_random_chunk(w, chunk, rng, in_chunk)
@@ -72,10 +75,11 @@ def _templates(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def make_run(store_path, _templates):
-    """Factory: a store with n+4 images and one run over n of them in a shuffled
-    order, so that run rows and table rows differ. By default chunks 0 and 2 of N=10, chunk_rows=4
-    are written (chunk 2 is the partial last one), rows 1 and 9 failed, and chunk 1 is not done
-    but has a failure flag on row 5 (as if killed between the failure columns and the done flag).
+    """Factory: a store with n+4 images (`splits`: the split of each, default all "train") and one
+    run over n of them in a shuffled order, so that run rows and table rows differ. By default
+    chunks 0 and 2 of N=10, chunk_rows=4 are written (chunk 2 is the partial last one), rows 1 and
+    9 failed, and chunk 1 is not done but has a failure flag on row 5 (as if killed between the
+    failure columns and the done flag).
 
     Each distinct set of arguments is built once per session and copied into the test's tmp_path."""
 

@@ -11,9 +11,9 @@ import sys
 import time
 
 from cli.main import app
-from featurestore.store import Run
+from featurestore.store import WritableRun
 
-_write_chunk = Run.write_chunk
+_write_chunk = WritableRun.write_chunk
 
 
 def logged_write_chunk(self, chunk, *args, **kwargs):
@@ -25,5 +25,5 @@ def logged_write_chunk(self, chunk, *args, **kwargs):
 
 
 if __name__ == "__main__":
-    Run.write_chunk = logged_write_chunk
+    WritableRun.write_chunk = logged_write_chunk
     app(sys.argv[2:], prog_name="featurestore")

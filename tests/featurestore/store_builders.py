@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.store import FeatureStore, Run
+from featurestore.store import WritableRun, WritableStore
 
 BLOCKS = {"down0": (3, 2, 2), "mid": (4, 1, 1)}
 TIMESTEPS = (10, None)
@@ -21,14 +21,15 @@ SPEC = {"dataset": "toy", "backbone": "tiny", "timesteps": [10, None], "blocks":
 
 
 def manifest(ids, labels, *, split="train", domain="photo") -> dict[str, list]:
-    """The columns add_images expects (everything but `dataset`)."""
+    """The columns add_images expects (everything but `dataset`); `split` is one split for every
+    image or a sequence of one per image."""
     ids = [str(i) for i in ids]
     labels = [int(label) for label in labels]
     return {
         "id": ids,
         "label": labels,
         "class_name": [f"class{label}" for label in labels],
-        "split": [split] * len(ids),
+        "split": [split] * len(ids) if isinstance(split, str) else [str(s) for s in split],
         "domain": [domain] * len(ids),
         "source": [f"img/{i}.png" for i in ids],
     }
@@ -39,12 +40,13 @@ class Written:
     """A run and what it holds, tracked independently of the store."""
 
     path: Path
-    store: FeatureStore
-    run: Run
+    store: WritableStore
+    run: WritableRun
     chunk_rows: int
     data: dict[tuple[int | None, str], np.ndarray]  # (t, block) -> (N, C, H, W) expected values
     ids: np.ndarray  # image id of each run row
     labels: np.ndarray  # label of each run row
+    splits: np.ndarray  # split of each run row
     done_chunks: list[int]
     failed: dict[int, str] = field(default_factory=dict)  # run row -> error, in done chunks only
     undone_failed: dict[int, str] = field(default_factory=dict)  # flags written in chunks not done

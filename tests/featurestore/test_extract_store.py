@@ -1,6 +1,6 @@
 """The store through the real `featurestore extract` (MNIST DDPM on the embedded demo digits): a
 store of an earlier version is continued, not recomputed; a repaired chunk is recomputed; two
-extractions of one spec at once split the chunks."""
+extractions of one spec at once split the chunks; xarray opens the groups of a run it wrote."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 from typer.testing import CliRunner
 
@@ -42,6 +43,21 @@ def extracted(tmp_path_factory) -> tuple[Path, dict]:
     """A store extracted once, its result document (copy it before changing it)."""
     store = tmp_path_factory.mktemp("extracted") / "s.zarr"
     return store, _extract(store)
+
+
+def test_xarray_opens_the_groups_of_a_run_written_by_extract(extracted):
+    store, doc = extracted
+    run = FeatureStore.open(store).run(doc["run_id"])
+    rows = run.usable_rows()
+    features = xr.open_zarr(store / "runs" / run.run_id / "t10", consolidated=False)
+    assert sorted(features.data_vars) == sorted(run.blocks)
+    for block, (c, h, w) in run.blocks.items():
+        assert features[block].dims == ("image", f"{block}_channel", f"{block}_y", f"{block}_x")
+        assert features[block].shape == (len(run), c, h, w)
+        np.testing.assert_array_equal(features[block].values[rows], run.numpy(10, block, rows))
+        np.testing.assert_array_equal(run.to_xarray(10, block=block).values, run.numpy(10, block, rows))
+    bookkeeping = xr.open_zarr(store / "runs" / run.run_id, consolidated=False)
+    np.testing.assert_array_equal(bookkeeping["rows"].values, run.rows)
 
 
 def test_a_run_written_before_autocast_existed_is_continued_not_recomputed(extracted, tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from featurestore.store import Run
+from featurestore.store import WritableRun
 
 
 def cli(*args):
@@ -77,7 +77,7 @@ def test_a_full_disk_names_the_store(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Run, "write_chunk", no_space)
+    monkeypatch.setattr(WritableRun, "write_chunk", no_space)
     store = tmp_path / "s.zarr"
     output = one_error_line(cli("extract", "--dataset", "demo", "--limit", "8", "--timesteps", "10", "--store", store))
     assert output.startswith(f"error: no space left on the device of the store {store}") and output.count("\n") == 1
