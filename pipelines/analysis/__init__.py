@@ -61,18 +61,22 @@ def read_rows(run: Run, timestep: int | None, block: str, rows: np.ndarray) -> n
     return _read(run, timestep, block, rows, lambda x: x.astype(np.float32, copy=False))
 
 
-def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, pool: int | None) -> np.ndarray:
+def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, pool: int | None,
+                advance: Callable[[int], None] | None = None) -> np.ndarray:
     """Pooled, flattened float32 features (len(rows), D) of run rows given in any order, read as
-    `read_rows` reads them (one raw chunk held at a time)."""
-    return _read(run, timestep, block, rows, lambda x: pooled(x, pool))
+    `read_rows` reads them (one raw chunk held at a time). `advance(n)` (a progress bar's) is called
+    with the number of rows of each chunk read."""
+    return _read(run, timestep, block, rows, lambda x: pooled(x, pool), advance)
 
 
 def _read(run: Run, timestep: int | None, block: str, rows: np.ndarray,
-          shaped: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+          shaped: Callable[[np.ndarray], np.ndarray], advance: Callable[[int], None] | None = None) -> np.ndarray:
     stored = run.array(timestep, block).shape[1:]  # an unknown (t, block) fails here, as a StoreError
     out = np.empty((len(rows), *shaped(np.zeros((1, *stored), np.float32)).shape[1:]), np.float32)
     for chunk, at, offsets in chunk_groups(run, rows):
         out[at] = shaped(run.read_chunk(timestep, block, chunk)[offsets])
+        if advance is not None:
+            advance(len(at))
     return out
 
 

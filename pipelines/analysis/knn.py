@@ -25,6 +25,7 @@ import numpy as np
 from featurestore.store import FeatureStore, timestep_key
 from pipelines.analysis import SLAB_ROWS, read_pooled, results_path, row_slabs, run_images, write_json
 from pipelines.heads.logistic import ClassifiedMap, resolve_run, split_rows
+from pipelines.progress import bar
 
 KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
@@ -148,8 +149,8 @@ def knn_run(
     allow_incomplete: bool = False,
 ) -> KnnResult:
     """Weighted kNN of one (t, block) of a run: the test features are read at once, the train
-    features streamed in chunk-aligned slabs of about `slab_rows` rows. Errors (ValueError) as
-    `split_rows` and `read_pooled`, and for k outside 1..train images."""
+    features streamed in chunk-aligned slabs of about `slab_rows` rows (a bar counts the images
+    read). Errors (ValueError) as `split_rows` and `read_pooled`, and for k outside 1..train images."""
     check_faiss_device(device)
     check_temperature(temperature)
     run = resolve_run(store, run_id)
@@ -157,9 +158,12 @@ def knn_run(
     if not ks or min(ks) < 1 or max(ks) > len(train):
         raise ValueError(f"k must be between 1 and the {len(train)} train images, got {list(ks)}")
     labels = run.labels
-    queries = l2_normalized(read_pooled(run, timestep, block, test, pool))
-    slabs = (l2_normalized(read_pooled(run, timestep, block, train[s], pool)) for s in row_slabs(run, train, slab_rows))
-    sims, indices = streamed_topk(slabs, queries, max(ks), device)
+    with bar("knn", f"t={timestep} {block}: queries", len(test) + len(train)) as advance:
+        queries = l2_normalized(read_pooled(run, timestep, block, test, pool, advance))
+        advance(0, description=f"t={timestep} {block}: train slabs")
+        slabs = (l2_normalized(read_pooled(run, timestep, block, train[s], pool, advance))
+                 for s in row_slabs(run, train, slab_rows))
+        sims, indices = streamed_topk(slabs, queries, max(ks), device)
     accuracy = knn_accuracy(sims, indices, labels[train], labels[test], ks, temperature)
     settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "k": list(ks), "pool": pool,
                 "temperature": temperature, "train_split": train_split, "test_split": test_split, "holdout": holdout,

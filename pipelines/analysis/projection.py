@@ -10,9 +10,12 @@ queries and gallery: a linear map of both domains into one space, trained with e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipelines.progress import bar
 
 LOSSES = ("cross-entropy", "triplet")
 
@@ -49,22 +52,24 @@ def train_projection(
     """(D, dim) weights from features `x` (N, D) of seen-class images of both domains, their
     seen-class labels 0..K-1 and which rows are queries. `class_vectors` (K, dim): fixed class
     vectors of the cross-entropy loss (text embeddings). The caller guarantees no unseen class is
-    among the rows."""
+    among the rows. A bar counts the epochs."""
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)
     features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     dim = class_vectors.shape[1] if class_vectors is not None else config.dim
     weights = (torch.randn(features.shape[1], dim, generator=generator) / features.shape[1] ** 0.5).requires_grad_()
-    if config.loss == "triplet":
-        _fit_triplet(features, weights, np.asarray(labels), np.asarray(is_query, bool), config, generator)
-    else:
-        _fit_cross_entropy(features, weights, torch.from_numpy(np.asarray(labels, dtype=np.int64)), config,
-                           generator, class_vectors)
+    with bar("projection", config.loss, config.epochs) as advance:
+        if config.loss == "triplet":
+            _fit_triplet(features, weights, np.asarray(labels), np.asarray(is_query, bool), config, generator, advance)
+        else:
+            _fit_cross_entropy(features, weights, torch.from_numpy(np.asarray(labels, dtype=np.int64)), config,
+                               generator, class_vectors, advance)
     return weights.detach().numpy()
 
 
-def _fit_cross_entropy(features, weights, targets, config: ProjectionConfig, generator, class_vectors) -> None:
+def _fit_cross_entropy(features, weights, targets, config: ProjectionConfig, generator, class_vectors,
+                       advance: Callable[[], None]) -> None:
     import torch
     from torch.nn.functional import cross_entropy, normalize
 
@@ -83,10 +88,11 @@ def _fit_cross_entropy(features, weights, targets, config: ProjectionConfig, gen
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        advance()
 
 
 def _fit_triplet(features, weights, labels: np.ndarray, is_query: np.ndarray, config: ProjectionConfig,
-                 generator) -> None:
+                 generator, advance: Callable[[], None]) -> None:
     import torch
     from torch.nn.functional import normalize
 
@@ -110,3 +116,4 @@ def _fit_triplet(features, weights, labels: np.ndarray, is_query: np.ndarray, co
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        advance()

@@ -45,6 +45,7 @@ from pipelines.analysis.knn import flat_ip_index, l2_normalized
 from pipelines.analysis.projection import ProjectionConfig, train_projection
 from pipelines.analysis.splits import load_split
 from pipelines.heads.logistic import resolve_run
+from pipelines.progress import bar
 
 AP_KINDS = ("noninterp", "voc11")
 NORMALISATIONS = ("min", "retrieved")
@@ -372,7 +373,8 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
     """Sketch queries against a photo gallery (any two domains) from one or two runs of a store.
 
     The queries are read at once; the gallery is streamed in chunk-aligned slabs of about
-    `slab_rows` rows, once for top-K metrics and twice more when mAP@all is asked for.
+    `slab_rows` rows, once for top-K metrics, twice when mAP@all is asked for. A bar counts
+    the images read.
     """
     query_run, gallery_run = resolve_run(store, config.query.run), resolve_run(store, config.gallery.run)
     query_rows, query_names = _usable(query_run, config.query.domain, config.allow_incomplete)
@@ -397,24 +399,30 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
     query_classes, gallery_classes = np.searchsorted(classes, query_names), np.searchsorted(classes, gallery_names)
 
     def features(run: Run, side: Side, rows: np.ndarray) -> np.ndarray:
-        x = read_pooled(run, side.timestep, side.block, rows, config.pool)
+        x = read_pooled(run, side.timestep, side.block, rows, config.pool, advance)
         return l2_normalized(x if project is None else x @ project)
 
-    queries = features(query_run, q, query_rows)
+    passes = 2 if None in config.map_at else 1  # mAP@all ranks every relevant item: two scans
+    scans = 0
 
     def slabs() -> Iterator[np.ndarray]:
+        nonlocal scans
+        scans += 1
+        advance(0, description=f"t={g.timestep} {g.block}: gallery, pass {scans} of {passes}")
         for part in row_slabs(gallery_run, gallery_rows, config.slab_rows):
             yield features(gallery_run, g, gallery_rows[part])
 
     cutoffs = [k for k in (*config.map_at, *config.precision_at) if k is not None]
     k = min(max([*cutoffs, EXAMPLE_DEPTH]), len(gallery_rows))
     n_relevant = np.bincount(gallery_classes, minlength=len(classes))[query_classes]
-    if None in config.map_at:
-        top, hits = stream_ranks(slabs, queries, query_classes, gallery_classes, k, config.device)
-    else:
-        top = stream_topk(slabs(), queries, k, config.device)
-        relevance = gallery_classes[key_indices(top)] == query_classes[:, None]
-        hits = HitRanks.from_relevance(relevance, n_relevant, len(gallery_rows))
+    with bar("retrieve", f"t={q.timestep} {q.block}: queries", len(query_rows) + passes * len(gallery_rows)) as advance:
+        queries = features(query_run, q, query_rows)
+        if passes == 2:
+            top, hits = stream_ranks(slabs, queries, query_classes, gallery_classes, k, config.device)
+        else:
+            top = stream_topk(slabs(), queries, k, config.device)
+            relevance = gallery_classes[key_indices(top)] == query_classes[:, None]
+            hits = HitRanks.from_relevance(relevance, n_relevant, len(gallery_rows))
     metrics, per_class = _metrics(hits, query_names, config)
 
     query_images, gallery_images = query_run.images.take(query_rows), gallery_run.images.take(gallery_rows)
@@ -452,8 +460,9 @@ def seen_class_projection(
     """Train the projection on the seen-class images of both sides; unseen rows are never read."""
     q, g, projection = config.query, config.gallery, config.projection
     q_seen, g_seen = np.isin(query_names, seen), np.isin(gallery_names, seen)
-    x = np.concatenate([read_pooled(query_run, q.timestep, q.block, query_rows[q_seen], config.pool),
-                        read_pooled(gallery_run, g.timestep, g.block, gallery_rows[g_seen], config.pool)])
+    with bar("retrieve", "projection: seen classes", int(q_seen.sum() + g_seen.sum())) as advance:
+        x = np.concatenate([read_pooled(query_run, q.timestep, q.block, query_rows[q_seen], config.pool, advance),
+                            read_pooled(gallery_run, g.timestep, g.block, gallery_rows[g_seen], config.pool, advance)])
     names = np.concatenate([query_names[q_seen], gallery_names[g_seen]])
     is_query = np.arange(len(names)) < q_seen.sum()
     classes = sorted(set(names))

@@ -13,6 +13,7 @@ from featurestore.store import FeatureStore
 from pipelines.analysis import results_path, run_images, write_json
 from pipelines.analysis.knn import TEMPERATURE, VOTE_RULE, knn_run
 from pipelines.heads.logistic import probe_run, resolve_run
+from pipelines.progress import bar
 
 KNN_K = 20
 
@@ -51,21 +52,24 @@ def sweep_run(
     test_split: str = "test", holdout: float | None = None, c: float = 1.0, seed: int = 0,
     temperature: float = TEMPERATURE, device: str = "cpu", allow_incomplete: bool = False,
 ) -> SweepResult:
-    """`probe_run` and `knn_run` (one k) for every (t, block), with the same split and pooling;
-    errors as theirs."""
+    """`probe_run` and `knn_run` (one k) for every (t, block), with the same split and pooling (a
+    bar counts the (t, block) pairs); errors as theirs."""
     tic = time.perf_counter()
     run = resolve_run(store, run_id)
     timesteps = list(run.timesteps if timesteps is None else timesteps)
     blocks = list(blocks or run.blocks)
     rows = []
-    for t in timesteps:
-        for block in blocks:
-            probe = probe_run(store, run.run_id, t, block, pool, train_split, test_split, holdout, c, seed,
-                              allow_incomplete)
-            knn = knn_run(store, run.run_id, t, block, [knn_k], pool, train_split, test_split, holdout, seed,
-                          temperature, device, allow_incomplete=allow_incomplete)
-            rows.append(SweepRow(t, block, probe.features, probe.train, probe.test, probe.top1, probe.train_top1,
-                                 knn.top1[knn_k], knn.top5[knn_k]))
+    with bar("sweep", "", len(timesteps) * len(blocks)) as advance:
+        for t in timesteps:
+            for block in blocks:
+                advance(0, description=f"t={t} {block}")
+                probe = probe_run(store, run.run_id, t, block, pool, train_split, test_split, holdout, c, seed,
+                                  allow_incomplete)
+                knn = knn_run(store, run.run_id, t, block, [knn_k], pool, train_split, test_split, holdout, seed,
+                              temperature, device, allow_incomplete=allow_incomplete)
+                rows.append(SweepRow(t, block, probe.features, probe.train, probe.test, probe.top1,
+                                     probe.train_top1, knn.top1[knn_k], knn.top5[knn_k]))
+                advance()
     settings = {"run_id": run.run_id, "timesteps": timesteps, "blocks": blocks, "pool": pool, "knn_k": knn_k,
                 "temperature": temperature, "train_split": train_split, "test_split": test_split, "holdout": holdout,
                 "c": c, "seed": seed, "device": device, "allow_incomplete": allow_incomplete}

@@ -15,6 +15,7 @@ import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
 from pipelines.analysis import pooled, read_pooled, results_path, run_images, write_json  # noqa: F401 (pooled: re-exported)
+from pipelines.progress import bar
 
 
 @dataclass
@@ -95,9 +96,12 @@ def probe_run(
     `split_rows` and `read_pooled`."""
     run = resolve_run(store, run_id)
     train, test = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
-    x = read_pooled(run, timestep, block, np.concatenate([train, test]), pool)
-    y = run.labels
-    top1, train_top1 = fit_logistic_probe(x[:len(train)], y[train], x[len(train):], y[test], c=c)
+    what = f"logistic t={timestep} {block}"
+    with bar("probe", f"{what}: reading", len(train) + len(test)) as advance:
+        x = read_pooled(run, timestep, block, np.concatenate([train, test]), pool, advance)
+        y = run.labels
+        advance(0, description=f"{what}: fitting")
+        top1, train_top1 = fit_logistic_probe(x[:len(train)], y[train], x[len(train):], y[test], c=c)
     settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "pool": pool, "train_split": train_split,
                 "test_split": test_split, "holdout": holdout, "seed": seed, "c": c, "allow_incomplete": allow_incomplete}
     return ProbeResult(run.run_id, timestep, block, pool, x.shape[1], len(train), len(test), run_images([run]), settings,
