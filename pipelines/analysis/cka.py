@@ -1,6 +1,6 @@
 """Linear CKA between (run, t, block) features, streamed over the store.
 
-Two ways to get HSIC for every pair of m views (each view an (N, d_v) feature matrix, rows aligned):
+Three ways to get HSIC for every pair of m views (each view an (N, d_v) feature matrix, rows aligned):
 
 * feature space (`FeatureSpaceHsic`, exact, biased and unbiased): the views are concatenated into
   Z = [X_1 .. X_m] (N x D) and one pass over the rows accumulates in float64 Z^T Z, the column sums,
@@ -14,10 +14,13 @@ Two ways to get HSIC for every pair of m views (each view an (N, d_v) feature ma
   which gives the unbiased U-statistic of Song et al. (2012) exactly, without any N x N Gram.
   The rows are shifted by the first slab's mean first: both estimators are invariant to a constant
   shift, and it keeps float64 sums from cancelling on features with large means.
+* Gram space (`GramHsic`, exact, biased and unbiased): each view's N x N Gram is computed once,
+  centred once, and the HSIC of all pairs is one matrix product of the flattened centred Grams;
+  memory grows with m N^2, not with D, for grids of wide views over a few thousand images.
 * minibatch (`MinibatchHsic`, Nguyen et al. 2021): the unbiased HSIC from the b x b Grams of
-  minibatches, averaged; memory does not grow with D, for views too wide for Z^T Z.
+  minibatches, averaged; memory grows with neither D nor N.
 
-CKA = HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y)) from either. It is undefined (None, null in JSON,
+CKA = HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y)) from any of them. It is undefined (None, null in JSON,
 n/a in text) for a view whose HSIC with itself is not positive: a view with constant features (every
 row equal, zero variance), or, for the unbiased estimator, a degenerate sample. The result names
 such views in one line (`CkaResult.undefined`); when no pair of different views is defined the
@@ -27,21 +30,25 @@ analysis is refused with that line.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
 from pipelines.analysis import SLAB_ROWS, pooled, read_pooled, results_path, row_slabs, run_images, write_json
 from pipelines.heads.logistic import resolve_run
+from pipelines.progress import bar
 
 Grid = Literal["blocks", "timesteps", "runs"]
-Method = Literal["auto", "feature", "minibatch"]
+Method = Literal["auto", "feature", "gram", "minibatch"]
 MAX_FEATURES = 8192  # auto: feature space while the views' total width D keeps Z^T Z (8 D^2 bytes) small
+GRAM_MEMORY = 4.0  # auto: else Gram space while its memory (`gram_bytes`) stays within this many GiB
+GRAM_COLUMNS = 2048  # feature columns of a view converted to float64 at a time for its Gram
 BATCH_SIZE = 256
+T = TypeVar("T")
 
 
 class FeatureSpaceHsic:
@@ -90,6 +97,98 @@ class FeatureSpaceHsic:
         return biased, unbiased
 
 
+class GramHsic:
+    """Exact biased and unbiased HSIC of every pair of `views` views of the same n rows, from their
+    n x n linear Grams. Each view is given whole (`add`, an (n, d) array) and its Gram computed
+    once, in float64, in blocks of `GRAM_COLUMNS` feature columns (after shifting by the column
+    means, which changes neither estimator), then centred once:
+
+      K_c = H K H, H = I - 11^T/n (biased), and
+      U   = the U-centred K (Szekely & Rizzo 2014, Partial distance correlation, eq. 2.2):
+            U_ij = K_ij - r_i/(n-2) - r_j/(n-2) + S/((n-1)(n-2)) for i != j, U_ii = 0,
+            r the row sums of K without its diagonal, S = sum r.
+
+    With U_K, U_L those of two views, <A, B> = sum_ij A_ij B_ij:
+      unbiased HSIC = <U_K, U_L> / (n (n-3)), equal to the U-statistic of Song et al. (2012,
+                      Feature selection via dependence maximization, eq. 5) that `FeatureSpaceHsic`
+                      accumulates;
+      biased HSIC   = <K_c, L_c> / (n-1)^2 = (<U_K, U_L> + delta_K . e_L) / (n-1)^2,
+    with e = diag K_c and delta = the diagonal of K_c - U - A, A_ij = a_i + a_j + c for every i, j,
+    a = r/(n-2), c = -S/((n-1)(n-2)) (U is the same for K and K_c, so r, S are taken from K_c):
+    K_c = U_K + A_K + diag(delta_K), and <A, B> = 0 for any B whose rows and columns sum to zero,
+    as K_c's and U's do; U's diagonal is zero. So <K_c, L_c> = <U_K, L_c> + delta_K . e_L and
+    <U_K, L_c> = <U_K, U_L + A_L + diag(delta_L)> = <U_K, U_L>.
+
+    So per view only U's upper triangle (n(n-1)/2 float64, U is symmetric), e and delta are kept,
+    and `hsic` takes every pair's <U_K, U_L> as one (views x n(n-1)/2) @ (n(n-1)/2 x views)
+    product. `constant[v]`: whether view v's rows are all equal. Memory: `gram_bytes`."""
+
+    def __init__(self, views: int) -> None:
+        self.views = views
+        self.n = 0
+        self.count = 0
+        self.upper = self.u = self.diag = self.delta = np.zeros(0)
+        self.constant = np.zeros(views, dtype=bool)
+
+    def add(self, x: np.ndarray) -> None:
+        """The next view, whole: (n, d) float32 or float64, the same n rows as the others."""
+        n = len(x)
+        if self.count == 0:
+            if n < 4:
+                raise ValueError(f"CKA needs at least 4 images, got {n}")
+            self.n = n
+            self.upper = np.triu(np.ones((n, n), dtype=bool), 1)
+            self.u = np.empty((self.views, n * (n - 1) // 2))
+            self.diag, self.delta = np.empty((self.views, n)), np.empty((self.views, n))
+        if n != self.n or self.count == self.views:
+            raise ValueError(f"view {self.count + 1} has {n} rows; expected {self.views} views of {self.n} rows")
+        shift = x.mean(axis=0, dtype=np.float64)
+        k = np.zeros((n, n))
+        varies = False
+        for lo in range(0, x.shape[1], GRAM_COLUMNS):
+            columns = x[:, lo:lo + GRAM_COLUMNS]
+            varies = varies or bool((columns != columns[0]).any())
+            k += shifted_gram(columns, shift[lo:lo + GRAM_COLUMNS])
+        means = k.mean(axis=0)
+        k -= means[:, None]
+        k -= means[None, :]
+        k += means.mean()  # K_c = H K H
+        e = np.diag(k).copy()
+        half_r = (k.sum(axis=1) - e) / (n - 2)
+        s = (k.sum() - e.sum()) / ((n - 1) * (n - 2))
+        k -= half_r[:, None]
+        k -= half_r[None, :]
+        k += s  # U off the diagonal
+        self.u[self.count] = k[self.upper]
+        self.diag[self.count] = e
+        self.delta[self.count] = e - 2 * half_r + s
+        self.constant[self.count] = not varies
+        self.count += 1
+
+    def hsic(self) -> tuple[np.ndarray, np.ndarray]:
+        """(biased, unbiased) views x views HSIC matrices."""
+        if self.count < self.views:
+            raise ValueError(f"{self.count} of {self.views} views given")
+        n = self.n
+        products = 2 * (self.u @ self.u.T)  # sum over i != j: both triangles
+        return (products + self.delta @ self.diag.T) / (n - 1) ** 2, products / (n * (n - 3))
+
+
+def shifted_gram(columns: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """(X - shift)(X - shift)^T in float64 for X (n, c); its float64 copy is freed on return."""
+    block = columns - shift.astype(np.float64)
+    return block @ block.T
+
+
+def gram_bytes(views: int, n: int, widest: int) -> int:
+    """Bytes `gram_cka_matrices` holds at most for `views` views of n rows, the widest with `widest`
+    features read as float32: 8 views n(n-1)/2 (the kept triangles) + 16 views n (e, delta)
+    + 17 n^2 (the Gram, one block's product before it is added, the triangle mask) + 4 n widest
+    (the view) + 9 n GRAM_COLUMNS (one float64 block, its comparison with the first row).
+    ADM-256's 37 blocks at pool 4 (4096 to 16384 features) over 2,500 images: 1.2 GiB."""
+    return 8 * views * n * (n - 1) // 2 + 16 * views * n + 17 * n * n + 4 * n * widest + 9 * n * GRAM_COLUMNS
+
+
 class MinibatchHsic:
     """Unbiased HSIC of every pair of views averaged over minibatches (Nguyen et al. 2021). Each
     slab's rows are shuffled (seeded) and cut into minibatches of at most `batch_size` rows; a
@@ -110,7 +209,10 @@ class MinibatchHsic:
         for batch in np.array_split(order, -(-rows // self.batch_size)):
             if len(batch) < 4:
                 continue
-            h = unbiased_hsic_gram([np.asarray(v[batch], dtype=np.float64) for v in views])
+            gram = GramHsic(len(views))
+            for v in views:
+                gram.add(v[batch])
+            h = gram.hsic()[1]
             self.total = h if self.total is None else self.total + h
             self.n += len(batch)
             self.batches += 1
@@ -119,18 +221,6 @@ class MinibatchHsic:
         if self.total is None:
             raise ValueError("CKA needs at least 4 images")
         return None, self.total / self.batches
-
-
-def unbiased_hsic_gram(views: Sequence[np.ndarray]) -> np.ndarray:
-    """m x m unbiased HSIC (Song et al. 2012) of views of the same n rows, from their n x n Grams."""
-    n = len(views[0])
-    grams = np.stack([(x - x.mean(axis=0)) @ (x - x.mean(axis=0)).T for x in views])  # shifted: exact, stabler
-    for g in grams:
-        np.fill_diagonal(g, 0.0)
-    flat = grams.reshape(len(views), -1)
-    row_sums = grams.sum(axis=2)
-    totals = row_sums.sum(axis=1)
-    return (flat @ flat.T + np.outer(totals, totals) / ((n - 1) * (n - 2)) - 2 * row_sums @ row_sums.T / (n - 2)) / (n * (n - 3))
 
 
 def cka_from_hsic(h: np.ndarray) -> np.ndarray:
@@ -154,11 +244,26 @@ def cka_matrices(slabs: Iterable[Sequence[np.ndarray]], method: Literal["feature
             first, varies = [v[0] for v in views], np.zeros(len(views), dtype=bool)
         varies |= [bool((v != f).any()) for v, f in zip(views, first)]
         acc.add(views)
-    biased, unbiased = acc.hsic()
+    return estimator_matrices(*acc.hsic()), acc.n, ~varies
+
+
+def gram_cka_matrices(views: Iterable[np.ndarray], count: int) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    """`cka_matrices` of the Gram-space method (`GramHsic`) from `count` whole views, one at a time:
+    each an (n, d_v) array of the same n rows, dropped before the next is taken (so a generator
+    that reads them holds one view at a time)."""
+    acc = GramHsic(count)
+    for x in views:
+        acc.add(x)
+        del x  # before the next view is made
+    return estimator_matrices(*acc.hsic()), acc.n, acc.constant
+
+
+def estimator_matrices(biased: np.ndarray | None, unbiased: np.ndarray) -> dict[str, np.ndarray]:
+    """{"unbiased": CKA, "biased": CKA (when given)} from the HSIC matrices."""
     out = {"unbiased": cka_from_hsic(unbiased)}
     if biased is not None:
         out["biased"] = cka_from_hsic(biased)
-    return out, acc.n, ~varies
+    return out
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -257,29 +362,63 @@ def view_width(view: View, pool: int | None) -> int:
     return pooled(np.zeros((1, *view.run.blocks[view.block]), np.float32), pool).shape[1]
 
 
+def advancing(items: Iterable[T], advance: Callable[[], None]) -> Iterator[T]:
+    """`items`, calling `advance()` after the consumer is done with each (and dropping it before
+    the next is made)."""
+    for item in items:
+        yield item
+        del item
+        advance()
+
+
+def choose_method(method: str, widths: Sequence[int], images: int, max_features: int = MAX_FEATURES,
+                  gram_memory: float = GRAM_MEMORY) -> str:
+    """The method for views of these feature `widths` over `images` rows. auto: feature while the
+    total width is at most `max_features`, else gram while `gram_bytes` is at most `gram_memory`
+    GiB, else minibatch. An explicit gram over `gram_memory` is refused (it could exhaust memory)."""
+    need = gram_bytes(len(widths), images, max(widths, default=0))
+    budget = gram_memory * 2**30
+    if method == "auto":
+        return "feature" if sum(widths) <= max_features else "gram" if need <= budget else "minibatch"
+    if method not in ("feature", "gram", "minibatch"):
+        raise ValueError(f"--method must be auto, feature, gram or minibatch, got {method!r}")
+    if method == "gram" and need > budget:
+        raise ValueError(f"--method gram needs {need / 2**30:.1f} GiB for {len(widths)} views of {images} images, "
+                         f"over --gram-memory {gram_memory:g}: raise it, or use --method feature or minibatch")
+    return method
+
+
 def cka_run(
     rows: Sequence[View], cols: Sequence[View], grid: str, pool: int | None = 4, method: Method = "auto",
     max_features: int = MAX_FEATURES, batch_size: int = BATCH_SIZE, seed: int = 0, slab_rows: int = SLAB_ROWS,
-    allow_incomplete: bool = False,
+    allow_incomplete: bool = False, gram_memory: float = GRAM_MEMORY,
 ) -> CkaResult:
-    """CKA of every row view against every column view, in one pass over the store in slabs of the
-    first run's chunks. A run stored in another row order is read by image, so each slab touches
-    many of its chunks: slower, same numbers. Raises ValueError when no pair of different views has
-    a defined CKA (constant features), besides the errors of `aligned_rows` and `read_pooled`."""
+    """CKA of every row view against every column view (method as `choose_method` picks it). feature
+    and minibatch make one pass over the store in slabs of the first run's chunks; gram reads one
+    view (run, t, block) whole at a time, each chunk once. A run stored in another row order is
+    read by image, so each slab touches many of its chunks: slower, same numbers. Progress: a bar
+    per slab or per view on stderr. Raises ValueError when no pair of different views has a
+    defined CKA (constant features), besides the errors of `choose_method`, `aligned_rows` and
+    `read_pooled`."""
     unique = list({v.key: v for v in [*rows, *cols]}.values())
     position = {v.key: i for i, v in enumerate(unique)}
     runs = list({v.run.run_id: v.run for v in unique}.values())
     run_rows = dict(zip((r.run_id for r in runs), aligned_rows(runs, allow_incomplete)))
-    if method == "auto":
-        method = "feature" if sum(view_width(v, pool) for v in unique) <= max_features else "minibatch"
-    if method not in ("feature", "minibatch"):
-        raise ValueError(f"--method must be auto, feature or minibatch, got {method!r}")
     first = runs[0]
-    slabs = (
-        [read_pooled(v.run, v.timestep, v.block, run_rows[v.run.run_id][s], pool) for v in unique]
-        for s in row_slabs(first, run_rows[first.run_id], slab_rows)
-    )
-    matrices, images, constant = cka_matrices(slabs, method, batch_size, seed)
+    method = choose_method(method, [view_width(v, pool) for v in unique], len(run_rows[first.run_id]),
+                           max_features, gram_memory)
+
+    def read(v: View, at: slice = slice(None)) -> np.ndarray:
+        return read_pooled(v.run, v.timestep, v.block, run_rows[v.run.run_id][at], pool)
+
+    if method == "gram":
+        with bar("cka", f"{grid} grid, gram, views", len(unique)) as advance:
+            matrices, images, constant = gram_cka_matrices(advancing((read(v) for v in unique), advance), len(unique))
+    else:
+        slabs = list(row_slabs(first, run_rows[first.run_id], slab_rows))
+        with bar("cka", f"{grid} grid, {method}, slabs", len(slabs)) as advance:
+            matrices, images, constant = cka_matrices(
+                advancing(([read(v, s) for v in unique] for s in slabs), advance), method, batch_size, seed)
     r = [position[v.key] for v in rows]
     c = [position[v.key] for v in cols]
     undefined = undefined_note(unique, matrices, constant, images)

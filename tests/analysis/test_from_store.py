@@ -97,8 +97,13 @@ def test_cka_grids_stream_to_the_in_memory_values(built):
     minibatch = cka_run(*grid_views(store, "blocks", timestep=50), grid="blocks", pool=None, method="minibatch",
                         batch_size=N)
     assert minibatch.method == "minibatch" and set(minibatch.matrices) == {"unbiased"}
-    # auto picks minibatch above the width threshold (b0 + b1 = 36 features)
-    assert cka_run(*grid_views(store, "blocks", timestep=50), grid="blocks", pool=None, max_features=35).method == "minibatch"
+    # auto: gram above the width threshold (b0 + b1 = 36 features), minibatch beyond its memory too
+    gram = cka_run(*grid_views(store, "blocks", timestep=50), grid="blocks", pool=None, max_features=35)
+    assert gram.method == "gram" and gram.matrices.keys() == blocks.matrices.keys()
+    for name, matrix in gram.matrices.items():
+        np.testing.assert_allclose(matrix, blocks.matrices[name], atol=1e-12)
+    assert cka_run(*grid_views(store, "blocks", timestep=50), grid="blocks", pool=None, max_features=35,
+                   gram_memory=0).method == "minibatch"
 
 
 def test_cka_across_runs_aligns_images_and_refuses_different_images(built, tmp_path):
