@@ -2,7 +2,8 @@
 
 Pure compute (`fit_logistic_probe`) on arrays; `probe_run` reads one (t, block) of a run, splits
 train/test by the manifest's split column, and calls it; `save_probe` writes its result.
-`split_rows` and `resolve_run` are shared by every stage-2 command.
+`split_rows`, `resolve_run`, `class_names` and `class_metrics` (per-class top-1, confusion matrix)
+are shared by every stage-2 command.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class ClassifiedMap:
 class ProbeResult(ClassifiedMap):
     top1: float
     train_top1: float
+    classes: list[str]  # class name of each label 0..K-1 (`class_names`)
+    per_class: dict[str, float]  # `class_metrics`: test top-1 of each class with test images
+    confusion: list[list[int]]  # `class_metrics`: K x K test counts, row = true label, column = predicted
 
 
 def fit_logistic_probe(
@@ -49,15 +53,45 @@ def fit_logistic_probe(
     c: float = 1.0, max_iter: int = 1000,
 ) -> tuple[float, float]:
     """Standardise with train statistics, fit multinomial logistic regression; (test, train) top-1."""
+    test_pred, train_pred = logistic_predictions(train_x, train_y, test_x, c, max_iter)
+    return float((test_pred == test_y).mean()), float((train_pred == train_y).mean())
+
+
+def logistic_predictions(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c: float = 1.0, max_iter: int = 1000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise with train statistics, fit multinomial logistic regression (sklearn); the
+    predicted labels of the (test, train) rows."""
     from sklearn.linear_model import LogisticRegression
 
     mean = train_x.mean(axis=0)
     std = train_x.std(axis=0) + 1e-6
     model = LogisticRegression(C=c, max_iter=max_iter)
     model.fit((train_x - mean) / std, train_y)
-    test_acc = float((model.predict((test_x - mean) / std) == test_y).mean())
-    train_acc = float((model.predict((train_x - mean) / std) == train_y).mean())
-    return test_acc, train_acc
+    return model.predict((test_x - mean) / std), model.predict((train_x - mean) / std)
+
+
+def class_names(labels: np.ndarray, names: np.ndarray) -> list[str]:
+    """The class name of each label 0..max, from the images table ("" for a label no image has)."""
+    classes = [""] * (int(labels.max()) + 1)
+    values, first = np.unique(labels, return_index=True)
+    for label, row in zip(values.tolist(), first.tolist()):
+        classes[label] = str(names[row])
+    return classes
+
+
+def class_metrics(labels: np.ndarray, predicted: np.ndarray, classes: list[str] | tuple[str, ...]) -> dict:
+    """Per-class top-1 and the confusion matrix of predicted labels against true ones (int arrays
+    of equal length, values in 0..K-1 with K = len(classes)): {"per_class": {class name: fraction of
+    that class's images predicted right, for every class with images}, "confusion": K x K int
+    counts, row = true label, column = predicted label (sklearn.metrics.confusion_matrix's layout)}."""
+    labels, predicted = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    k = len(classes)
+    confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+    return {
+        "per_class": {classes[c]: float((predicted[labels == c] == c).mean()) for c in np.unique(labels)},
+        "confusion": confusion.tolist(),
+    }
 
 
 def split_rows(run: Run, train_split: str, test_split: str, holdout: float | None, seed: int,
@@ -101,11 +135,13 @@ def probe_run(
         x = read_pooled(run, timestep, block, np.concatenate([train, test]), pool, advance)
         y = run.labels
         advance(0, description=f"{what}: fitting")
-        top1, train_top1 = fit_logistic_probe(x[:len(train)], y[train], x[len(train):], y[test], c=c)
+        test_pred, train_pred = logistic_predictions(x[:len(train)], y[train], x[len(train):], c=c)
+    classes = class_names(y, run.images.class_name)
     settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "pool": pool, "train_split": train_split,
                 "test_split": test_split, "holdout": holdout, "seed": seed, "c": c, "allow_incomplete": allow_incomplete}
     return ProbeResult(run.run_id, timestep, block, pool, x.shape[1], len(train), len(test), run_images([run]), settings,
-                       top1, train_top1)
+                       float((test_pred == y[test]).mean()), float((train_pred == y[train]).mean()), classes,
+                       **class_metrics(y[test], test_pred, classes))
 
 
 def save_probe(result: ProbeResult, folder: Path) -> Path:
