@@ -14,7 +14,8 @@ Classifiers (`head`):
   grid trainer on the shot rows, WITHOUT validation or early stopping: a k-shot set is too small to
   hold images out (1-shot would leave classes with nothing to train on), so every head trains for
   the configured epochs and is tested with its final weights (TrainConfig's patience and
-  val_fraction are not used).
+  val_fraction are not used). Each epoch prints one line on stderr (head, seed, shots, train loss,
+  lr, seconds) and its record goes into the result (`ShotScore.epoch_log`, val_top1 null).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pipelines.heads.training import (
     predict,
     train_grid,
 )
+from pipelines.progress import bar, log
 
 FIXED = ("logistic", "knn")  # fitted in closed form on pooled features, no training loop
 HEADS = (*FIXED, *KINDS)
@@ -96,6 +98,7 @@ class ShotScore:
     top1: list[float]  # per seed, in the order of FewshotResult.seeds
     mean: float
     std: float  # over seeds, ddof = STD_DDOF
+    epoch_log: list[list[dict]] | None = None  # trained heads, per seed: `Trainee.epoch_log` (no validation)
 
 
 @dataclass
@@ -159,12 +162,14 @@ def knn_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
 
 
 def shot_scores(top1: Mapping[tuple[int, int], float], seeds: Sequence[int], shots: Sequence[int],
-                classes: int) -> list[ShotScore]:
-    """Per k: the top-1 of each seed, their mean and standard deviation (ddof STD_DDOF)."""
+                classes: int, epoch_logs: Mapping[tuple[int, int], list[dict]] | None = None) -> list[ShotScore]:
+    """Per k: the top-1 of each seed, their mean and standard deviation (ddof STD_DDOF), and the
+    per-epoch records of each seed when the classifier was trained (`epoch_logs`)."""
     out = []
     for k in shots:
         values = [top1[(seed, k)] for seed in seeds]
-        out.append(ShotScore(k, k * classes, values, float(np.mean(values)), float(np.std(values, ddof=STD_DDOF))))
+        out.append(ShotScore(k, k * classes, values, float(np.mean(values)), float(np.std(values, ddof=STD_DDOF)),
+                             [epoch_logs[(seed, k)] for seed in seeds] if epoch_logs else None))
     return out
 
 
@@ -192,38 +197,48 @@ def fewshot_run(store: FeatureStore, cfg: FewshotConfig) -> FewshotResult:
     return FewshotResult(
         run.run_id, cfg.head, list(cfg.seeds), len(classes), len(train), len(test), STD_DDOF,
         time.perf_counter() - tic, {**asdict(cfg), "run_id": run.run_id},
-        [ClassifierScores(name, maps, shot_scores(top1, cfg.seeds, cfg.shots, len(classes)))
-         for name, (maps, top1) in scored.items()],
+        [ClassifierScores(name, maps, shot_scores(top1, cfg.seeds, cfg.shots, len(classes), epoch_logs))
+         for name, (maps, top1, epoch_logs) in scored.items()],
         run_images(runs),
     )
 
 
-Scored = dict[str, tuple[list[Key], dict[tuple[int, int], float]]]  # name -> (keys, {(seed, k): top-1})
+# name -> (keys, {(seed, k): top-1}, {(seed, k): per-epoch records of a trained head}; empty when fitted)
+Scored = dict[str, tuple[list[Key], dict[tuple[int, int], float], dict[tuple[int, int], list[dict]]]]
 
 
 def fixed_classifiers(run: Run, keys: Sequence[Key], shot_sets: ShotSets, test: np.ndarray, labels: np.ndarray,
                       cfg: FewshotConfig) -> Scored:
     """logistic or knn on each (t, block): its pooled features of the test rows and of every shot are
-    read once, then every (seed, k) is fitted in memory."""
+    read once, then every (seed, k) is fitted in memory (a bar counts the fits)."""
     needed = np.unique(np.concatenate([test, *shot_sets.values()]))
     out: Scored = {}
-    for t, block in keys:
-        x = read_pooled(run, t, block, needed, cfg.pool)
-        test_x = x[np.searchsorted(needed, test)]
-        top1 = {}
-        for (seed, k), shots in shot_sets.items():
-            shot_x = x[np.searchsorted(needed, shots)]
-            if cfg.head == "logistic":
-                top1[(seed, k)] = fit_logistic_probe(shot_x, labels[shots], test_x, labels[test], c=cfg.c)[0]
-            else:
-                top1[(seed, k)] = knn_top1(shot_x, labels[shots], test_x, labels[test], cfg.knn_k, cfg.temperature,
-                                           cfg.train.device)
-        out[f"{cfg.head}_{timestep_key(t)}_{block}"] = ([(t, block)], top1)
+    with bar("fewshot", cfg.head, len(keys) * len(shot_sets)) as advance:
+        for t, block in keys:
+            advance(0, description=f"{cfg.head} t={t} {block}: reading")
+            x = read_pooled(run, t, block, needed, cfg.pool)
+            test_x = x[np.searchsorted(needed, test)]
+            top1 = {}
+            for (seed, k), shots in shot_sets.items():
+                advance(0, description=f"{cfg.head} t={t} {block}: seed {seed}, {k}-shot")
+                shot_x = x[np.searchsorted(needed, shots)]
+                if cfg.head == "logistic":
+                    top1[(seed, k)] = fit_logistic_probe(shot_x, labels[shots], test_x, labels[test], c=cfg.c)[0]
+                else:
+                    top1[(seed, k)] = knn_top1(shot_x, labels[shots], test_x, labels[test], cfg.knn_k,
+                                               cfg.temperature, cfg.train.device)
+                advance()
+            out[f"{cfg.head}_{timestep_key(t)}_{block}"] = ([(t, block)], top1, {})
     return out
 
 
 class FinalWeights(Trainee):
-    """A trainee without validation: it never stops early and keeps the weights of its last epoch."""
+    """A trainee without validation: it never stops early and keeps the weights of its last epoch;
+    its epoch line is printed as soon as the epoch ends."""
+
+    def trained(self, seconds: float) -> None:
+        super().trained(seconds)
+        log(self.epoch_line(self.epoch_log[-1]))
 
     def scored(self, val_top1: float) -> None:
         pass
@@ -245,16 +260,21 @@ def trained_heads(store: FeatureStore, run: Run, timesteps: list[int | None], bl
     data = StoreBatches(run, [(t, b) for t in timesteps for b in blocks], labels, expert=expert,
                         expert_keys=expert_keys, batch_size=cfg.train.batch_size, window_chunks=cfg.train.window_chunks,
                         allow_incomplete=cfg.allow_incomplete)
-    out: Scored = {name: (list(spec.inputs), {}) for name, spec, _ in specs}
-    for (seed, k), shots in shot_sets.items():
-        train_cfg = dataclasses.replace(cfg.train, seed=seed)
-        steps_per_epoch = math.ceil(len(shots) / train_cfg.batch_size)
-        trainees = []
-        for name, spec, lr in specs:
-            torch.manual_seed(seed)  # the same initial weights whatever else is in the grid
-            trainees.append(FinalWeights(name, build_head(spec), lr, train_cfg, steps_per_epoch, device))
-        train_grid(data, trainees, shots, np.empty(0, np.int64), train_cfg)
-        order, logits = predict(data, {t.name: t.head for t in trainees}, test, device)
-        for name, value in logits.items():
-            out[name][1][(seed, k)] = accuracy_metrics(value, labels[order], names)["top1"]
+    out: Scored = {name: (list(spec.inputs), {}, {}) for name, spec, _ in specs}
+    with bar("fewshot", cfg.head, len(shot_sets)) as advance:
+        for (seed, k), shots in shot_sets.items():
+            advance(0, description=f"{cfg.head}: seed {seed}, {k}-shot")
+            train_cfg = dataclasses.replace(cfg.train, seed=seed)
+            steps_per_epoch = math.ceil(len(shots) / train_cfg.batch_size)
+            trainees = []
+            for name, spec, lr in specs:
+                torch.manual_seed(seed)  # the same initial weights whatever else is in the grid
+                trainees.append(FinalWeights(name, build_head(spec), lr, train_cfg, steps_per_epoch, device,
+                                             context=f"seed {seed} {k}-shot"))
+            train_grid(data, trainees, shots, np.empty(0, np.int64), train_cfg)
+            order, logits = predict(data, {t.name: t.head for t in trainees}, test, device)
+            for t in trainees:
+                out[t.name][1][(seed, k)] = accuracy_metrics(logits[t.name], labels[order], names)["top1"]
+                out[t.name][2][(seed, k)] = t.epoch_log
+            advance()
     return out

@@ -4,7 +4,8 @@ The runner layer: resolve the run (and expert run), split train/validation/test,
 of heads (one head per (timestep, block) for single-map heads, one fusing all of them for
 difformer and uhead; each times every learning rate), train it in one pass per epoch, test, and
 write one safetensors file per head plus `results.json` into the grid's folder in the results folder,
-`probe-<head>-<run>-<digest>/` (`results_path`: the digest covers the whole config).
+`probe-<head>-<run>-<digest>/` (`results_path`: the digest covers the whole config, never the
+per-epoch records, whose seconds differ from run to run).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
             "name": t.name, "kind": cfg.head, "lr": t.lr,
             "keys": [list(k) for k in t.head.keys], "expert_keys": [list(k) for k in t.head.expert_keys],
             **accuracy_metrics(logits[t.name], labels[order], classes),
-            "val_top1": t.best_val_top1, "best_epoch": t.best_epoch, "epochs": t.epochs,
+            "val_top1": t.best_val_top1, "best_epoch": t.best_epoch, "epochs": t.epochs, "epoch_log": t.epoch_log,
             "weights": weights.name, "spec": t.head.spec.to_json(),
         })
     best = max(heads, key=lambda h: h["val_top1"])  # chosen on validation, never on test

@@ -11,6 +11,12 @@ belongs to weights that can be restored, the validation batches of epoch e+1 are
 copy of each head as it was when that epoch began (the weights after epoch e); one last pass over
 the validation rows alone scores the weights of the final epoch. The initial weights are not
 scored: a head is kept after at least one epoch of training.
+
+Each head keeps a record per epoch (`Trainee.epoch_log`): its mean train loss, the validation top-1
+of the weights after that epoch, the learning rate of its last step and the epoch's seconds. As the
+score of epoch e's weights is known only at the end of epoch e+1's pass (or of the last,
+validation-only pass), the one line per epoch on stderr (`pipelines.progress.log`) is printed then,
+so its val top-1 is always that epoch's own.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.analysis import finite_or_none
 from pipelines.heads.data import Batch, StoreBatches
 from pipelines.heads.modules import Head
+from pipelines.progress import bar, log
 
 
 @dataclass
@@ -77,11 +85,13 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 class Trainee:
-    """One head of a grid: its optimizer, schedule, early-stopping state, and the frozen copy of
-    its weights that validation scores during an epoch."""
+    """One head of a grid: its optimizer, schedule, early-stopping state, the frozen copy of its
+    weights that validation scores during an epoch, and its per-epoch records."""
 
-    def __init__(self, name: str, head: Head, lr: float, cfg: TrainConfig, steps_per_epoch: int, device: torch.device):
+    def __init__(self, name: str, head: Head, lr: float, cfg: TrainConfig, steps_per_epoch: int, device: torch.device,
+                 context: str = ""):
         self.name = name
+        self.context = context  # after the name in its epoch lines (a few-shot head's seed and shots)
         self.lr = lr
         self.head = head.to(device)
         self.validated = copy.deepcopy(self.head).eval()
@@ -90,7 +100,14 @@ class Trainee:
         warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, warmup, total))
         self.patience = cfg.patience
+        self.max_epochs = cfg.epochs
         self.val_top1: list[float] = []  # [i]: the weights after i + 1 epochs
+        # [i]: epoch i + 1: {"epoch", "train_loss" (mean over its images), "val_top1" (of the weights
+        # after it; None until scored, or without validation), "lr" (of its last step), "seconds"}
+        self.epoch_log: list[dict] = []
+        self._loss_sum = torch.zeros((), device=device)  # summed over this epoch's train images so far
+        self._loss_images = 0
+        self._last_lr = lr
         self.best_state: dict[str, torch.Tensor] = {}
         self.stopped = False
 
@@ -112,8 +129,27 @@ class Trainee:
         loss = F.cross_entropy(logits_of(self.head, batch, self.device), batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.schedule.step()
+        self._loss_sum += loss.detach() * len(batch.labels)  # a tensor: no device sync per step
+        self._loss_images += len(batch.labels)
+
+    def trained(self, seconds: float) -> None:
+        """An epoch's pass ended after `seconds` (shared by the grid: reading, training, and
+        validating the previous epoch's weights): record its mean train loss and last learning rate."""
+        loss = float(self._loss_sum) / self._loss_images if self._loss_images else float("nan")
+        self.epoch_log.append({"epoch": len(self.epoch_log) + 1, "train_loss": finite_or_none(loss), "val_top1": None,
+                               "lr": self._last_lr, "seconds": seconds})
+        self._loss_sum.zero_()
+        self._loss_images = 0
+
+    def epoch_line(self, record: dict) -> str:
+        """One line of an epoch's record, as `log` prints it."""
+        loss, val = record["train_loss"], record["val_top1"]
+        return (f"{' '.join(filter(None, (self.name, self.context)))}  epoch {record['epoch']}/{self.max_epochs}  "
+                f"train loss {'n/a' if loss is None else f'{loss:.4f}'}  "
+                f"val top-1 {'n/a' if val is None else f'{val:.4f}'}  lr {record['lr']:.3g}  {record['seconds']:.2f} s")
 
     def freeze_for_validation(self) -> None:
         """The weights the coming validation batches score: the head's weights now."""
@@ -124,8 +160,11 @@ class Trainee:
 
     def scored(self, val_top1: float) -> None:
         """The frozen weights scored `val_top1`: keep them if best; stop after `patience` scores
-        without a better one."""
+        without a better one. Completes the frozen weights' epoch record and logs its line."""
         self.val_top1.append(val_top1)
+        record = self.epoch_log[self.epochs - 1]
+        record["val_top1"] = finite_or_none(val_top1)
+        log(self.epoch_line(record))
         if self.best_epoch == self.epochs:
             self.best_state = {k: v.detach().clone() for k, v in self.validated.state_dict().items()}
         elif self.patience and self.epochs - self.best_epoch >= self.patience:
@@ -145,22 +184,28 @@ class GridLog:
 def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.ndarray, val_rows: np.ndarray,
                cfg: TrainConfig) -> GridLog:
     """Train every head on one shared pass per epoch until all stop or `cfg.epochs`; each ends with
-    the weights of its best validation score."""
-    log = GridLog([], [])
-    for epoch in range(cfg.epochs):
-        active = [t for t in trainees if not t.stopped]
-        if not active:
-            break
-        tic, read_before = time.perf_counter(), data.read_seconds
-        rng = np.random.default_rng((cfg.seed, epoch))
-        groups = {"val": val_rows, "train": train_rows} if epoch else {"train": train_rows}
-        _shared_pass(data, active, groups, rng)
-        log.epoch_seconds.append(time.perf_counter() - tic)
-        log.read_seconds.append(data.read_seconds - read_before)
-    _shared_pass(data, trainees, {"val": val_rows}, None)  # the weights of each head's last epoch
+    the weights of its best validation score. A bar counts the epochs, another the images of a pass."""
+    times = GridLog([], [])
+    with bar("train", f"{len(trainees)} heads", cfg.epochs) as advance:
+        for epoch in range(cfg.epochs):
+            active = [t for t in trainees if not t.stopped]
+            if not active:
+                advance(0, description=f"{len(trainees)} heads stopped early after {epoch} epochs")
+                break
+            advance(0, description=f"epoch {epoch + 1}: {len(active)} of {len(trainees)} heads")
+            tic, read_before = time.perf_counter(), data.read_seconds
+            rng = np.random.default_rng((cfg.seed, epoch))
+            groups = {"val": val_rows, "train": train_rows} if epoch else {"train": train_rows}
+            _shared_pass(data, active, groups, rng)
+            times.epoch_seconds.append(time.perf_counter() - tic)
+            times.read_seconds.append(data.read_seconds - read_before)
+            for t in active:
+                t.trained(times.epoch_seconds[-1])
+            advance()
+        _shared_pass(data, trainees, {"val": val_rows}, None)  # the weights of each head's last epoch
     for t in trainees:
         t.restore_best()
-    return log
+    return times
 
 
 def _shared_pass(data: StoreBatches, trainees: Sequence[Trainee], groups: Mapping[str, np.ndarray],
@@ -170,16 +215,18 @@ def _shared_pass(data: StoreBatches, trainees: Sequence[Trainee], groups: Mappin
     for t in trainees:
         t.freeze_for_validation()
     correct, seen = np.zeros(len(trainees)), 0
-    for group, batch in data.passes(groups, rng):
-        batch = batch.to(trainees[0].device)
-        if group == "train":
-            for t in trainees:
-                t.step(batch)
-            continue
-        with torch.no_grad():
-            for i, t in enumerate(trainees):
-                correct[i] += int((t.validation_logits(batch).argmax(1) == batch.labels).sum())
-        seen += len(batch.labels)
+    with bar("images", " + ".join(groups), sum(len(rows) for rows in groups.values())) as advance:
+        for group, batch in data.passes(groups, rng):
+            advance(len(batch.labels))
+            batch = batch.to(trainees[0].device)
+            if group == "train":
+                for t in trainees:
+                    t.step(batch)
+                continue
+            with torch.no_grad():
+                for i, t in enumerate(trainees):
+                    correct[i] += int((t.validation_logits(batch).argmax(1) == batch.labels).sum())
+            seen += len(batch.labels)
     if "val" in groups:
         for i, t in enumerate(trainees):
             t.scored(correct[i] / seen if seen else float("nan"))
@@ -189,12 +236,14 @@ def _shared_pass(data: StoreBatches, trainees: Sequence[Trainee], groups: Mappin
 def predict(data: StoreBatches, heads: Mapping[str, Head], rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Logits of every head on `rows`, in one pass in store order: (rows in that order, {name: logits})."""
     order, logits = [], {name: [] for name in heads}
-    for _, batch in data.passes({"eval": rows}, None):
-        batch = batch.to(device)
-        order.append(batch.rows)
-        for name, head in heads.items():
-            head.eval()
-            logits[name].append(logits_of(head, batch, device).cpu().numpy())
+    with bar("images", "predict", len(rows)) as advance:
+        for _, batch in data.passes({"eval": rows}, None):
+            advance(len(batch.labels))
+            batch = batch.to(device)
+            order.append(batch.rows)
+            for name, head in heads.items():
+                head.eval()
+                logits[name].append(logits_of(head, batch, device).cpu().numpy())
     return np.concatenate(order), {name: np.concatenate(v) for name, v in logits.items()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,8 @@ from pipelines.analysis import results_dir
 from pipelines.heads.logistic import split_rows
 from pipelines.heads.modules import load_head
 from pipelines.heads.probe import ProbeConfig, probe_heads
-from pipelines.heads.training import TrainConfig, carve_validation
+from pipelines.heads.training import TrainConfig, Trainee, carve_validation
+from pipelines.progress import set_quiet
 
 N, CLASSES = 192, 4
 SMALL = {"width": 16, "num_heads": 4, "hidden": 32, "expert_width": 8}
@@ -124,9 +126,47 @@ def test_the_reported_validation_score_is_that_of_the_saved_weights(make_run, li
         assert (predicted == labels[val_rows]).mean() == h["val_top1"], h["name"]
 
 
+def test_each_epoch_record_scores_the_weights_after_that_epoch(make_run, lit_channel, rng, monkeypatch, capsys):
+    """Validation of epoch e's weights happens during epoch e+1's pass; its record (and its line on
+    stderr) must still hold the score of the weights after epoch e: rescoring a copy of the weights
+    taken as each epoch ended gives every recorded val top-1 (a weak signal and a large validation
+    split make the scores differ from epoch to epoch; one head stops early)."""
+    set_quiet(False)  # a command run earlier in this process with --quiet leaves it on
+    labels = rng.integers(0, 7, N)
+    run = make_run({(5, "a"): lit_channel(rng, labels, (8, 8, 8), 0.5)}, labels)
+    after: dict[str, list] = {}
+    trained = Trainee.trained
+
+    def snapshot(self, seconds):
+        after.setdefault(self.name, []).append(copy.deepcopy(self.head).eval())
+        trained(self, seconds)
+
+    monkeypatch.setattr(Trainee, "trained", snapshot)
+    doc = probe(run, "linear", lrs=[1e-3, 1e-1], train={"epochs": 6, "patience": 2, "val_fraction": 0.4})
+    train_rows, _ = split_rows(run, "train", "test", None, 0)
+    _, val_rows = carve_validation(train_rows, 0.4, 0)
+    features = {(5, "a"): torch.from_numpy(run.numpy(5, "a", val_rows))}
+    lines = capsys.readouterr().err.splitlines()
+    assert any(h["epochs"] < 6 for h in doc["heads"])  # stopped early: its last epoch is scored by the last pass
+    for h in doc["heads"]:
+        records = h["epoch_log"]
+        assert [r["epoch"] for r in records] == list(range(1, h["epochs"] + 1))
+        with torch.no_grad():
+            rescored = [float((head(features).argmax(1).numpy() == labels[val_rows]).mean()) for head in after[h["name"]]]
+        assert len(set(rescored)) > 1 and [r["val_top1"] for r in records] == rescored, h["name"]
+        assert records[h["best_epoch"] - 1]["val_top1"] == h["val_top1"] == max(rescored)
+        assert all(r["train_loss"] > 0 and r["lr"] > 0 and r["seconds"] > 0 for r in records)
+        mine = [line for line in lines if line.startswith(h["name"] + "  ")]
+        assert mine == [f"{h['name']}  epoch {r['epoch']}/6  train loss {r['train_loss']:.4f}  val top-1 "
+                        f"{r['val_top1']:.4f}  lr {r['lr']:.3g}  {r['seconds']:.2f} s" for r in records]
+
+
 def numbers(doc: dict) -> dict:
-    """The results without wall times and paths."""
-    return {k: v for k, v in doc.items() if k not in ("seconds_per_epoch", "read_seconds_per_epoch", "out", "config")}
+    """The results without wall times (also those of each epoch record) and paths."""
+    heads = [{**h, "epoch_log": [{k: v for k, v in r.items() if k != "seconds"} for r in h["epoch_log"]]}
+             for h in doc["heads"]]
+    return {k: v for k, v in doc.items() if k not in ("seconds_per_epoch", "read_seconds_per_epoch", "out", "config")} | {
+        "heads": heads}
 
 
 def test_the_same_seed_repeats_a_run_and_another_seed_does_not(signal_run, tmp_path):
