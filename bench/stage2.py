@@ -8,6 +8,14 @@
    numbers to 1e-5 are asserted. ckatorch is never installed into the project's venv (its
    dependencies would pull another torch): the bench prints the exact command that puts it, alone,
    into --pkgs, and looks there.
+   CKA grid (part cka-grid): a 37 x 37 block grid shaped like ADM-256's blocks at pool 4 (4,096 to
+   16,384 features each, 348,160 in all) over 2,500 images, random features with shared structure.
+   Ours: the Gram-space path `featurestore cka` takes for it (`gram_cka_matrices`, each block's
+   Gram computed and centred once, all pairs in one product) vs ckatorch `cka_base` pair by pair
+   (biased and unbiased, each call computing both Grams). ckatorch on all 666 pairs of different
+   blocks would take hours on 2 cores, so a seeded random sample of pairs is timed and its mean
+   time per pair extrapolated to 666 (said so in the output); every sampled pair is checked
+   equal to ours to 1e-6 (asserted).
 3. Cache epoch vs online epoch: one epoch of the `linear` head from pipelines/heads trained from
    the store (read + head step) against the same epoch with the backbone run online, the way
    diffssl/Vermouth train (every minibatch: decode, VAE + text encode, q_sample, UNet forward up
@@ -18,6 +26,7 @@
 Usage:
     python bench/stage2.py                                   # all three, random kNN/CKA features
     python bench/stage2.py --parts knn,cka                   # skip the SD part (~1 min)
+    python bench/stage2.py --parts cka-grid --grid-pairs 10  # the 37 x 37 grid (~10 min on 2 cores)
     python bench/stage2.py demo-output/store.zarr --timestep 100 --block block2   # kNN/CKA on a store
     python bench/stage2.py --images 8 --batch-size 4 --epoch-block mid --epoch-timestep 200 --image-size 512
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import math
 import statistics
@@ -46,6 +56,8 @@ BENCH_DIR = Path(tempfile.gettempdir()) / "featurestore-bench"
 CKATORCH = "ckatorch==1.0.3"
 KS = (20, 200)
 CKA_TOL = 1e-5
+GRID_TOL = 1e-6
+GRID_BACKBONE = "adm256-uncond"
 
 
 def timed(fn: Callable, repeats: int = 1):
@@ -143,13 +155,14 @@ def random_cka_views(rows: int, dx: int, dy: int, seed: int = 1) -> tuple[np.nda
 
 
 def bench_cka(x: np.ndarray, y: np.ndarray, batch_size: int, pkgs: Path, repeats: int) -> dict:
-    from pipelines.analysis.cka import cka_matrices, linear_cka
+    from pipelines.analysis.cka import cka_matrices, gram_cka_matrices, linear_cka
 
     n = len(x)
     ours, ours_s = timed(lambda: linear_cka(x, y), repeats)
-    (gram, _), gram_s = timed(lambda: cka_matrices([[x, y]], "minibatch", batch_size=n), repeats)
-    assert abs(ours["unbiased"] - gram["unbiased"][0, 1]) < 1e-8, "feature-space and Gram unbiased CKA differ"
-    (mini, _), mini_s = timed(lambda: cka_matrices([[x, y]], "minibatch", batch_size=batch_size, seed=0), repeats)
+    (gram, _, _), gram_s = timed(lambda: gram_cka_matrices(iter([x, y]), 2), repeats)
+    for name in ("biased", "unbiased"):
+        assert abs(ours[name] - gram[name][0, 1]) < 1e-8, f"feature-space and Gram-space {name} CKA differ"
+    (mini, _, _), mini_s = timed(lambda: cka_matrices([[x, y]], "minibatch", batch_size=batch_size, seed=0), repeats)
     out = {
         "rows": n, "dx": int(x.shape[1]), "dy": int(y.shape[1]), "minibatch": batch_size,
         "ours_feature_s": ours_s, "ours_gram_s": gram_s, "ours_minibatch_s": mini_s,
@@ -187,6 +200,86 @@ def bench_cka(x: np.ndarray, y: np.ndarray, batch_size: int, pkgs: Path, repeats
     if theirs_mini is not None:
         assert out["diff_minibatch"] < CKA_TOL, f"minibatch CKA: ckatorch {theirs_mini} vs ours {out['ours_minibatch']}"
         out["ckatorch_batch_over_ours"] = theirs_mini_s / mini_s
+    return out
+
+
+def grid_widths(pool: int) -> dict[str, int]:
+    """Features per block of GRID_BACKBONE pooled to pool x pool (its block table; no weights)."""
+    from pipelines.extract.backbone import create_backbone
+    from pipelines.extract.weights import META
+
+    blocks = create_backbone(GRID_BACKBONE, META).describe()["blocks"]
+    return {b: c * min(h, pool) * min(w, pool) for b, (c, h, w) in blocks.items()}
+
+
+def grid_view(v: int, blocks: int, rows: int, width: int, seed: int) -> np.ndarray:
+    """Block v's random features (rows, width) float32, the same on every call: a 32-d latent mixed
+    from two (cos, sin of an angle going from 0 to pi with depth: near blocks alike, blocks a
+    quarter turn apart unrelated, the first and last alike again, as a U-Net pairs them), mapped
+    to `width` features, plus as much noise and a per-feature offset."""
+    shared = np.random.default_rng(seed).standard_normal((rows, 64), dtype=np.float32)
+    angle = np.pi * v / (blocks - 1)
+    latent = np.cos(angle) * shared[:, :32] + np.sin(angle) * shared[:, 32:]
+    rng = np.random.default_rng([seed, v])
+    x = latent @ rng.standard_normal((32, width), dtype=np.float32) / np.float32(np.sqrt(32))
+    x += rng.standard_normal((rows, width), dtype=np.float32)
+    x += rng.standard_normal(width, dtype=np.float32) + 2
+    return x
+
+
+def bench_cka_grid(rows: int, pool: int, pairs: int, seed: int, pkgs: Path) -> dict:
+    from pipelines.analysis.cka import choose_method, gram_cka_matrices
+
+    widths = list(grid_widths(pool).values())
+    m = len(widths)
+    method = choose_method("auto", widths, rows)
+    assert method == "gram", f"featurestore cka would use {method} for this grid, not gram"
+    made = [0.0]
+
+    def views():
+        for v, width in enumerate(widths):
+            tic = time.perf_counter()
+            x = grid_view(v, m, rows, width, seed)
+            made[0] += time.perf_counter() - tic
+            yield x
+            del x
+
+    (ours, _, constant), total_s = timed(lambda: gram_cka_matrices(views(), m))
+    ours_s = total_s - made[0]  # making the random features is not CKA's work
+    assert not constant.any()
+    offdiag = ours["unbiased"][~np.eye(m, dtype=bool)]
+    out = {
+        "backbone": GRID_BACKBONE, "blocks": m, "rows": rows, "pool": pool, "features": sum(widths),
+        "widths": sorted(set(widths)), "method": method, "ours_s": ours_s, "features_made_s": made[0],
+        "ours_unbiased_range": [float(offdiag.min()), float(offdiag.max())],
+    }
+    core = import_ckatorch(pkgs)
+    if core is None:
+        print(f"  ckatorch not found: install it (alone, no dependencies) for this bench with\n    {install_hint(pkgs)}")
+        out["ckatorch"] = None
+        return out
+    import torch
+
+    distinct = list(itertools.combinations(range(m), 2))
+    sample = [distinct[i] for i in np.random.default_rng(seed).choice(len(distinct), min(pairs, len(distinct)), replace=False)]
+    times, diffs = [], {"biased": 0.0, "unbiased": 0.0}
+    for i, j in sample:
+        x, y = (torch.from_numpy(grid_view(v, m, rows, widths[v], seed)) for v in (i, j))
+        pair_s = 0.0
+        for name in diffs:
+            value, seconds = timed(lambda: float(core.cka_base(x, y, unbiased=name == "unbiased")))
+            pair_s += seconds
+            diffs[name] = max(diffs[name], abs(value - ours[name][i, j]))
+            assert diffs[name] <= GRID_TOL, f"{name} CKA of blocks {i}, {j}: ckatorch {value} vs ours {ours[name][i, j]}"
+        times.append(pair_s)
+        print(f"  ckatorch pair {len(times)}/{len(sample)} (blocks {i + 1}, {j + 1}): {pair_s:.1f} s")
+    per_pair = statistics.mean(times)
+    out.update({
+        "ckatorch": CKATORCH, "pairs_total": len(distinct), "pairs_timed": len(sample),
+        "ckatorch_pair_s": per_pair, "ckatorch_extrapolated_s": per_pair * len(distinct),
+        "ckatorch_over_ours": per_pair * len(distinct) / ours_s,
+        "max_diff_biased": diffs["biased"], "max_diff_unbiased": diffs["unbiased"],
+    })
     return out
 
 
@@ -343,8 +436,22 @@ def summary(report: dict) -> str:
                              f"{c['ckatorch_batch']:.8f} (diff {c['diff_minibatch']:.1e})")
         else:
             lines.append(f"{'CKA: ckatorch missing, ours only':58} {c['ours_feature_s']:9.3f}s {'-':>10} {'-':>9}")
-        lines.append(f"{'':4}{head}; ours N x N Gram formula {c['ours_gram_s']:.3f} s "
-                     f"({c['ours_gram_s'] / c['ours_feature_s']:.1f}x the feature-space time), same unbiased value")
+        lines.append(f"{'':4}{head}; ours Gram space {c['ours_gram_s']:.3f} s "
+                     f"({c['ours_gram_s'] / c['ours_feature_s']:.1f}x the feature-space time), same values")
+    if (g := report.get("cka_grid")) is not None:
+        title = f"CKA {g['blocks']}x{g['blocks']} grid: ours {g['method']} vs ckatorch pair by pair"
+        if g.get("ckatorch"):
+            lines.append(f"{title:58} {g['ours_s']:9.1f}s {g['ckatorch_extrapolated_s']:9.0f}s "
+                         f"{g['ckatorch_over_ours']:8.1f}x  max |diff| biased {g['max_diff_biased']:.1e}, "
+                         f"unbiased {g['max_diff_unbiased']:.1e}")
+            lines.append(f"{'':4}ckatorch: cka_base biased + unbiased timed on {g['pairs_timed']} seeded random pairs "
+                         f"(mean {g['ckatorch_pair_s']:.1f} s a pair), EXTRAPOLATED to all {g['pairs_total']} pairs")
+        else:
+            lines.append(f"{title + ' (ckatorch missing)':58} {g['ours_s']:9.1f}s {'-':>10} {'-':>9}")
+        lines.append(f"{'':4}{g['backbone']} blocks at pool {g['pool']} ({g['widths'][0]:,} to {g['widths'][-1]:,} "
+                     f"features, {g['features']:,} in all), {g['rows']:,} images; off-diagonal unbiased CKA "
+                     f"{g['ours_unbiased_range'][0]:.2f} to {g['ours_unbiased_range'][1]:.2f}; making the random "
+                     f"features ({g['features_made_s']:.0f} s) not counted")
     if (e := report.get("epoch")) is not None:
         lines.append(f"{'epoch: cache (read + head step) vs online (backbone + step)':58} {e['cache_epoch_s']:9.3f}s "
                      f"{e['online_epoch_s']:9.2f}s {e['online_over_cache']:8.0f}x  same {e['steps_per_epoch']} "
@@ -364,7 +471,8 @@ def summary(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", nargs="?", help="kNN/CKA on a feature store (default: random features).")
-    parser.add_argument("--parts", default="knn,cka,epoch", help="Comma-separated subset of knn,cka,epoch.")
+    parser.add_argument("--parts", default="knn,cka,cka-grid,epoch",
+                        help="Comma-separated subset of knn,cka,cka-grid,epoch.")
     parser.add_argument("--run")
     parser.add_argument("--timestep", type=int, default=100, help="Store mode: the timestep of the kNN/CKA features.")
     parser.add_argument("--block", default="block2", help="Store mode: the block of the kNN/CKA features.")
@@ -378,6 +486,10 @@ def main() -> None:
     parser.add_argument("--cka-batch", type=int, default=250, help="Minibatch CKA batch size (divides --cka-rows "
                                                                    "for the ckatorch cka_batch comparison).")
     parser.add_argument("--cka-repeats", type=int, default=3, help="CKA times are the best of this many calls.")
+    parser.add_argument("--grid-rows", type=int, default=2500, help="Images of the CKA grid.")
+    parser.add_argument("--grid-pool", type=int, default=4, help="Pool size of the CKA grid's blocks.")
+    parser.add_argument("--grid-pairs", type=int, default=10, help="Pairs of blocks ckatorch is timed on.")
+    parser.add_argument("--grid-seed", type=int, default=0)
     parser.add_argument("--pkgs", type=Path, default=BENCH_DIR / "pkgs", help="Where ckatorch is installed for the bench.")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -390,10 +502,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the report here.")
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if unknown := parts - {"knn", "cka", "epoch"}:
+    if unknown := parts - {"knn", "cka", "cka-grid", "epoch"}:
         parser.error(f"unknown --parts {sorted(unknown)}")
 
-    report: dict = {"knn": None, "cka": None, "epoch": None}
+    report: dict = {"knn": None, "cka": None, "cka_grid": None, "epoch": None}
     if parts & {"knn", "cka"}:
         if args.store:
             (train_x, train_y, test_x, test_y, other), load_s = timed(lambda: store_data(
@@ -410,6 +522,9 @@ def main() -> None:
         if "cka" in parts:
             print("2. CKA ...")
             report["cka"] = bench_cka(cka_x, cka_y, args.cka_batch, args.pkgs, args.cka_repeats)
+    if "cka-grid" in parts:
+        print("2b. CKA grid ...")
+        report["cka_grid"] = bench_cka_grid(args.grid_rows, args.grid_pool, args.grid_pairs, args.grid_seed, args.pkgs)
     if "epoch" in parts:
         print("3. cache epoch vs online epoch ...")
         report["epoch"] = bench_epoch(args)
