@@ -108,6 +108,15 @@ def parse_ints(text: str, option: str) -> list[int]:
         raise ValueError(f"{option} takes integers separated by commas, got {text!r}") from None
 
 
+def one_value(text: str, option: str) -> str:
+    """The value of an option that takes one, whichever spelling gave it (`--block` or `--blocks`):
+    `a,b` is refused in one line."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if len(values) != 1:
+        raise ValueError(f"{option} takes one value here, got {text!r}; run the command once per value")
+    return values[0]
+
+
 def parse_timesteps(text: str | None) -> list[int] | None:
     """Extraction timesteps `10,100,300`; None or empty: the backbone's defaults."""
     return parse_ints(text, "--timesteps") if text else None

@@ -8,7 +8,7 @@ import typer
 
 from cli.app import (
     AllowIncompleteFlag, AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption, JsonFlag, PoolingOption,
-    ResultsOption, RunOption, StoreArgument, WidthOption, app, parse_blocks, parse_ints, parse_lrs,
+    QuietFlag, ResultsOption, RunOption, StoreArgument, WidthOption, app, parse_blocks, parse_ints, parse_lrs,
     parse_stored_timesteps, user_errors
 )
 
@@ -20,8 +20,8 @@ def fewshot(
     head: Annotated[str, typer.Option(help="logistic | knn | linear | mlp | attention | difformer | uhead.")] = "logistic",
     shots: Annotated[str, typer.Option(help="Training images per class, comma-separated.")] = "1,2,4,8,16",
     seeds: Annotated[str, typer.Option(help="Seeds of the shot sampling (and of trained heads), comma-separated.")] = "0,1,2",
-    timesteps: Annotated[str, typer.Option(help="all or T,... (none for experts).")] = "all",
-    blocks: Annotated[str, typer.Option(help="all or NAME,...")] = "all",
+    timesteps: Annotated[str, typer.Option("--timesteps", "--timestep", help="all or T,... (none for experts).")] = "all",
+    blocks: Annotated[str, typer.Option("--blocks", "--block", help="all or NAME,...")] = "all",
     run: RunOption = None,
     pool: Annotated[Optional[int], typer.Option(help="Average-pool each map to SIZE x SIZE (logistic, knn, linear, mlp).")] = 4,
     train_split: Annotated[str, typer.Option(help="Manifest split the shots are drawn from.")] = "train",
@@ -48,6 +48,7 @@ def fewshot(
     allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Few-shot classification (CoOp protocol): k training images per class for each seed, top-1 on
     the whole test split, mean and std (ddof 0) over seeds."""
@@ -55,7 +56,9 @@ def fewshot(
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.fewshot import FewshotConfig, fewshot_run, save_fewshot
     from pipelines.heads.training import TrainConfig
+    from pipelines.progress import set_quiet
 
+    set_quiet(quiet)
     options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden, "expert_width": expert_width,
                "pooling": pooling}
     if pool is not None:

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from cli.app import (
-    AllowIncompleteFlag, HoldoutOption, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_ints,
-    parse_timestep, user_errors
+    AllowIncompleteFlag, HoldoutOption, JsonFlag, QuietFlag, ResultsOption, RunOption, StoreArgument, app, one_value,
+    parse_ints, parse_timestep, user_errors
 )
 
 
@@ -16,8 +16,8 @@ from cli.app import (
 @user_errors
 def knn(
     store: StoreArgument,
-    block: Annotated[str, typer.Option(help="Block to classify with.")],
-    timestep: Annotated[str, typer.Option(help="Timestep (an integer, or none for an expert).")],
+    block: Annotated[str, typer.Option("--block", "--blocks", help="Block to classify with (one).")],
+    timestep: Annotated[str, typer.Option("--timestep", "--timesteps", help="Timestep (one: an integer, or none for an expert).")],
     run: RunOption = None,
     k: Annotated[str, typer.Option("--k", help="Neighbour counts, comma-separated.")] = "10,20,100,200",
     temperature: Annotated[float, typer.Option(help="Vote weight exp(cosine / T).")] = 0.07,
@@ -31,15 +31,19 @@ def knn(
     allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Weighted kNN (DINO protocol) from the cache: cosine similarity, exact FAISS search, top-1/top-5
     (a class without a vote is never in the top 5)."""
     from featurestore.store import FeatureStore
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.knn import knn_run, save_knn
+    from pipelines.progress import set_quiet
 
+    set_quiet(quiet)
     ks = parse_ints(k, "--k")
-    t = parse_timestep(timestep)
+    block = one_value(block, "--block")
+    t = parse_timestep(one_value(timestep, "--timestep"))
     folder = results_dir(store, out)
     result = knn_run(FeatureStore.open(store), run, t, block, ks, pool, train_split, test_split, holdout, seed,
                      temperature, device, slab_rows, allow_incomplete)

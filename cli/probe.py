@@ -8,8 +8,8 @@ import typer
 
 from cli.app import (
     AllowIncompleteFlag, AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption,
-    HoldoutOption, JsonFlag, PoolingOption, ResultsOption, RunOption, StoreArgument, WidthOption, app, parse_lrs,
-    parse_timestep, split_items, user_errors
+    HoldoutOption, JsonFlag, PoolingOption, QuietFlag, ResultsOption, RunOption, StoreArgument, WidthOption, app,
+    parse_lrs, parse_timestep, split_items, user_errors
 )
 
 HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead")
@@ -19,8 +19,8 @@ HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead")
 @user_errors
 def probe(
     store: StoreArgument,
-    block: Annotated[Optional[list[str]], typer.Option(help="Block(s) to probe; repeat or separate by commas (difformer default: b19,b24,b30).")] = None,
-    timestep: Annotated[Optional[list[str]], typer.Option(help="Timestep(s); repeat or separate by commas; 'none' for experts (difformer default: 90,150,300).")] = None,
+    block: Annotated[Optional[list[str]], typer.Option("--block", "--blocks", help="Block(s) to probe; repeat or separate by commas (difformer default: b19,b24,b30).")] = None,
+    timestep: Annotated[Optional[list[str]], typer.Option("--timestep", "--timesteps", help="Timestep(s); repeat or separate by commas; 'none' for experts (difformer default: 90,150,300).")] = None,
     head: Annotated[str, typer.Option(help=f"Head: {'|'.join(HEADS)}.")] = "logistic",
     run: RunOption = None,
     pool: Annotated[Optional[int], typer.Option(help="logistic, linear, mlp: average-pool the map to SIZE x SIZE.")] = 4,
@@ -51,6 +51,7 @@ def probe(
     allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Probe blocks from the cache: logistic regression, or trained heads (a grid of blocks x
     timesteps x learning rates in one pass over the cache per epoch). Trained heads' weights and
@@ -58,7 +59,9 @@ def probe(
     from featurestore.store import FeatureStore
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.heads.modules import DIFFORMER_BLOCKS, DIFFORMER_TIMESTEPS
+    from pipelines.progress import set_quiet
 
+    set_quiet(quiet)
     if head not in HEADS:
         raise ValueError(f"unknown --head {head!r}; heads: {', '.join(HEADS)}")
     blocks = split_items(block) or (list(DIFFORMER_BLOCKS) if head == "difformer" else [])

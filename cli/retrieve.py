@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import AllowIncompleteFlag, JsonFlag, ResultsOption, StoreArgument, app, parse_timestep, user_errors
+from cli.app import (
+    AllowIncompleteFlag, JsonFlag, QuietFlag, ResultsOption, StoreArgument, app, one_value, parse_timestep, user_errors
+)
 
 
 def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
@@ -28,8 +30,8 @@ def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
 @user_errors
 def retrieve(
     store: StoreArgument,
-    block: Annotated[str, typer.Option(help="Block of the queries (and of the gallery unless --gallery-block).")],
-    timestep: Annotated[str, typer.Option(help="Timestep of the queries (and gallery): an integer, or none.")],
+    block: Annotated[str, typer.Option("--block", "--blocks", help="Block of the queries (and of the gallery unless --gallery-block).")],
+    timestep: Annotated[str, typer.Option("--timestep", "--timesteps", help="Timestep of the queries (and gallery): one integer, or none.")],
     run: Annotated[Optional[str], typer.Option(help="Run of queries and gallery (needed when the store holds several).")] = None,
     query_run: Annotated[Optional[str], typer.Option(help="Run of the queries [default: --run].")] = None,
     gallery_run: Annotated[Optional[str], typer.Option(help="Run of the gallery [default: --run].")] = None,
@@ -67,6 +69,7 @@ def retrieve(
     allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Zero-shot sketch-based image retrieval from the cache: exact cosine search (FAISS), mAP and P@K."""
     from featurestore.store import FeatureStore
@@ -78,8 +81,11 @@ def retrieve(
         retrieve_run,
         save_results,
     )
+    from pipelines.progress import set_quiet
 
-    t = parse_timestep(timestep)
+    set_quiet(quiet)
+    block = one_value(block, "--block")
+    t = parse_timestep(one_value(timestep, "--timestep"))
     projection = None
     if project_dim is not None or project_text_embeddings is not None:
         projection = ProjectionConfig(project_dim, project_loss or "cross-entropy", project_text_embeddings,

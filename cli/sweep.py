@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from cli.app import (
-    AllowIncompleteFlag, HoldoutOption, JsonFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks, parse_stored_timesteps,
-    user_errors
+    AllowIncompleteFlag, HoldoutOption, JsonFlag, QuietFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks,
+    parse_stored_timesteps, user_errors
 )
 
 
@@ -17,8 +17,8 @@ from cli.app import (
 def sweep(
     store: StoreArgument,
     run: RunOption = None,
-    timesteps: Annotated[str, typer.Option(help="all or T,... (none for experts).")] = "all",
-    blocks: Annotated[str, typer.Option(help="all or NAME,...")] = "all",
+    timesteps: Annotated[str, typer.Option("--timesteps", "--timestep", help="all or T,... (none for experts).")] = "all",
+    blocks: Annotated[str, typer.Option("--blocks", "--block", help="all or NAME,...")] = "all",
     pool: Annotated[Optional[int], typer.Option(help="Average-pool the maps to SIZE x SIZE first.")] = 4,
     k: Annotated[int, typer.Option("--k", help="Neighbours of the weighted kNN.")] = 20,
     temperature: Annotated[float, typer.Option(help="kNN vote weight exp(cosine / T).")] = 0.07,
@@ -31,13 +31,16 @@ def sweep(
     allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Linear probe and weighted kNN for every (t, block) of a run: a table (CSV, JSON) and plots of
     accuracy vs t and vs block."""
     from featurestore.store import FeatureStore
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.sweep import save_sweep, sweep_run
+    from pipelines.progress import set_quiet
 
+    set_quiet(quiet)
     folder = results_dir(store, out)
     result = sweep_run(
         FeatureStore.open(store), run, parse_stored_timesteps(timesteps),

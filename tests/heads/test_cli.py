@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_attention_head_prints_results_json(store, tmp_path):
         "--batch-size", "16", "--width", "16", "--attn-heads", "2", "--depth", "1", "--out", str(tmp_path / "out"), "--json",
     ])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)  # the epoch lines are on stderr
     (head,) = doc["heads"]
     assert head["name"] == "attention_t5_a_lr0.003" and head["keys"] == [[5, "a"]]
     assert doc["top1"] == head["top1"] >= 0.9 and {"top5", "per_class"} <= head.keys()
@@ -45,8 +46,35 @@ def test_lists_of_blocks_timesteps_and_lrs_make_a_grid(store, tmp_path):
         "--lr", "1e-3,1e-2", "--epochs", "1", "--pool", "1", "--out", str(tmp_path / "out"),
     ])
     assert result.exit_code == 0, result.output
-    names = [line.split(":")[0] for line in result.output.splitlines()[:-1]]
+    names = [line.split(":")[0] for line in result.stdout.splitlines()[:-1]]
     assert names == [f"linear_{t}_{b}_lr{lr}" for t in ("t5", "tnone") for b in "ab" for lr in ("0.001", "0.01")]
+
+
+def test_epoch_lines_go_to_stderr_and_records_to_results_json(store, tmp_path):
+    """--json: stdout is the JSON alone; one line per head and epoch on stderr, the same numbers as
+    the head's `epoch_log` in results.json; --quiet drops the lines, and a rerun (other seconds)
+    replaces the same results folder: the per-epoch seconds are not in the digest."""
+    args = ["probe", store, "--head", "linear", "--blocks", "a", "--timesteps", "5,none", "--epochs", "3",
+            "--patience", "0", "--out", str(tmp_path), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert json.loads((Path(doc["out"]) / "results.json").read_text()) == doc
+    expected = []
+    for h in doc["heads"]:
+        records = h["epoch_log"]
+        assert [r["epoch"] for r in records] == [1, 2, 3] and h["epochs"] == 3
+        assert max(r["val_top1"] for r in records) == h["val_top1"] == records[h["best_epoch"] - 1]["val_top1"]
+        expected += [(h["name"], f"epoch {r['epoch']}/3", f"train loss {r['train_loss']:.4f}",
+                      f"val top-1 {r['val_top1']:.4f}", f"lr {r['lr']:.3g}", f"{r['seconds']:.2f} s") for r in records]
+    lines = [tuple(line.split("  ")) for line in result.stderr.splitlines()]
+    assert sorted(lines) == sorted(expected) and len(lines) == 2 * 3
+
+    quiet = CliRunner().invoke(app, [*args, "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
+    again = json.loads(quiet.stdout)
+    assert again["out"] == doc["out"] and [h["val_top1"] for h in again["heads"]] == [h["val_top1"] for h in doc["heads"]]
+    assert [p.name for p in tmp_path.iterdir()] == [Path(doc["out"]).name]
 
 
 @pytest.mark.parametrize(("args", "message"), [
