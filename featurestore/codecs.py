@@ -139,10 +139,10 @@ def int8_encode(values: np.ndarray) -> bytes:
         return bytes([_RAW]) + values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
     scale = (span / 255).astype(np.float32)
     scale = np.where(scale.astype(np.float64) * 255 < span, np.nextafter(scale, np.float32(np.inf)), scale)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = (x - offset[None, :, None]) / scale[None, :, None]
-    q = np.where(scale[None, :, None] > 0, q, 0)
-    codes = np.clip(np.rint(q), 0, 255).astype(np.uint8)
+    q = x - offset[None, :, None]
+    q /= np.where(scale > 0, scale, 1)[None, :, None]  # a constant channel: x - offset is 0
+    np.rint(q, out=q)
+    codes = np.clip(q, 0, 255, out=q).astype(np.uint8)
     codes[zero_rows] = 0
     return b"".join([bytes([_CODED]), np.packbits(zero_rows).tobytes(), offset.astype("<f4").tobytes(),
                      scale.astype("<f4").tobytes(), codes.tobytes()])
@@ -167,7 +167,9 @@ def int8_decode(data: bytes | np.ndarray, shape: tuple[int, ...], dtype: np.dtyp
     offset = buf[at : at + 4 * c].view("<f4").astype(np.float32)
     scale = buf[at + 4 * c : at + 8 * c].view("<f4").astype(np.float32)
     codes = buf[at + 8 * c :].reshape(n, c, -1)
-    y = offset[None, :, None] + scale[None, :, None] * codes.astype(np.float32)
+    y = codes.astype(np.float32)
+    y *= scale[None, :, None]
+    y += offset[None, :, None]
     y[zero_rows] = 0
     return y.astype(dtype).reshape(shape)
 

@@ -49,7 +49,9 @@ def normal_samples(dtype: str, rng: np.random.Generator, n: int = 20000) -> np.n
                                                   ("float32", 5), ("float32", 22)])
 def test_bitround_is_round_to_nearest_even_within_its_bound(dtype, keepbits):
     x = normal_samples(dtype, np.random.default_rng(keepbits))
+    before = x.copy()
     r = bitround(x, keepbits)
+    assert x.tobytes() == before.tobytes()
     assert r.dtype == x.dtype
     np.testing.assert_array_equal(r.astype(np.float64), rne_reference(x, keepbits))
     assert (np.abs(r.astype(np.float64) - x) <= 2.0 ** -(keepbits + 1) * np.abs(x.astype(np.float64))).all()
@@ -95,7 +97,9 @@ def test_int8_is_within_half_a_step_per_channel_and_one_byte_per_value(dtype):
     rng = np.random.default_rng(1)
     centres, widths = rng.normal(0, 5, 6), np.exp(rng.uniform(-6, 3, 6))  # every channel its own range
     x = (centres[None, :, None, None] + widths[None, :, None, None] * rng.standard_normal((9, 6, 5, 4))).astype(dtype)
+    before = x.copy()
     data = int8_encode(x)
+    assert x.tobytes() == before.tobytes()  # the caller's array is left as it was
     assert len(data) == 1 + 2 + 8 * 6 + x.size  # format byte, zero-row bits, offsets, scales, one byte a value
     y = int8_decode(data, x.shape, dtype)
     assert y.dtype == np.dtype(dtype) and y.shape == x.shape
