@@ -22,7 +22,7 @@ from featurestore.store import FeatureStore, Run, timestep_key
 from pipelines.analysis import results_path, run_images, write_json
 from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
-from pipelines.heads.logistic import resolve_run, split_rows
+from pipelines.heads.logistic import class_names, resolve_run, split_rows
 from pipelines.heads.modules import (
     SINGLE_INPUT_KINDS,
     HeadSpec,
@@ -58,15 +58,6 @@ class ProbeConfig:
     holdout: float | None = None
     allow_incomplete: bool = False  # an incomplete run: train and test on its extracted images instead of refusing it
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def class_names(labels: np.ndarray, names: np.ndarray) -> list[str]:
-    """The class name of each label 0..max, from the images table ("" for a label no image has)."""
-    classes = [""] * (int(labels.max()) + 1)
-    values, first = np.unique(labels, return_index=True)
-    for label, row in zip(values.tolist(), first.tolist()):
-        classes[label] = str(names[row])
-    return classes
 
 
 def head_name(kind: str, keys: list[Key], lr: float) -> str:

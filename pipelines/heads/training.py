@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from pipelines.analysis import finite_or_none
 from pipelines.heads.data import Batch, StoreBatches
+from pipelines.heads.logistic import class_metrics
 from pipelines.heads.modules import Head
 from pipelines.progress import bar, log
 
@@ -248,11 +249,11 @@ def predict(data: StoreBatches, heads: Mapping[str, Head], rows: np.ndarray, dev
 
 
 def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:
-    """top1, top5 (top-k with k = min(5, classes)) and per-class top-1 {class name: accuracy}."""
+    """top1, top5 (top-k with k = min(5, classes)), per-class top-1 {class name: accuracy} and the
+    confusion matrix of the top-1 predictions (`class_metrics`)."""
     ranked = np.argsort(-logits, axis=1, kind="stable")[:, :min(5, logits.shape[1])]
-    hit1 = ranked[:, 0] == labels
     return {
-        "top1": float(hit1.mean()),
+        "top1": float((ranked[:, 0] == labels).mean()),
         "top5": float((ranked == labels[:, None]).any(axis=1).mean()),
-        "per_class": {class_names[c]: float(hit1[labels == c].mean()) for c in np.unique(labels)},
+        **class_metrics(labels, ranked[:, 0], list(class_names)),
     }
