@@ -1,12 +1,12 @@
 """`featurestore report`: the store summary and every result of that store, as one HTML page.
 
-Two layers: `collect_report` reads the store (through `inspect_store`) and its results folder
-(`<store>.results/` by default) into a typed `ReportData`; `render_html` turns that into one
-self-contained page (inline CSS, every image a base64 data URI) that can be mailed or archived
-without the folder it came from. Every string from the store or a JSON file is HTML-escaped. A
-results file is shown only when every run it names (its `runs` field) is a run of this store; the
-others are listed as skipped with the reason, and a file that cannot be read is listed with the
-reason rather than stopping the report.
+`pipelines/report/results.py` collects what is shown (`collect_report`); `render_html` turns it into
+one self-contained page (inline CSS, a few lines of inline JavaScript that sort the table of every
+result, every image a base64 data URI) that can be mailed or archived without the folder it came
+from. Every string from the store or a JSON file is HTML-escaped. Numbers are tables: sweeps, CKA
+matrices (n/a where undefined), few-shot (mean ± std), retrieval (every metric with its variant as
+the results name it, per class), kNN, probes with per-class top-1 and the confusion matrix, and one
+table with a row per results file, sorted by clicking a header.
 """
 
 from __future__ import annotations
@@ -14,221 +14,38 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
-from featurestore.inspect import inspect_store
-from featurestore.store import FeatureStore
-from pipelines.analysis import results_dir
-from pipelines.analysis.cka import CkaResult, plot_cka
-from pipelines.analysis.sweep import SweepResult, SweepRow, plot_sweep
+from pipelines.analysis.cka import CkaResult
+from pipelines.analysis.sweep import SweepResult
+from pipelines.report.results import (
+    DEFAULT_T_AXIS,
+    SECTIONS,
+    SWEEP_METRICS,
+    DatasetSummary,
+    Figure,
+    Loaded,
+    ReportData,
+    ReportSummary,
+    Skipped,
+    Unreadable,
+    collect_report,
+    headline,
+    joined,
+    label_t,
+    pooling,
+    variant_text,
+)
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES_SHOWN = 30
+CONFUSION_MAX_CLASSES = 30  # a wider confusion matrix is listed by its largest confusions instead
+CONFUSIONS_LISTED = 10
+SETTINGS_SHOWN = 160  # characters of a result's settings in the table of every result (all of them on hover)
 JSON_CHARS_SHOWN = 200_000  # a huge results file must not make the page unusable
-HEADLINE_KEYS = ("task", "run_id", "timestep", "block", "best_head", "top1", "top5", "train_top1")
-
-T = TypeVar("T")
-
-
-# -- the data --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Figure:
-    title: str  # the file it came from, or what a plot drawn from the JSON shows
-    png: bytes
-    drawn: bool = False  # no PNG was saved beside the JSON: drawn here with the analysis's own plot
-
-
-@dataclass
-class Loaded(Generic[T]):
-    """One results file understood as a known kind (sweep, CKA) or shown as JSON."""
-
-    name: str  # path relative to the folder it was found in
-    value: T
-    figures: list[Figure] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    name: str
-    note: str
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A readable results file that is not this store's (or does not say whose it is)."""
-
-    name: str
-    why: str
-
-
-@dataclass(frozen=True)
-class DatasetSummary:
-    """What the images table holds for one dataset: the class names are the store's own strings."""
-
-    name: str
-    images: int
-    splits: dict[str, int]
-    domains: dict[str, int]
-    classes: list[str]
-
-
-@dataclass
-class ReportData:
-    store: dict[str, Any]  # inspect_store's document
-    datasets: list[DatasetSummary]
-    results_dir: Path
-    results_found: bool
-    sweeps: list[Loaded[SweepResult]] = field(default_factory=list)
-    ckas: list[Loaded[CkaResult]] = field(default_factory=list)
-    others: list[Loaded[Any]] = field(default_factory=list)
-    unreadable: list[Unreadable] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-
-    @property
-    def sections(self) -> list[str]:
-        present = {"store": True, "images": bool(self.datasets), "sweeps": bool(self.sweeps), "cka": bool(self.ckas),
-                   "results": bool(self.others), "unreadable": bool(self.unreadable), "skipped": bool(self.skipped)}
-        return [name for name, shown in present.items() if shown]
-
-    @property
-    def results_count(self) -> int:
-        """Results files of this store: shown, or listed as unreadable (skipped ones not counted)."""
-        return sum(map(len, (self.sweeps, self.ckas, self.others, self.unreadable)))
-
-
-@dataclass(frozen=True)
-class ReportSummary:
-    out: str
-    sections: list[str]
-    results: int
-    skipped: list[Skipped]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"out": self.out, "sections": self.sections, "results": self.results,
-                "skipped": [{"file": s.name, "why": s.why} for s in self.skipped]}
-
-
-# -- collecting ------------------------------------------------------------------------------------
-def collect_report(store_url: str, results: str | Path | None = None) -> ReportData:
-    """The store summary plus every results JSON of this store under the results folder (default
-    `<store>.results/`); results of other stores are listed in `skipped`."""
-    doc = inspect_store(store_url)
-    try:
-        folder = results_dir(store_url, results).resolve()
-    except ValueError:
-        raise ValueError(f"{store_url} is not a local path: give --results DIR") from None
-    store = FeatureStore.open(store_url)
-    data = ReportData(doc, dataset_summaries(store), folder, folder.is_dir())
-    files = result_files(folder) if data.results_found else []
-    run_ids = set(store.run_ids())
-    for path in files:
-        name = str(path.relative_to(folder)) if path.is_relative_to(folder) else path.name
-        try:
-            add_result(data, name, path, run_ids)
-        except Exception as exc:  # noqa: BLE001  any defect of one file is that file's note, never the report's end
-            data.unreadable.append(Unreadable(name, f"{type(exc).__name__}: {exc}"))
-    return data
-
-
-def result_files(folder: Path) -> list[Path]:
-    """JSON files under `folder`, not descending into zarr stores: their metadata is JSON too, and
-    a store's thousands of chunk files are not worth walking."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        if "zarr.json" in files or ".zgroup" in files:
-            dirs.clear()
-            continue
-        found += [Path(root) / f for f in files if f.endswith(".json")]
-    return sorted(found)
-
-
-def add_result(data: ReportData, name: str, path: Path, run_ids: set[str]) -> None:
-    """Parse one results file and file it under its kind, with its figures (drawn when missing),
-    or under `skipped` when the runs it names (its `runs` field) are not all in `run_ids`."""
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        data.unreadable.append(Unreadable(name, f"not valid JSON: {exc}"))
-        return
-    if not isinstance(doc, dict) or not isinstance(doc.get("runs"), dict) or not doc["runs"]:
-        data.skipped.append(Skipped(name, "names no runs (no `runs` field: not a results file of this version)"))
-        return
-    foreign = sorted(set(doc["runs"]) - run_ids)
-    if foreign:
-        data.skipped.append(Skipped(name, f"another store's: run(s) {', '.join(foreign)} are not in this store"))
-        return
-    if {"run_id", "knn_k", "rows"} <= doc.keys():
-        sweep = SweepResult(**{**doc, "rows": [SweepRow(**r) for r in doc["rows"]]})
-        numbers([getattr(r, m) for r in sweep.rows for m in SWEEP_METRICS], "sweep accuracies")
-        plots = [(by, path.with_name(f"{path.stem}-{suffix}.png")) for by, suffix in SWEEP_PLOTS.items()]
-        figures = [png_figure(png) if png.is_file() else
-                   Figure(f"accuracy vs {by}", drawn(lambda p, by=by: plot_sweep(sweep, p, by)), drawn=True)
-                   for by, png in plots]
-        data.sweeps.append(Loaded(name, sweep, figures))
-    elif {"grid", "rows", "cols", "matrices"} <= doc.keys():
-        cka = CkaResult(**doc)
-        for estimator, matrix in cka.matrices.items():
-            if np.asarray(matrix, dtype=float).shape != (len(cka.rows), len(cka.cols)):
-                raise ValueError(f"the {estimator} matrix is not {len(cka.rows)} x {len(cka.cols)}")
-        figures = pngs_of(path) or [Figure("linear CKA", drawn(lambda p: plot_cka(cka, p)), drawn=True)]
-        data.ckas.append(Loaded(name, cka, figures))
-    else:
-        data.others.append(Loaded(name, doc, pngs_of(path)))
-
-
-SWEEP_METRICS = ("linear_top1", "knn_top1", "knn_top5")
-SWEEP_PLOTS = {"timestep": "vs-t", "block": "vs-block"}  # save_sweep's <stem>-<suffix>.png, in reading order
-
-
-def numbers(values: Iterable[Any], what: str) -> None:
-    """Refuse a results file whose numbers are not numbers (caught per file by `collect_report`)."""
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{what} are not all numbers")
-
-
-def pngs_of(path: Path) -> list[Figure]:
-    """The plots saved beside a results file: `<stem>.png` and `<stem>-*.png`, except those that
-    belong to another results file (`<stem>-x.png` next to `<stem>-x.json`)."""
-    own = [path.with_suffix(".png")] if path.with_suffix(".png").is_file() else []
-    more = [p for p in sorted(path.parent.glob(f"{path.stem}-*.png")) if not p.with_suffix(".json").is_file()]
-    return [png_figure(p) for p in own + more]
-
-
-def png_figure(path: Path) -> Figure:
-    png = path.read_bytes()
-    if not png.startswith(PNG_SIGNATURE):
-        raise ValueError(f"{path.name} is not a PNG file")
-    return Figure(path.name, png)
-
-
-def drawn(plot: Callable[[Path], Path]) -> bytes:
-    """The PNG bytes of a plot function that writes to a path (the plots of the analyses themselves)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return plot(Path(tmp) / "plot.png").read_bytes()
-
-
-def dataset_summaries(store: FeatureStore) -> list[DatasetSummary]:
-    images = store.images
-    out = []
-    for name in dict.fromkeys(images.dataset.tolist()):
-        rows = images.dataset == name
-        out.append(DatasetSummary(
-            str(name), int(rows.sum()), counts(images.split[rows]), counts(images.domain[rows]),
-            sorted(set(images.class_name[rows].tolist()), key=str),
-        ))
-    return out
-
-
-def counts(values: np.ndarray) -> dict[str, int]:
-    keys, n = np.unique(values, return_counts=True)
-    return {str(k): int(c) for k, c in zip(keys.tolist(), n.tolist())}
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -248,7 +65,8 @@ def fmt(value: Any) -> str:
 
 
 def tag(name: str, body: Any = "", **attrs: Any) -> Html:
-    rendered = "".join(f' {k.rstrip("_")}="{esc(v)}"' for k, v in attrs.items())
+    """`<name attrs>body</name>`; `class_` is written `class`, `data_sort` `data-sort`."""
+    rendered = "".join(f' {k.rstrip("_").replace("_", "-")}="{esc(v)}"' for k, v in attrs.items())
     return Html(f"<{name}{rendered}>{esc(body)}</{name}>")
 
 
@@ -256,19 +74,29 @@ def join(parts: Iterable[Any], sep: str = "") -> Html:
     return Html(sep.join(esc(p) for p in parts))
 
 
-def table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], caption: str | None = None, grid: bool = False) -> Html:
-    """A bordered table; numbers are right-aligned and formatted by `fmt`. A `grid` (a matrix with
-    labels in its first column) right-aligns every other cell, the bold best ones included."""
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    def cell(value: Any) -> Html:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return tag("td", fmt(value), class_="num")
-        return tag("td", value if isinstance(value, Html) else fmt(value))
 
+def cell(value: Any) -> Html:
+    if isinstance(value, Html) and value.startswith(("<td", "<th")):
+        return value
+    if is_number(value):
+        return tag("td", fmt(value), class_="num")
+    return tag("td", value if isinstance(value, Html) else fmt(value))
+
+
+def table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], caption: str | None = None, grid: bool = False,
+          class_: str = "") -> Html:
+    """A bordered table; numbers are right-aligned and formatted by `fmt`, a ready `<td>`/`<th>` is kept.
+    A `grid` (a matrix with labels in its first column) right-aligns every other cell. The caption is
+    a line above the table, as wide as it needs (a `<caption>` would wrap at the table's width)."""
     head = tag("tr", join(tag("th", h) for h in headers))
     body = join(tag("tr", join(cell(v) for v in row)) for row in rows)
-    inner = join([tag("caption", caption) if caption else "", tag("thead", head), tag("tbody", body)])
-    return tag("table", inner, class_="grid") if grid else tag("table", inner)
+    inner = join([tag("thead", head), tag("tbody", body)])
+    classes = " ".join(c for c in ("grid" if grid else "", class_) if c)
+    out = tag("table", inner, class_=classes) if classes else tag("table", inner)
+    return tag("div", join([tag("p", caption, class_="caption"), out])) if caption else out
 
 
 def pivot(values: Mapping[tuple[int | None, str], float], caption: str) -> Html:
@@ -277,23 +105,23 @@ def pivot(values: Mapping[tuple[int | None, str], float], caption: str) -> Html:
     blocks = list(dict.fromkeys(b for _, b in values))
     best = max(values.values())
 
-    def cell(key: tuple[int | None, str]) -> Any:
+    def value(key: tuple[int | None, str]) -> Any:
         if key not in values:
             return "—"
         return tag("b", fmt(values[key])) if values[key] == best else values[key]
 
-    rows = [[label_t(t), *(cell((t, b)) for b in blocks)] for t in timesteps]
+    rows = [[label_t(t), *(value((t, b)) for b in blocks)] for t in timesteps]
     return table(["t", *blocks], rows, caption, grid=True)
-
-
-def label_t(t: int | None) -> str:
-    return "none" if t is None else str(t)
 
 
 def image(figure: Figure) -> Html:
     uri = "data:image/png;base64," + base64.b64encode(figure.png).decode("ascii")
-    return tag("figure", join([Html(f'<img src="{uri}" alt="{esc(figure.title)}">'),
-                               tag("figcaption", figure.title + (" (drawn from the JSON)" if figure.drawn else ""))]))
+    caption = figure.title + (f" — {figure.note}" if figure.note else "")
+    return tag("figure", join([Html(f'<img src="{uri}" alt="{esc(figure.title)}">'), tag("figcaption", caption)]))
+
+
+def figures(items: Sequence[Figure]) -> Html:
+    return tag("div", join(image(f) for f in items), class_="figures") if items else Html("")
 
 
 def details(summary: str, doc: Any) -> Html:
@@ -348,7 +176,7 @@ def render_store(doc: Mapping[str, Any]) -> Html:
         "store", "Store",
         tag("p", join([tag("code", doc["store"]),
                        f" — {doc['images']} images, {len(doc['runs'])} run(s), format {doc['format_version']}"])),
-        table(headers, rows) if rows else tag("p", "No runs yet."),
+        tag("div", table(headers, rows), class_="wide") if rows else tag("p", "No runs yet."),
         tag("p", f"Runs killed while being created (a re-run rebuilds them): {', '.join(incomplete)}",
             class_="note") if incomplete else "",
         specs,
@@ -368,10 +196,6 @@ def render_images(datasets: Sequence[DatasetSummary]) -> Html:
     return section("images", "Images", table(["dataset", "images", "splits", "domains", "classes", "class names"], rows))
 
 
-def figures(items: Sequence[Figure]) -> Html:
-    return tag("div", join(image(f) for f in items), class_="figures")
-
-
 def images_used(runs: Any) -> Html | str:
     """A warning line for a result computed without some images of its runs (`runs`: run id ->
     {"used", "failed", "pending"}): pending ones mean a partial run (--allow-incomplete), whose
@@ -383,57 +207,197 @@ def images_used(runs: Any) -> Html | str:
     return tag("p", "; ".join(lines), class_="note") if lines else ""
 
 
-def render_sweeps(sweeps: Sequence[Loaded[SweepResult]]) -> Html:
-    parts = []
-    for item in sweeps:
-        s = item.value
-        tables = [pivot({(r.timestep, r.block): getattr(r, metric) for r in s.rows}, caption)
-                  for metric, caption in zip(SWEEP_METRICS, ("linear probe top-1", f"kNN top-1 (k={s.knn_k})",
-                                                             f"kNN top-5 (k={s.knn_k})"))]
-        parts += [tag("h3", item.name), images_used(s.runs),
-                  tag("p", f"run {s.run_id}, pool {s.pool}, {len(s.rows)} (t, block) pairs in {s.seconds:.1f} s"),
-                  tag("div", join(tables), class_="tables"), figures(item.figures)]
-    return section("sweeps", "Sweeps: accuracy per (t, block)", *parts)
+def anchor_of(data: ReportData, item: Loaded) -> str:
+    return f"result-{data.loaded.index(item) + 1}"
 
 
-def render_ckas(ckas: Sequence[Loaded[CkaResult]]) -> Html:
-    parts = []
-    for item in ckas:
-        c = item.value
-        tables = [table(["", *c.cols], ([r, *row] for r, row in zip(c.rows, matrix)), f"linear CKA ({estimator})", grid=True)
-                  for estimator, matrix in sorted(c.matrices.items())]
-        parts += [tag("h3", item.name), images_used(c.runs),
-                  tag("p", f"grid {c.grid}, method {c.method}, {c.images} images, pool {c.pool}"),
-                  figures(item.figures), tag("div", join(tables), class_="tables")]
-    return section("cka", "CKA", *parts)
+def heading(data: ReportData, item: Loaded) -> Html:
+    """A result's heading (what it is) with its file name, and the images-used warning."""
+    return join([tag("h3", join([item.title, tag("span", item.name, class_="file")]), id=anchor_of(data, item)),
+                 images_used(item.value.runs if isinstance(item.value, (SweepResult, CkaResult)) else item.value["runs"])])
 
 
-def headline(doc: Any) -> dict[str, Any]:
-    """The numbers worth a glance: ids, top-1/top-5 (per k for kNN) and retrieval metrics."""
-    if not isinstance(doc, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for key in HEADLINE_KEYS:
-        value = doc.get(key)
-        if isinstance(value, dict):  # kNN: k -> accuracy
-            out.update({f"{key} k={k}": v for k, v in value.items() if isinstance(v, (int, float))})
-        elif isinstance(value, (str, int, float)):
-            out[key] = value
-    metrics = doc.get("metrics")
-    if isinstance(metrics, dict):  # retrieval: name -> {"value", variant names}
-        out.update({n: m["value"] for n, m in metrics.items() if isinstance(m, dict) and isinstance(m.get("value"), (int, float))})
-    return out
+def render_sweep(data: ReportData, item: Loaded) -> Html:
+    s: SweepResult = item.value
+    tables = [pivot({(r.timestep, r.block): getattr(r, metric) for r in s.rows}, caption)
+              for metric, caption in zip(SWEEP_METRICS, ("linear probe top-1", f"kNN top-1 (k={s.knn_k})",
+                                                         f"kNN top-5 (k={s.knn_k})"))]
+    return join([heading(data, item),
+                 tag("p", f"{len(s.rows)} (t, block) pairs in {s.seconds:.1f} s; kNN vote: {s.knn_vote}", class_="small"),
+                 tag("div", join(tables), class_="tables"), figures(item.figures)])
 
 
-def render_others(others: Sequence[Loaded[Any]]) -> Html:
-    parts = []
-    for item in others:
-        numbers_ = headline(item.value)
-        parts += [tag("h3", item.name), images_used(item.value.get("runs")),
-                  table(list(numbers_), [list(numbers_.values())]) if numbers_ else
-                  tag("p", "No headline numbers recognised in this file; its content is below.", class_="note"),
-                  figures(item.figures) if item.figures else "", details("the whole file", item.value)]
-    return section("results", "Other results", *parts)
+def render_cka(data: ReportData, item: Loaded) -> Html:
+    c: CkaResult = item.value
+    tables = [table(["", *c.cols], ([r, *(Html(tag("td", "n/a", class_="na")) if v is None else v for v in row)]
+                                    for r, row in zip(c.rows, matrix)), f"linear CKA ({estimator})", grid=True)
+              for estimator, matrix in sorted(c.matrices.items(), key=lambda kv: kv[0] != "unbiased")]
+    return join([heading(data, item), tag("p", f"{c.method} method, {c.images} images, {pooling(c.pool)}", class_="small"),
+                 tag("p", c.undefined, class_="note") if c.undefined else "",
+                 figures(item.figures), tag("div", join(tables), class_="tables")])
+
+
+def per_class_table(classes: Sequence[str], columns: Mapping[str, Mapping[str, float]],
+                    confusion: Sequence[Sequence[int]] | None) -> Html:
+    """Per-class top-1, a column per classifier (`columns`: name -> {class: top-1}), with the test
+    images per class (a confusion row's sum) when a confusion matrix is given."""
+    counts_ = [sum(row) for row in confusion] if confusion is not None else None
+    rows = []
+    for i, name in enumerate(classes):
+        if not any(name in col for col in columns.values()):
+            continue  # no test image of this class
+        rows.append([name, *([counts_[i]] if counts_ else []), *(col.get(name) for col in columns.values())])
+    headers = ["class", *(["test images"] if counts_ else []), *(f"top-1 {n}" if n else "top-1" for n in columns)]
+    return table(headers, rows, "per-class top-1 (test)", grid=True)
+
+
+def confusion_table(classes: Sequence[str], confusion: Sequence[Sequence[int]], caption: str) -> Html:
+    """The confusion matrix as a table (rows: true class, columns: predicted), each cell shaded by
+    its share of the row; for more than CONFUSION_MAX_CLASSES classes, its largest confusions."""
+    m = np.asarray(confusion, dtype=np.int64)
+    if len(classes) > CONFUSION_MAX_CLASSES:
+        off = m.copy()
+        np.fill_diagonal(off, 0)
+        order = np.argsort(-off, axis=None, kind="stable")[:CONFUSIONS_LISTED]
+        rows = [[classes[i], classes[j], int(off[i, j])] for i, j in zip(*np.unravel_index(order, m.shape)) if off[i, j]]
+        return table(["true class", "predicted", "images"], rows,
+                     f"{caption}: the {CONFUSIONS_LISTED} largest confusions ({len(classes)} classes; "
+                     "the whole matrix is in the JSON)")
+    shares = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+
+    def shaded(i: int, j: int) -> Html:
+        alpha = 0.85 * shares[i, j]
+        colour = "9,105,218" if i == j else "207,34,46"
+        style = f"background: rgba({colour},{alpha:.2f})" + ("; color: #fff" if alpha > 0.5 else "")
+        return tag("td", int(m[i, j]), class_="num", style=style, title=f"true {classes[i]}, predicted {classes[j]}")
+
+    rows = [[Html(tag("th", name)), *(shaded(i, j) for j in range(len(classes)))] for i, name in enumerate(classes)]
+    return table(["true \\ predicted", *classes], rows, caption, grid=True, class_="confusion")
+
+
+def class_parts(doc: Mapping[str, Any], classes: Sequence[str], columns: Mapping[str, Mapping[str, float]],
+                what: str) -> list[Html]:
+    """Per-class table and confusion matrix of a probe result, or a note when it predates them."""
+    if "confusion" not in doc:
+        return [tag("p", "No per-class top-1 or confusion matrix in this results file (written by an older "
+                         "version): run the probe again to get them.", class_="note")]
+    return [tag("div", join([per_class_table(classes, columns, doc["confusion"]),
+                             confusion_table(classes, doc["confusion"], f"confusion matrix of {what} "
+                                             "(rows: true class, columns: predicted; test images)")]),
+                class_="tables")]
+
+
+def render_probe(data: ReportData, item: Loaded) -> Html:
+    d = item.value
+    numbers_ = table(["top-1 (test)", "top-1 (train)", "features", "train images", "test images", "pool", "C"],
+                     [[d["top1"], d["train_top1"], d["features"], d["train"], d["test"],
+                       "none" if d["pool"] is None else f"{d['pool']}x{d['pool']}", fmt((d.get("settings") or {}).get("c"))]])
+    chance = f"chance 1/{len(d['classes'])} = {1 / len(d['classes']):.3f}" if d.get("classes") else ""
+    return join([heading(data, item), numbers_, tag("p", chance, class_="small") if chance else "",
+                 *class_parts(d, d.get("classes", []), {"": d.get("per_class", {})}, "the probe")])
+
+
+def render_heads(data: ReportData, item: Loaded) -> Html:
+    d = item.value
+    rows = []
+    for h in d["heads"]:
+        name = tag("b", h["name"] + " (best on validation)") if h["name"] == d["best_head"] else h["name"]
+        rows.append([name, h["kind"], h["lr"], joined(f"t={label_t(t)} {b}" for t, b in h["keys"]), h["top1"],
+                     h["top5"], h.get("val_top1"), f"{h.get('best_epoch', '—')} of {h.get('epochs', '—')}"])
+    images = d["images"]
+    best = next(h for h in d["heads"] if h["name"] == d["best_head"])
+    parts = [heading(data, item),
+             tag("p", f"{images['train']} train / {images['val']} validation / {images['test']} test images; "
+                      f"{d['epochs_run']} epochs, {d['seconds_per_epoch']:.2f} s per epoch; "
+                      f"chance 1/{len(d['classes'])} = {1 / len(d['classes']):.3f}", class_="small"),
+             table(["head", "kind", "lr", "maps", "top-1 (test)", "top-5 (test)", "top-1 (validation)", "best epoch"],
+                   rows)]
+    columns = {h["name"]: h.get("per_class", {}) for h in d["heads"]}  # every head's; the best head's confusion
+    return join([*parts, figures(item.figures),
+                 *class_parts(best, d["classes"], columns, f"the best head, {best['name']}")])
+
+
+def render_knn(data: ReportData, item: Loaded) -> Html:
+    d = item.value
+    rows = [[k, d["top1"][k], d["top5"].get(k)] for k in d["top1"]]
+    return join([heading(data, item),
+                 table(["k", "top-1 (test)", "top-5 (test)"], rows,
+                       f"{d['train']} train / {d['test']} test images, {d['features']} features "
+                       f"({pooling(d['pool'])}), temperature {d['temperature']}"),
+                 tag("p", f"vote: {d.get('vote', '—')}", class_="small")])
+
+
+def render_fewshot(data: ReportData, item: Loaded) -> Html:
+    d = item.value
+    shots = sorted({s["shots"] for c in d["classifiers"] for s in c["scores"]})
+    rows = []
+    for c in d["classifiers"]:
+        by_shots = {s["shots"]: s for s in c["scores"]}
+        rows.append([c["name"], joined(f"t={label_t(t)} {b}" for t, b in c["keys"]),
+                     *(Html(tag("td", f"{by_shots[k]['mean']:.3f} ± {by_shots[k]['std']:.3f}", class_="num",
+                                data_sort=by_shots[k]["mean"])) if k in by_shots else "—" for k in shots)])
+    caption = (f"top-1 on {d['test']} test images, mean ± std (ddof {d['std_ddof']}) over seeds "
+               f"{', '.join(map(str, d['seeds']))}; shots drawn from {d['train_pool']} train images, {d['classes']} classes")
+    return join([heading(data, item), table(["classifier", "maps", *(f"{k}-shot" for k in shots)], rows, caption),
+                 figures(item.figures)])
+
+
+def render_retrieve(data: ReportData, item: Loaded) -> Html:
+    d = item.value
+    metrics = table(["metric", "value", "variant"],
+                    [[name, m["value"], variant_text(m)] for name, m in d["metrics"].items()],
+                    f"{d['query']['images']} queries, {d['gallery']['images']} gallery images, {len(d['classes'])} classes, "
+                    f"{d['features']} features")
+    names = list(d["metrics"])
+    per_class = table(["class", *names], [[c, *(v.get(n) for n in names)] for c, v in d["per_class"].items()],
+                      "per class (mean over the class's queries)", grid=True)
+    variants = tag("details", join([tag("summary", "what the variants mean"),
+                                    table(["variant", "value", "meaning"],
+                                          [[k, v, meaning] for k, options in (d.get("variants") or {}).items()
+                                           for v, meaning in options.items()])]))
+    projection = tag("p", f"trained projection: {json.dumps(d['projection'], default=str)}", class_="small") \
+        if d.get("projection") else ""
+    grid_note = tag("p", d["grid_note"], class_="note") if d.get("grid_note") else ""
+    return join([heading(data, item), tag("div", join([metrics, per_class]), class_="tables"), variants, projection,
+                 grid_note, figures(item.figures)])
+
+
+def render_other(data: ReportData, item: Loaded) -> Html:
+    numbers_ = headline(item.value)
+    return join([heading(data, item),
+                 table(list(numbers_), [list(numbers_.values())]) if numbers_ else
+                 tag("p", "No headline numbers recognised in this file; its content is below.", class_="note"),
+                 figures(item.figures)])
+
+
+RENDERERS: dict[str, Callable[[ReportData, Loaded], Html]] = {
+    "sweep": render_sweep, "cka": render_cka, "probe": render_probe, "heads": render_heads, "knn": render_knn,
+    "fewshot": render_fewshot, "retrieve": render_retrieve, "other": render_other,
+}
+
+
+def render_kind(data: ReportData, anchor: str) -> Html:
+    title, _, kinds = SECTIONS[anchor]
+    return section(anchor, title, *(join([RENDERERS[item.kind](data, item), details("the whole file", item.value.to_dict()
+                                          if isinstance(item.value, (SweepResult, CkaResult)) else item.value)])
+                                    for item in data.of(kinds)))
+
+
+def render_all(data: ReportData) -> Html:
+    """Every result in one table, sorted by clicking a header (SORT_JS)."""
+    rows = []
+    for item in data.loaded:
+        e = item.entry
+        runs = join((tag("div", join([tag("code", r[:8]), f" {data.runs[r].backbone} / {data.runs[r].dataset}"]),
+                         class_="nowrap") for r in e.runs))
+        settings = e.settings if len(e.settings) <= SETTINGS_SHOWN else e.settings[:SETTINGS_SHOWN] + " …"
+        rows.append([e.command, Html(tag("td", tag("a", item.name, href=f"#{anchor_of(data, item)}"), class_="file")),
+                     runs, e.timesteps, e.blocks, Html(tag("td", settings, class_="settings", title=e.settings)), e.metric,
+                     Html(tag("td", fmt(e.score), class_="num", data_sort="" if e.score is None else f"{e.score:.6f}"))])
+    headers = ["command", "file", "run", "t", "block", "settings", "score is", "score"]
+    return section("all", "Every result",
+                   tag("p", "Click a header to sort by it (again to reverse).", class_="small"),
+                   tag("div", table(headers, rows, class_="sortable"), class_="wide"))
 
 
 def render_unreadable(unreadable: Sequence[Unreadable]) -> Html:
@@ -448,33 +412,56 @@ def render_skipped(skipped: Sequence[Skipped]) -> Html:
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #1f2328;
-       max-width: 1200px; margin: 2em auto; padding: 0 1.5em; }
+       max-width: 1240px; margin: 2em auto; padding: 0 1.5em; }
 h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2em; margin-top: 2em; }
-h3 { font-size: 1.05em; font-family: ui-monospace, "DejaVu Sans Mono", monospace; margin-top: 1.5em; }
+h3 { font-size: 1.05em; margin: 1.6em 0 .3em; }
+h3 .file { display: block; font: 12px ui-monospace, "DejaVu Sans Mono", monospace; color: #57606a; font-weight: normal; }
 nav a { margin-right: 1em; } .note { color: #8a6100; } .nowrap { white-space: nowrap; }
+.small { font-size: 13px; color: #57606a; margin: .2em 0; }
 table { border-collapse: collapse; margin: .6em 0; font-size: 13px; }
 th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; }
 td.num, table.grid td + td { text-align: right; font-variant-numeric: tabular-nums; }
-caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: 2px; }
+td.na { color: #8c959f; text-align: center; }
+table.confusion td { min-width: 2.2em; }
+td.settings { font-size: 11px; color: #57606a; max-width: 24em; }
+td.file { font: 11px ui-monospace, "DejaVu Sans Mono", monospace; word-break: break-all; min-width: 15em; }
+.wide { overflow-x: auto; }
+table.sortable th { cursor: pointer; user-select: none; white-space: nowrap; }
+table.sortable th[data-dir="asc"]::after { content: " \\25B2"; } table.sortable th[data-dir="desc"]::after { content: " \\25BC"; }
+p.caption { font-weight: 600; font-size: 13px; margin: .6em 0 -.4em; max-width: 60em; }
 .tables, .figures { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
-figure { margin: .5em 0; } figure img { max-width: 100%; border: 1px solid #eaeef2; }
-figcaption { font-size: 12px; color: #57606a; }
+figure { margin: .5em 0; max-width: 100%; } figure img { max-width: 100%; border: 1px solid #eaeef2; }
+figcaption { font-size: 12px; color: #57606a; max-width: 70em; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12px; }
 details { margin: .4em 0; } summary { cursor: pointer; color: #0969da; }
 pre { background: #f6f8fa; padding: .8em; overflow: auto; max-height: 28em; font-size: 12px; }
 """
 
-TITLES = {"store": "Store", "images": "Images", "sweeps": "Sweeps", "cka": "CKA", "results": "Other results",
-          "unreadable": "Not shown", "skipped": "Skipped"}
+# Sorts a table.sortable by the clicked column: numbers (a cell's data-sort, else its text) before
+# text, empty cells last; a second click reverses.
+SORT_JS = """
+document.querySelectorAll("table.sortable th").forEach((th, column) => th.addEventListener("click", () => {
+  const body = th.closest("table").tBodies[0], ascending = th.dataset.dir !== "asc";
+  th.parentNode.querySelectorAll("th").forEach(h => delete h.dataset.dir);
+  th.dataset.dir = ascending ? "asc" : "desc";
+  const key = row => { const c = row.cells[column], v = (c.dataset.sort ?? c.textContent).trim();
+                       return v === "" || v === "—" ? [2, ""] : isNaN(v) ? [1, v.toLowerCase()] : [0, Number(v)]; };
+  const order = (a, b) => a[0] - b[0] || (a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0);
+  [...body.rows].map(r => [key(r), r]).sort((a, b) => a[0][0] === 2 || b[0][0] === 2 ? order(a[0], b[0])
+    : (ascending ? 1 : -1) * order(a[0], b[0])).forEach(([, r]) => body.appendChild(r));
+}));
+"""
+
+TITLES = {"store": "Store", "images": "Images", "all": "Every result",
+          **{anchor: nav for anchor, (_, nav, _) in SECTIONS.items()}, "unreadable": "Not shown", "skipped": "Skipped"}
 
 
 def render_html(data: ReportData) -> str:
-    """One self-contained page: inline CSS, images as data URIs, links only to its own sections."""
+    """One self-contained page: inline CSS and script, images as data URIs, links only to its own sections."""
     renderers: dict[str, Callable[[], Html]] = {
         "store": lambda: render_store(data.store), "images": lambda: render_images(data.datasets),
-        "sweeps": lambda: render_sweeps(data.sweeps), "cka": lambda: render_ckas(data.ckas),
-        "results": lambda: render_others(data.others),
+        "all": lambda: render_all(data), **{a: (lambda a=a: render_kind(data, a)) for a in SECTIONS},
         "unreadable": lambda: render_unreadable(data.unreadable),
         "skipped": lambda: render_skipped(data.skipped),
     }
@@ -485,12 +472,13 @@ def render_html(data: ReportData) -> str:
     body = join([tag("h1", title), tag("p", where) if data.results_found else tag("p", where, class_="note"),
                  nav, *(renderers[s]() for s in data.sections)])
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{esc(title)}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+            f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n<script>{SORT_JS}</script>\n</body>\n</html>\n")
 
 
-def write_report(store_url: str, out: str | Path | None = None, results: str | Path | None = None) -> ReportSummary:
+def write_report(store_url: str, out: str | Path | None = None, results: str | Path | None = None,
+                 t_axis: str = DEFAULT_T_AXIS) -> ReportSummary:
     """Collect, render and write the page (default: `report.html` in the results folder)."""
-    data = collect_report(store_url, results)
+    data = collect_report(store_url, results, t_axis)
     path = Path(out) if out is not None else data.results_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(data), encoding="utf-8")
