@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.app import app, user_errors
+from cli.app import QuietFlag, app, user_errors
 
 
 @app.command()
@@ -17,11 +17,14 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the store (store.zarr), its results (store.zarr.results/) "
                                            "and the report.")] = Path("demo-output"),
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 64,
+    quiet: QuietFlag = False,
 ) -> None:
     """The whole flow on the embedded default: MNIST DDPM features of 2,000 digits, then a linear
-    probe and a kNN for every (t, block) from the cache (saved in store.zarr.results/), and an HTML
-    report."""
+    probe and a kNN for every (t, block) and linear CKA between the blocks at t=100, from the cache
+    (saved in store.zarr.results/), and an HTML report."""
+    from pipelines.progress import set_quiet
     from pipelines.report.demo import run_demo
 
-    report = run_demo(out, batch_size=batch_size, progress=sys.stderr.isatty(), echo=typer.echo)
+    set_quiet(quiet)
+    report = run_demo(out, batch_size=batch_size, progress=sys.stderr.isatty() and not quiet, echo=typer.echo)
     typer.echo(f"report: {report}")

@@ -2,9 +2,10 @@
 
 Extract MNIST DDPM features of the 2,000 embedded digits at seven timesteps and four blocks
 (one forward per batch and t), then from the cache alone a linear probe and a weighted kNN for
-every (t, block) (`sweep`), and one self-contained HTML report page. Written into `out`: the store
-`store.zarr`, its results folder `store.zarr.results/` (the sweep as JSON and CSV and its two plots)
-and `report.html`.
+every (t, block) (`sweep`), linear CKA between every pair of blocks at t=100 (`cka --grid
+blocks`), and one self-contained HTML report page. Written into `out`: the store `store.zarr`,
+its results folder `store.zarr.results/` (the sweep as JSON and CSV and its two plots, the CKA
+grid as JSON and PNG) and `report.html`.
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from pathlib import Path
 
 from featurestore.store import FeatureStore
 from pipelines.analysis import results_dir
+from pipelines.analysis.cka import CkaResult, cka_run, grid_views, save_cka
 from pipelines.analysis.sweep import pivot_table, save_sweep, sweep_run
 from pipelines.extract.runner import ExtractConfig, extract
 from pipelines.report.html import write_report
 
 DEMO_TIMESTEPS = [0, 10, 50, 100, 200, 300, 500]
 DEMO_POOL = 4
+DEMO_CKA_TIMESTEP = 100
 
 
 def run_demo(out: Path, batch_size: int = 64, progress: bool = True, echo: Callable[[str], None] = print) -> Path:
     """Run the demo into `out`; returns the report page."""
     out.mkdir(parents=True, exist_ok=True)
     store_path = str(out / "store.zarr")
+    results = results_dir(store_path, None)
     tic = time.perf_counter()
     result = extract(ExtractConfig(
         store=store_path, backbone="ddpm-mnist", dataset="demo", timesteps=DEMO_TIMESTEPS,
@@ -34,12 +38,27 @@ def run_demo(out: Path, batch_size: int = 64, progress: bool = True, echo: Calla
     ))
     echo(f"extracted run {result.run_id}: {result.done} images x {len(DEMO_TIMESTEPS)} timesteps x 4 blocks "
          f"in {time.perf_counter() - tic:.1f} s")
-    sweep = sweep_run(FeatureStore.open(store_path), result.run_id, pool=DEMO_POOL)
-    saved = save_sweep(sweep, results_dir(store_path, None))
+    store = FeatureStore.open(store_path)
+    sweep = sweep_run(store, result.run_id, pool=DEMO_POOL)
+    saved = save_sweep(sweep, results)
     echo(f"linear probe, test top-1 (features pooled to {DEMO_POOL}x{DEMO_POOL}; 1,000 train / 1,000 test digits):")
     echo(pivot_table(sweep, "linear_top1"))
     echo(f"weighted kNN (k={sweep.knn_k}), test top-1:")
     echo(pivot_table(sweep, "knn_top1"))
     echo(f"{len(sweep.rows)} (t, block) pairs probed from the cache in {sweep.seconds:.1f} s; saved "
          + ", ".join(str(p) for p in saved))
+    tic = time.perf_counter()
+    cka = cka_run(*grid_views(store, "blocks", result.run_id, timestep=DEMO_CKA_TIMESTEP), "blocks", pool=DEMO_POOL)
+    saved = save_cka(cka, results)
+    echo(f"linear CKA (unbiased, {cka.method} method) between blocks at t={DEMO_CKA_TIMESTEP}, {cka.images} digits:")
+    echo(cka_table(cka, "unbiased"))
+    echo(f"in {time.perf_counter() - tic:.1f} s; saved " + ", ".join(str(p) for p in saved))
     return Path(write_report(store_path, out / "report.html").out)
+
+
+def cka_table(result: CkaResult, estimator: str) -> str:
+    """One CKA matrix as a Markdown table (n/a: undefined)."""
+    lines = ["| | " + " | ".join(result.cols) + " |", "|---|" + "---|" * len(result.cols)]
+    for label, row in zip(result.rows, result.matrices[estimator]):
+        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in row) + " |")
+    return "\n".join(lines)
