@@ -6,8 +6,9 @@ as a reader will (not part of the tests: it needs a browser; `apt-get install -y
 
 Writes into --out-dir: report.html, report-full.png (the whole page: its height is measured first
 in the same browser), and report-page-1.png, report-page-2.png, ... (the full shot cut into pieces
-of --page-height pixels, small enough to read in an image viewer). --docs also writes a compact copy
-of the full shot (256 colours, scaled down until it is under --max-bytes) for the documentation.
+of --page-height pixels, small enough to read in an image viewer). --docs also writes a copy of the
+full shot under --max-bytes for the documentation (full colour when it fits, else 256 colours,
+scaled down until it fits).
 
 Chromium runs with networking features off and a throw-away profile, so a page that asked for
 anything outside itself would show it as a broken image rather than quietly fetch it.
@@ -85,18 +86,20 @@ def pages(png: Path, page_height_px: int) -> list[Path]:
 
 
 def compact(png: Path, out: Path, max_bytes: int) -> Path:
-    """A 256-colour copy of `png`, scaled down in steps of 10% until it is under `max_bytes`."""
+    """A copy of `png` under `max_bytes`: full colour if it fits, else 256 colours (which bands the
+    colour bars), scaled down in steps of 10% until one of them fits."""
     image = Image.open(png).convert("RGB")
     scale = 1.0
     while True:
-        size = (round(image.width * scale), round(image.height * scale))
-        small = image.resize(size, Image.LANCZOS) if scale < 1 else image
-        buffer = io.BytesIO()
-        small.quantize(256, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
-        if buffer.tell() <= max_bytes or scale < 0.3:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(buffer.getvalue())
-            return out
+        small = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS) \
+            if scale < 1 else image
+        for candidate in (small, small.quantize(256, method=Image.Quantize.MEDIANCUT)):
+            buffer = io.BytesIO()
+            candidate.save(buffer, format="PNG", optimize=True)
+            if buffer.tell() <= max_bytes or scale < 0.3:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(buffer.getvalue())
+                return out
         scale *= 0.9
 
 
