@@ -179,6 +179,8 @@ def render_store(doc: Mapping[str, Any]) -> Html:
         tag("div", table(headers, rows), class_="wide") if rows else tag("p", "No runs yet."),
         tag("p", f"Runs killed while being created (a re-run rebuilds them): {', '.join(incomplete)}",
             class_="note") if incomplete else "",
+        join(tag("p", f"Run {run_id} not shown: its metadata cannot be read ({error}); featurestore verify "
+                      "--repair removes it", class_="note") for run_id, error in (doc.get("broken_runs") or {}).items()),
         specs,
     )
 

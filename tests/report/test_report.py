@@ -321,3 +321,17 @@ def test_cli_report_json(store_with_results, tmp_path):
     assert missing.exit_code == 1 and "no feature store" in missing.output
     bad = CliRunner().invoke(app, ["report", str(path), "--out", str(out), "--t-axis", "cubic"])
     assert bad.exit_code == 1 and "error: --t-axis takes log or linear, got 'cubic'" in bad.output
+
+
+def test_a_run_with_corrupt_metadata_is_named_and_the_others_shown(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.array([0, 1] * 4)
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), mode="a")
+    rows = store.add_images("toy", {"id": [f"i{i}" for i in range(8)], "label": labels,
+                                    "class_name": [f"c{l}" for l in labels], "split": ["train", "test"] * 4,
+                                    "domain": ["x"] * 8, "source": [f"i{i}" for i in range(8)]})
+    good = write_run(store, {"backbone": "tiny", "dataset": "toy"}, rows, labels, ["b0"], [5], rng)
+    bad = write_run(store, {"backbone": "tiny", "dataset": "toy", "seed": 1}, rows, labels, ["b0"], [5], rng)
+    (tmp_path / "s.zarr" / "runs" / bad / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
+    text = render_html(collect_report(str(tmp_path / "s.zarr")))
+    assert good in text and f"Run {bad} not shown: its metadata cannot be read" in text
