@@ -20,6 +20,7 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables for extract: DATASET=$(DATASET) BACKBONE=$(BACKBONE) TIMESTEPS=$(TIMESTEPS) BLOCKS=$(BLOCKS)"
 	@echo "                         STORE=$(STORE) DATA_ROOT=<folder> EXTRA='<more extract options>'"
+	@echo "                         (TIMESTEPS= for experts, which take none; EXTRA=--dry-run shows size and time first)"
 
 $(INSTALLED): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +40,7 @@ demo: $(INSTALLED) ## Extract, probe and report on the embedded MNIST default (a
 
 extract: $(INSTALLED) ## Extract DATASET (a data_manifests/ name) with BACKBONE into STORE
 	$(FS) extract --dataset $(DATASET) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --backbone $(BACKBONE) \
-		--timesteps $(TIMESTEPS) --blocks $(BLOCKS) --store $(STORE) $(EXTRA)
+		$(if $(TIMESTEPS),--timesteps $(TIMESTEPS)) --blocks $(BLOCKS) --store $(STORE) $(EXTRA)
 
 clean: ## Remove demo output and caches (keeps .venv and stores/)
 	rm -rf demo-output .pytest_cache

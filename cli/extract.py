@@ -46,10 +46,19 @@ def extract(
     scheduler: Annotated[Optional[str], typer.Option(help="Run on an existing dask cluster at this address.")] = None,
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed", help="Extract again the chunks holding images that failed (e.g. once their files are fixed).")] = False,
+    allow_mismatch: Annotated[bool, typer.Option(
+        "--allow-mismatch", help="Extract colour images with a grey-only backbone (refused by default).")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the arrays, the expected store size and time (measured on a warm-up) and the "
+                          "free space; write nothing to the store.")] = False,
+    warmup_images: Annotated[int, typer.Option(
+        help="Images extracted into a temporary store to measure sizes and speed (--dry-run, disk check).")] = 32,
+    ignore_free_space: Annotated[bool, typer.Option(
+        "--ignore-free-space", help="Start even when the store would not fit in its device's free space.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run the frozen backbone once per (image, timestep) and store every requested block."""
-    from pipelines.extract.runner import ExtractConfig, extract as run_extract
+    from pipelines.extract.runner import ExtractConfig, dry_run as plan_extract, extract as run_extract
 
     cfg = ExtractConfig(
         store=store, backbone=backbone, dataset=dataset, manifest=manifest, data_root=data_root,
@@ -58,8 +67,13 @@ def extract(
         seed=seed, noise=noise, ddim_steps=ddim_steps, guidance_scale=guidance_scale, prompt=prompt,
         captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), dtype=dtype, codec=codec,
         device=device, autocast=autocast, chunk_rows=chunk_rows, workers=workers, scheduler=scheduler,
-        progress=not json_out and sys.stderr.isatty(), retry_failed=retry_failed,
+        progress=not json_out and sys.stderr.isatty(), retry_failed=retry_failed, allow_mismatch=allow_mismatch,
+        ignore_free_space=ignore_free_space, warmup_images=warmup_images,
     )
+    if dry_run:
+        plan = plan_extract(cfg)
+        typer.echo(plan.to_json() if json_out else plan.to_text())
+        return
     result = run_extract(cfg)
     if json_out:
         typer.echo(result.to_json())

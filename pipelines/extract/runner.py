@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,10 +26,23 @@ import torch
 import torch.nn.functional as F
 
 from data_manifests.manifest import Manifest, ManifestError, load_dataset, load_manifest
-from featurestore.store import FeatureStore, WritableRun, WritableStore, feature_codec
+from featurestore.store import (FeatureStore, StoreError, WritableRun, WritableStore, feature_codec, same_spec,
+                                 timestep_key)
 from pipelines.device import resolve_device
 from pipelines.extract.backbone import Backbone, create_backbone
 from pipelines.extract.noise import NOISE_MODES, ddim_invert, q_sample
+from pipelines.extract.plan import (
+    RAW_MARGIN,
+    ArrayPlan,
+    Plan,
+    Warmup,
+    free_space,
+    human_bytes,
+    input_mismatch,
+    manifest_rows,
+    sample_rows,
+    stored_bytes,
+)
 from pipelines.extract.prompts import PromptSource, parse_prompt, prompts_for
 from pipelines.extract.reader import Chunk, read_chunk
 
@@ -71,6 +85,9 @@ class ExtractConfig:
     scheduler: str | None = None  # address of an existing dask cluster
     progress: bool = True
     retry_failed: bool = False  # compute again the chunks that hold images which failed before
+    allow_mismatch: bool = False  # extract colour images with a grey-only backbone (plan.input_mismatch)
+    ignore_free_space: bool = False  # start even when the store's device has too little free space
+    warmup_images: int = 32  # images a dry run (or a disk check) extracts into a temporary store
 
 
 @dataclass
@@ -113,10 +130,14 @@ class Job:
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run (or continue) the extraction of `cfg` into its store.
 
-    Raises OSError naming the store when its device is full. An exception while the chunks run
-    (KeyboardInterrupt from Ctrl-C too) carries a note: how many chunks are saved, and that the
-    same extraction resumes from there."""
+    Before anything is written, raises ValueError when the dataset's images do not fit the
+    backbone (`check_input_fit`) or the store's device lacks the space (`check_free_space`).
+    Raises OSError naming the store when its device gets full all the same. An exception while
+    the chunks run (KeyboardInterrupt from Ctrl-C too) carries a note: how many chunks are saved,
+    and that the same extraction resumes from there."""
     job = prepare_job(cfg)
+    check_input_fit(job)
+    check_free_space(job)
     try:
         return _extract(job)
     except OSError as exc:
@@ -274,6 +295,117 @@ def default_chunk_rows(shapes: dict[str, tuple[int, int, int]], dtype: str) -> i
     per_image = max(int(np.prod(s)) for s in shapes.values()) * np.dtype(dtype).itemsize
     rows = max(1, min(MAX_CHUNK_ROWS, CHUNK_TARGET_BYTES // per_image))
     return 1 << (rows.bit_length() - 1)
+
+
+# -- before the run: input fit, free space, dry run ----------------------------------------------
+
+def check_input_fit(job: Job) -> None:
+    """Raise ValueError when the dataset's images do not fit the backbone's input
+    (`plan.input_mismatch`: colour images into a grey-only model), unless --allow-mismatch."""
+    if not job.cfg.allow_mismatch:
+        problem = input_mismatch(job.manifest, job.backbone.input, job.backbone.name)
+        if problem:
+            raise ValueError(problem)
+
+
+def images_to_extract(job: Job) -> int:
+    """Images of the job not written yet: those outside the done chunks of a run of the same
+    spec already in the store, or all of them (also with --prompt blip, whose spec names
+    captions that are not made yet)."""
+    if job.prompt.kind == "blip":
+        return len(job.manifest)
+    try:
+        store = FeatureStore.open(job.cfg.store)
+    except StoreError:  # no store yet (or not one: the extraction itself says so)
+        return len(job.manifest)
+    spec = run_spec(job, None)
+    for run in store.runs():
+        if same_spec(run.spec, spec):
+            return sum(run.chunk_len(int(c)) for c in np.flatnonzero(~run.done_chunks()))
+    return len(job.manifest)
+
+
+def check_free_space(job: Job) -> None:
+    """Raise ValueError, before anything is written, when the images still to extract would
+    not fit in the free space of a local store's device (a URL's is unknown: not checked).
+
+    Their raw size (values x dtype, RAW_MARGIN for the codec's headers) bounds what they take;
+    only when that bound exceeds the free space is the stored size measured, by the warm-up of
+    `plan`. --ignore-free-space skips the check."""
+    cfg = job.cfg
+    if cfg.ignore_free_space:
+        return
+    free, _ = free_space(cfg.store)
+    if free is None:
+        return
+    todo = images_to_extract(job)
+    raw = sum(int(np.prod(s)) for s in job.shapes.values()) * np.dtype(cfg.dtype).itemsize * len(job.timesteps)
+    if todo * raw * RAW_MARGIN <= free:
+        return
+    measured = plan(job)
+    if measured.fits is False:
+        less = "--pool, --blocks, --timesteps, --codec int8 or bitround:K"
+        less += ", --dtype float16" if cfg.dtype != "float16" else ""
+        raise ValueError(
+            f"{todo:,} images would take about {human_bytes(measured.expected_bytes_to_write)} "
+            f"({human_bytes(measured.stored_bytes_per_image)} per image as stored, measured on "
+            f"{measured.warmup.images - measured.warmup.failed} images), but {measured.free_space_at} has "
+            f"{human_bytes(measured.free_bytes)} free; store less ({less}), choose a --store with room, "
+            "or pass --ignore-free-space")
+
+
+def dry_run(cfg: ExtractConfig) -> Plan:
+    """What `extract` would store and take, from a warm-up (`plan`); the store is not touched.
+    Refuses what `extract` refuses before it starts, except the lack of free space (reported)."""
+    job = prepare_job(cfg)
+    check_input_fit(job)
+    return plan(job)
+
+
+def plan(job: Job) -> Plan:
+    """Extract cfg.warmup_images images, evenly spaced over the manifest, into a temporary local
+    store: the same `_extract` with the job's spec (codec included), chunk layout and batch size,
+    in this process. Its chunk files give the stored bytes per image of every array, and its
+    compute and write seconds the time per image; both are scaled to the images still to
+    extract. Raises ValueError when no warm-up image could be read."""
+    cfg = job.cfg
+    rows = sample_rows(len(job.manifest), cfg.warmup_images)
+    chunk_rows = cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype)
+    with tempfile.TemporaryDirectory(prefix="featurestore-warmup-") as tmp:
+        warm_cfg = replace(cfg, store=str(Path(tmp) / "warmup.zarr"), chunk_rows=chunk_rows, workers=None,
+                           scheduler=None, retry_failed=False)
+        try:
+            result = _extract(replace(job, cfg=warm_cfg, manifest=manifest_rows(job.manifest, rows), prompts=None))
+        except KeyboardInterrupt:
+            stop = KeyboardInterrupt()
+            stop.add_note(f"interrupted during the warm-up; nothing was written to {cfg.store}")
+            raise stop from None
+        ok = len(rows) - len(result.failed)
+        if ok == 0:
+            raise ValueError(f"none of the {len(rows)} warm-up images could be read (first: "
+                             f"{next(iter(result.failed.values()))}); nothing to measure")
+        run = FeatureStore.open(warm_cfg.store).run(result.run_id)
+        keys = {(t, b): f"{timestep_key(t)}/{b}" for t in job.timesteps for b in job.blocks}
+        folders = {key: run.array_path(t, b) for (t, b), key in keys.items()}
+        measured, other = stored_bytes(Path(warm_cfg.store), folders)
+        first = run.array(*next(iter(keys)))
+        codecs = [c.to_dict() for c in first.metadata.codecs]
+        arrays = []
+        for (t, b), key in keys.items():
+            dtype = run.array(t, b).dtype
+            shape = list(job.shapes[b])
+            arrays.append(ArrayPlan(key, shape, str(dtype), int(np.prod(shape)) * dtype.itemsize, measured[key] / ok))
+    warm = Warmup(len(rows), len(result.failed), result.seconds)
+    free, where = free_space(cfg.store)
+    todo = images_to_extract(job)
+    per_image = sum(a.stored_bytes_per_image for a in arrays)
+    return Plan(
+        store=cfg.store, backbone=job.backbone.name, dataset=job.manifest.name, images=len(job.manifest),
+        images_to_extract=todo, chunk_rows=chunk_rows, codecs=codecs, arrays=arrays, other_bytes=other,
+        expected_bytes=round(per_image * len(job.manifest)) + other,
+        expected_bytes_to_write=round(per_image * todo) + (other if todo == len(job.manifest) else 0),
+        expected_seconds=todo * warm.seconds_per_image, warmup=warm, free_bytes=free, free_space_at=where,
+    )
 
 
 # -- prompts and captions -----------------------------------------------------------------------
@@ -540,3 +672,5 @@ def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource)
         raise ValueError("give --workers N (a local cluster) or --scheduler ADDRESS, not both")
     if cfg.workers is not None and cfg.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if cfg.warmup_images < 1:
+        raise ValueError("--warmup-images must be at least 1")
