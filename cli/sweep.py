@@ -42,12 +42,13 @@ def sweep(
 
     set_quiet(quiet)
     folder = results_dir(store, out)
+    fs = FeatureStore.open(store)
     result = sweep_run(
-        FeatureStore.open(store), run, parse_stored_timesteps(timesteps),
+        fs, run, parse_stored_timesteps(timesteps),
         parse_blocks(blocks), pool, k, train_split, test_split, holdout, c, seed, temperature, device,
         allow_incomplete,
     )
-    saved = save_sweep(result, folder)
+    saved = save_sweep(result, folder, fs)
     if json_out:
         typer.echo(to_json(result.to_dict()))
         return

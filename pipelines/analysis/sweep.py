@@ -86,18 +86,22 @@ def pivot_table(result: SweepResult, metric: str = "linear_top1") -> str:
     return "\n".join(lines)
 
 
-def save_sweep(result: SweepResult, out: Path) -> list[Path]:
-    """The table as JSON and CSV and both plots in `out`: `sweep-<run>-<digest>.json`, `.csv`,
-    `-vs-t.png` and `-vs-block.png`."""
+def save_sweep(result: SweepResult, out: Path, store: FeatureStore) -> list[Path]:
+    """The table as JSON and CSV and its plots in `out`: `sweep-<run>-<digest>.json`, `.csv`,
+    `-vs-t.png` (not for a run of experts stored without a timestep) and `-vs-block.png` -- the
+    report's figures (`pipelines.report.results.sweep_plot`: chance line, best point, symlog t)."""
+    from pipelines.report.results import run_info, sweep_plot
+
     def path(suffix: str) -> Path:
         return results_path(out, "sweep", result.settings, result.run_id, suffix)
 
-    return [
-        write_json(result.to_dict(), path(".json")),
-        write_csv(result, path(".csv")),
-        plot_sweep(result, path("-vs-t.png"), by="timestep"),
-        plot_sweep(result, path("-vs-block.png"), by="block"),
-    ]
+    info = run_info(store, result.run_id)
+    saved = [write_json(result.to_dict(), path(".json")), write_csv(result, path(".csv"))]
+    for by, suffix in (("timestep", "-vs-t.png"), ("block", "-vs-block.png")):
+        if by == "block" or any(r.timestep is not None for r in result.rows):
+            sweep_plot(result, info, by, "log").savefig(path(suffix))
+            saved.append(path(suffix))
+    return saved
 
 
 def write_csv(result: SweepResult, path: Path) -> Path:
@@ -105,38 +109,4 @@ def write_csv(result: SweepResult, path: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=list(SweepRow.__dataclass_fields__))
         writer.writeheader()
         writer.writerows(asdict(r) for r in result.rows)
-    return path
-
-
-def plot_sweep(result: SweepResult, path: Path, by: str) -> Path:
-    """Linear and kNN top-1 side by side, against t (`by="timestep"`, a line per block; experts
-    stored without a timestep are left out) or against the block (`by="block"`, a line per t)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    line_of = "block" if by == "timestep" else "timestep"
-    blocks = list(dict.fromkeys(r.block for r in result.rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, metric, title in zip(axes, ("linear_top1", "knn_top1"), ("linear probe", f"weighted kNN (k={result.knn_k})")):
-        for line in dict.fromkeys(getattr(r, line_of) for r in result.rows):
-            points = [r for r in result.rows if getattr(r, line_of) == line]
-            if by == "timestep":
-                xy = sorted((r.timestep, getattr(r, metric)) for r in points if r.timestep is not None)
-            else:
-                xy = [(blocks.index(r.block), getattr(r, metric)) for r in points]
-            if xy:
-                ax.plot(*zip(*xy), marker="o", label=f"t={line}" if line_of == "timestep" else line)
-        if by == "block":
-            ax.set_xticks(range(len(blocks)), blocks)
-        ax.set_xlabel("timestep t" if by == "timestep" else "block")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 (test)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"run {result.run_id}, pool {result.pool}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

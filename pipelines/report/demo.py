@@ -40,7 +40,7 @@ def run_demo(out: Path, batch_size: int = 64, progress: bool = True, echo: Calla
          f"in {time.perf_counter() - tic:.1f} s")
     store = FeatureStore.open(store_path)
     sweep = sweep_run(store, result.run_id, pool=DEMO_POOL)
-    saved = save_sweep(sweep, results)
+    saved = save_sweep(sweep, results, store)
     echo(f"linear probe, test top-1 (features pooled to {DEMO_POOL}x{DEMO_POOL}; 1,000 train / 1,000 test digits):")
     echo(pivot_table(sweep, "linear_top1"))
     echo(f"weighted kNN (k={sweep.knn_k}), test top-1:")

@@ -188,16 +188,17 @@ def collect_report(store_url: str, results: str | Path | None = None, t_axis: st
     return data
 
 
+def run_info(store: FeatureStore, run_id: str) -> RunInfo:
+    """A run's backbone and dataset from its spec ("?" when the spec has none) and the number of
+    distinct labels of its images (the chance line is 1 / that)."""
+    run = store.run(run_id)
+    return RunInfo(run.run_id, str(run.spec.get("backbone", "?")), str(run.spec.get("dataset", "?")),
+                   len(np.unique(run.labels)))
+
+
 def run_infos(store: FeatureStore, doc: Mapping[str, Any]) -> dict[str, RunInfo]:
-    """Per run of the store: backbone and dataset from its spec ("?" when the spec has none) and
-    the number of distinct labels of its images (the chance line is 1 / that)."""
-    out = {}
-    for run in doc["runs"]:
-        spec = run["spec"]
-        labels = store.run(run["run_id"]).labels
-        out[run["run_id"]] = RunInfo(run["run_id"], str(spec.get("backbone", "?")), str(spec.get("dataset", "?")),
-                                     len(np.unique(labels)))
-    return out
+    """`run_info` of every run listed in `doc["runs"]`."""
+    return {run["run_id"]: run_info(store, run["run_id"]) for run in doc["runs"]}
 
 
 def result_files(folder: Path) -> list[Path]:

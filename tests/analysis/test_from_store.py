@@ -135,7 +135,7 @@ def test_sweep_rows_are_the_probe_and_knn_numbers(built, tmp_path):
         assert (row.linear_top1, row.linear_train_top1, row.features) == (probe.top1, probe.train_top1, probe.features)
         assert (row.knn_top1, row.knn_top5) == (knn.top1[5], knn.top5[5])
     assert result.rows[0].knn_top1 > result.rows[2].knn_top1  # the signal fades with t
-    saved = save_sweep(result, tmp_path / "results")
+    saved = save_sweep(result, tmp_path / "results", built["store"])
     assert [p.suffix for p in saved] == [".json", ".csv", ".png", ".png"]
     assert all(p.stat().st_size > 0 for p in saved)
     with saved[1].open() as f:

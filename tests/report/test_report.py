@@ -29,7 +29,7 @@ CLASSES = 3
 
 
 def write_run(store: FeatureStore, spec: dict, rows: np.ndarray, labels: np.ndarray, blocks: list[str],
-              timesteps: list[int], rng: np.random.Generator, chunk_rows: int = 16) -> str:
+              timesteps: list[int | None], rng: np.random.Generator, chunk_rows: int = 16) -> str:
     run = store.create_run(spec, arrays={b: (4, 2, 2) for b in blocks}, timesteps=timesteps, rows=rows,
                            chunk_rows=chunk_rows, dtype="float32", provenance={})
     for c in range(run.n_chunks):
@@ -39,7 +39,7 @@ def write_run(store: FeatureStore, spec: dict, rows: np.ndarray, labels: np.ndar
         for t in timesteps:
             for b in blocks:
                 x = rng.normal(size=(n, 4, 2, 2)).astype(np.float32)
-                x[np.arange(n), labels[s], 0, 0] += 3.0 * (1 + blocks.index(b)) / (1 + t / 50)  # class k lights up channel k
+                x[np.arange(n), labels[s], 0, 0] += 3.0 * (1 + blocks.index(b)) / (1 + (t or 0) / 50)  # class k lights up channel k
                 features[(t, b)] = x
         run.write_chunk(c, features, np.zeros(n, bool), [""] * n)
     run.record_session({"chunks": run.n_chunks, "seconds": {"read": 0.1, "compute": 1.25, "write": 0.2, "total": 1.55}})
@@ -65,7 +65,7 @@ def store_with_results(tmp_path_factory):
     second = write_run(store, {"backbone": "other", "dataset": "toy"}, rows, labels, ["b0"], [5], rng)
     out = results_dir(str(path), None)
     sweep = sweep_run(store, first, pool=None, knn_k=5)
-    sweep_json = save_sweep(sweep, out)[0]
+    sweep_json = save_sweep(sweep, out, store)[0]
     cka = cka_run(*grid_views(store, "blocks", first, timestep=5), "blocks", pool=None)
     save_cka(cka, out)
     knn = knn_run(store, second, 5, "b0", [5, 10], pool=None)
@@ -335,3 +335,20 @@ def test_a_run_with_corrupt_metadata_is_named_and_the_others_shown(tmp_path):
     (tmp_path / "s.zarr" / "runs" / bad / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
     text = render_html(collect_report(str(tmp_path / "s.zarr")))
     assert good in text and f"Run {bad} not shown: its metadata cannot be read" in text
+
+
+def test_sweep_of_an_expert_run_saves_no_empty_plot_against_t(tmp_path):
+    """An expert stores its features once, under t=None: its sweep has nothing to draw against t, so
+    only the plot against the block is saved, drawn by the report's own figure code (chance line)."""
+    rng = np.random.default_rng(1)
+    n = 32
+    labels = np.arange(n) % CLASSES
+    store = FeatureStore.open(str(tmp_path / "store.zarr"), mode="a")
+    rows = store.add_images("toy", {"id": [f"e{i}" for i in range(n)], "label": labels,
+                                    "class_name": [f"c{l}" for l in labels], "split": ["train", "test"] * (n // 2),
+                                    "domain": ["photo"] * n, "source": [f"e{i}" for i in range(n)]})
+    run_id = write_run(store, {"backbone": "resnet", "dataset": "toy"}, rows, labels, ["layer3"], [None], rng)
+    sweep = sweep_run(store, run_id, pool=None, knn_k=3)
+    saved = save_sweep(sweep, tmp_path / "results", store)
+    assert [p.suffix for p in saved] == [".json", ".csv", ".png"]
+    assert saved[-1].name.endswith("-vs-block.png") and saved[-1].stat().st_size > 0
