@@ -42,23 +42,11 @@ def row_slabs(run: Run, rows: np.ndarray, slab_rows: int = SLAB_ROWS) -> Iterato
             yield slice(int(start), int(stop))
 
 
-def chunk_groups(run: Run, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """For run rows in any order, per store chunk holding some of them: (chunk, positions into
-    `rows`, offsets of those rows within the chunk)."""
-    chunk_of = np.asarray(rows, dtype=np.int64) // run.chunk_rows
-    order = np.argsort(chunk_of, kind="stable")
-    for at in np.split(order, np.flatnonzero(np.diff(chunk_of[order])) + 1):
-        if len(at):
-            chunk = int(chunk_of[at[0]])
-            yield chunk, at, np.asarray(rows)[at] - chunk * run.chunk_rows
-
-
 def read_rows(run: Run, timestep: int | None, block: str, rows: np.ndarray) -> np.ndarray:
-    """float32 features (len(rows), C, H, W) of run rows given in any order. Each chunk holding one
-    of them is read once and whole through `Run.read_chunk` (a slice of whole chunks reads ~3x faster
-    than zarr's integer selection), so its refusals apply: StoreError subclasses for a pending chunk,
-    a damaged one, or non-finite values of an image that did not fail."""
-    return _read(run, timestep, block, rows, lambda x: x.astype(np.float32, copy=False))
+    """float32 features (len(rows), C, H, W) of run rows given in any order, read by `Run.read_rows`
+    (each chunk once, through `Run.read_chunk`), so its refusals apply: StoreError subclasses for a
+    pending chunk, a damaged one, or non-finite values of an image that did not fail."""
+    return run.read_rows(timestep, block, rows, lambda x: x.astype(np.float32, copy=False))
 
 
 def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, pool: int | None,
@@ -66,18 +54,7 @@ def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, po
     """Pooled, flattened float32 features (len(rows), D) of run rows given in any order, read as
     `read_rows` reads them (one raw chunk held at a time). `advance(n)` (a progress bar's) is called
     with the number of rows of each chunk read."""
-    return _read(run, timestep, block, rows, lambda x: pooled(x, pool), advance)
-
-
-def _read(run: Run, timestep: int | None, block: str, rows: np.ndarray,
-          shaped: Callable[[np.ndarray], np.ndarray], advance: Callable[[int], None] | None = None) -> np.ndarray:
-    stored = run.array(timestep, block).shape[1:]  # an unknown (t, block) fails here, as a StoreError
-    out = np.empty((len(rows), *shaped(np.zeros((1, *stored), np.float32)).shape[1:]), np.float32)
-    for chunk, at, offsets in chunk_groups(run, rows):
-        out[at] = shaped(run.read_chunk(timestep, block, chunk)[offsets])
-        if advance is not None:
-            advance(len(at))
-    return out
+    return run.read_rows(timestep, block, rows, lambda x: pooled(x, pool), advance)
 
 
 # -- images of a result ------------------------------------------------------------------------
