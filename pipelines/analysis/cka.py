@@ -37,8 +37,9 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
+from featurestore.pooling import pooled
 from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import SLAB_ROWS, pooled, read_pooled, results_path, row_slabs, run_images, write_json
+from pipelines.analysis import SLAB_ROWS, read_pooled, results_path, row_slabs, run_images, write_json
 from pipelines.heads.logistic import resolve_run
 from pipelines.progress import bar
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import pooled, read_pooled, results_path, run_images, write_json  # noqa: F401 (pooled: re-exported)
+from pipelines.analysis import read_pooled, results_path, run_images, write_json
 from pipelines.progress import bar
 
 

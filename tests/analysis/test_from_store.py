@@ -12,11 +12,12 @@ import cli.cka  # noqa: F401  (each registers its command on cli.app.app)
 import cli.knn  # noqa: F401
 import cli.sweep  # noqa: F401
 from cli.app import app
+from featurestore.pooling import pooled
 from featurestore.store import FeatureStore
 from pipelines.analysis.cka import cka_run, grid_views, linear_cka
 from pipelines.analysis.knn import knn_accuracy, knn_run, l2_normalized, search_topk
 from pipelines.analysis.sweep import save_sweep, sweep_run
-from pipelines.heads.logistic import pooled, probe_run
+from pipelines.heads.logistic import probe_run
 
 N, CHUNK = 120, 8
 BLOCKS = {"b0": (6, 2, 2), "b1": (3, 2, 2)}

@@ -7,8 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from featurestore.pooling import pooled
 from featurestore.store import FeatureStore
-from pipelines.heads.logistic import fit_logistic_probe, pooled, probe_run
+from pipelines.heads.logistic import fit_logistic_probe, probe_run
 
 
 def make_store(path, features: np.ndarray, labels: np.ndarray, splits: list[str], chunk_rows: int = 16):
