@@ -73,8 +73,10 @@ def bitround(values: np.ndarray, keepbits: int) -> np.ndarray:
     sign_bit = uint(1 << (8 * bits.itemsize - 1))
     exponent = uint(_EXPONENT_BITS[name])
     magnitude = bits & ~sign_bit
-    # add half a step (minus one), plus one when the last kept bit is odd: ties go to even
-    rounded = (magnitude + uint((1 << (drop - 1)) - 1) + ((magnitude >> uint(drop)) & uint(1))) & ~uint((1 << drop) - 1)
+    # add half a step (minus one), plus one when the last kept bit is odd (ties go to even), then
+    # clear the dropped bits
+    half_step, last_kept = uint((1 << (drop - 1)) - 1), (magnitude >> uint(drop)) & uint(1)
+    rounded = (magnitude + half_step + last_kept) & ~uint((1 << drop) - 1)
     largest = exponent - uint(1 << drop)  # the largest finite value with `keepbits` mantissa bits
     rounded = np.minimum(rounded, largest)
     out = np.where(magnitude >= exponent, bits, (bits & sign_bit) | rounded)
@@ -124,7 +126,7 @@ def int8_encode(values: np.ndarray) -> bytes:
     stored (little-endian; when the chunk holds inf/NaN or a channel's range exceeds float32), or
     the zero-row bit mask (ceil(n/8) bytes), C float32 offsets, C float32 scales and n*C*... uint8
     codes, all little-endian. code = round((x - offset) / scale), clipped to 0..255."""
-    name = _float_dtype(values.dtype, INT8)
+    _float_dtype(values.dtype, INT8)
     if values.ndim < 2:
         raise ValueError(f"{INT8} needs chunks of shape (n, C, ...), not {values.shape}")
     n, c = values.shape[:2]
@@ -135,7 +137,8 @@ def int8_encode(values: np.ndarray) -> bytes:
     live_min, live_max = row_min[~zero_rows], row_max[~zero_rows]
     offset = live_min.min(axis=0) if len(live_min) else np.zeros(c, np.float32)
     span = (live_max.max(axis=0) if len(live_max) else np.zeros(c, np.float32)).astype(np.float64) - offset
-    if not (np.isfinite(row_min).all() and np.isfinite(row_max).all()) or span.max(initial=0) > np.finfo(np.float32).max:
+    finite = np.isfinite(row_min).all() and np.isfinite(row_max).all()
+    if not finite or span.max(initial=0) > np.finfo(np.float32).max:
         return bytes([_RAW]) + values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
     scale = (span / 255).astype(np.float32)
     scale = np.where(scale.astype(np.float64) * 255 < span, np.nextafter(scale, np.float32(np.inf)), scale)
@@ -158,7 +161,7 @@ def int8_decode(data: bytes | np.ndarray, shape: tuple[int, ...], dtype: np.dtyp
     size = int(np.prod(shape))
     mask = -(-n // 8)
     expected = {_RAW: 1 + size * dtype.itemsize, _CODED: 1 + mask + 8 * c + size}
-    if len(buf) == 0 or buf[0] not in expected or len(buf) != expected[int(buf[0])]:
+    if len(buf) == 0 or int(buf[0]) not in expected or len(buf) != expected[int(buf[0])]:
         raise ValueError(f"{INT8}: {len(buf)} bytes are not a chunk of shape {shape} and dtype {dtype.name}")
     if buf[0] == _RAW:
         return buf[1:].view(dtype.newbyteorder("<")).astype(dtype).reshape(shape)

@@ -145,7 +145,8 @@ def expected_stored(codec: str, values: np.ndarray) -> np.ndarray | None:
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_a_store_written_with_each_codec_reads_back_through_every_view_and_plain_zarr(make_run, tmp_path, codec):
-    w = make_run(dtype="float16", spec={**SPEC, "codec": codec}, done=(0, 1, 2), undone_failed={})  # rows 1, 9 failed (zeros)
+    # every chunk done; rows 1 and 9 failed (all zero)
+    w = make_run(dtype="float16", spec={**SPEC, "codec": codec}, done=(0, 1, 2), undone_failed={})
     run = FeatureStore.open(w.path).run(w.run.run_id)
     assert run.codec == codec
     rows = run.usable_rows()
@@ -168,7 +169,7 @@ def test_a_store_written_with_each_codec_reads_back_through_every_view_and_plain
     out = tmp_path / "plain.npz"
     done = subprocess.run([sys.executable, "-c", script, str(out), str(w.path), *[run.array_path(*k) for k in keys]],
                           cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0, f"{done.stderr[-1500:]}\n(after a change of pyproject.toml's entry points: make install)"
+    assert done.returncode == 0, f"{done.stderr[-1500:]}\n(after changing pyproject.toml's entry points: make install)"
     plain = np.load(out)
     for k, key in enumerate(keys):
         assert plain[f"arr_{k}"][rows].tobytes() == run.numpy(*key, rows).tobytes(), key
