@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from store_builders import SPEC
 from typer.testing import CliRunner
+import xarray as xr
 
 import pipelines.extract.runner as runner
 from cli.main import app
@@ -173,6 +174,10 @@ def test_a_store_written_with_each_codec_reads_back_through_every_view_and_plain
     plain = np.load(out)
     for k, key in enumerate(keys):
         assert plain[f"arr_{k}"][rows].tobytes() == run.numpy(*key, rows).tobytes(), key
+    # and xarray, on a timestep group of the run (zarr dimension_names)
+    for (t, block) in keys:
+        group = xr.open_zarr(w.path, group=f"runs/{run.run_id}/{timestep_key(t)}", consolidated=False)
+        assert group[block].values[rows].tobytes() == run.numpy(t, block, rows).tobytes(), (t, block)
 
 
 @pytest.mark.parametrize("codec", CODECS)
