@@ -108,18 +108,19 @@ def parse_ints(text: str, option: str) -> list[int]:
         raise ValueError(f"{option} takes integers separated by commas, got {text!r}") from None
 
 
-def one_value(text: str, option: str) -> str:
+def one_value(values: list[str], option: str) -> str:
     """The value of an option that takes one, whichever spelling gave it (`--block` or `--blocks`):
-    `a,b` is refused in one line."""
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if len(values) != 1:
-        raise ValueError(f"{option} takes one value here, got {text!r}; run the command once per value")
-    return values[0]
+    `a,b` or the option given twice is refused in one line."""
+    items = split_items(values)
+    if len(items) != 1:
+        raise ValueError(f"{option} takes one value here, got {','.join(values)!r}; run the command once per value")
+    return items[0]
 
 
-def parse_timesteps(text: str | None) -> list[int] | None:
-    """Extraction timesteps `10,100,300`; None or empty: the backbone's defaults."""
-    return parse_ints(text, "--timesteps") if text else None
+def parse_timesteps(values: list[str] | None) -> list[int] | None:
+    """Extraction timesteps, repeated or comma-separated (`10,100 --timesteps 300`); none given:
+    None (the backbone's defaults)."""
+    return parse_ints(",".join(values), "--timesteps") or None if values else None
 
 
 def parse_timestep(text: str) -> int | None:
@@ -132,9 +133,11 @@ def parse_timestep(text: str) -> int | None:
         raise ValueError(f"--timestep takes integers or 'none' (experts), got {text!r}") from None
 
 
-def parse_stored_timesteps(text: str) -> list[int | None] | None:
-    """`all` (None: every timestep of the run) or a comma-separated list of stored timesteps."""
-    return None if text.strip() == "all" else [parse_timestep(t) for t in text.split(",") if t.strip()]
+def parse_stored_timesteps(values: list[str] | None) -> list[int | None] | None:
+    """Stored timesteps, repeated or comma-separated; none given or `all`: None (every timestep of
+    the run)."""
+    items = split_items(values)
+    return None if items in ([], ["all"]) else [parse_timestep(t) for t in items]
 
 
 def split_items(values: list[str] | None) -> list[str]:
@@ -149,8 +152,10 @@ def parse_lrs(values: list[str] | None) -> list[float]:
         raise ValueError(f"--lr takes numbers, got {values!r}") from None
 
 
-def parse_blocks(text: str) -> list[str] | None:
-    return None if text.strip() == "all" else [b.strip() for b in text.split(",") if b.strip()]
+def parse_blocks(values: list[str] | None) -> list[str] | None:
+    """Block names, repeated or comma-separated; none given or `all`: None (every block)."""
+    items = split_items(values)
+    return None if items in ([], ["all"]) else items
 
 
 def parse_pool(text: str | None) -> dict[str, int]:

@@ -22,8 +22,8 @@ def extract(
     weights: Annotated[Optional[str], typer.Option(
         help="Checkpoint (.safetensors, .pt/.pth/.th read weights-only), model folder, or 'random'.")] = None,
     backbone_config: Annotated[Optional[Path], typer.Option(help="JSON config of a configurable backbone.")] = None,
-    timesteps: Annotated[Optional[str], typer.Option("--timesteps", "--timestep", help="Comma-separated integer timesteps (default: the backbone's).")] = None,
-    blocks: Annotated[str, typer.Option("--blocks", "--block", help="'all' or comma-separated block names.")] = "all",
+    timesteps: Annotated[Optional[list[str]], typer.Option("--timesteps", "--timestep", help="Integer timesteps, repeated or comma-separated (default: the backbone's).")] = None,
+    blocks: Annotated[Optional[list[str]], typer.Option("--blocks", "--block", help="'all' (default) or block names, repeated or comma-separated.")] = None,
     attention_maps: Annotated[bool, typer.Option(help="Also store cross-attention maps <block>.attn.")] = False,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images of the manifest.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward (does not change the values).")] = 32,

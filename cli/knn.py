@@ -16,8 +16,8 @@ from cli.app import (
 @user_errors
 def knn(
     store: StoreArgument,
-    block: Annotated[str, typer.Option("--block", "--blocks", help="Block to classify with (one).")],
-    timestep: Annotated[str, typer.Option("--timestep", "--timesteps", help="Timestep (one: an integer, or none for an expert).")],
+    block: Annotated[list[str], typer.Option("--block", "--blocks", help="Block to classify with (one).")],
+    timestep: Annotated[list[str], typer.Option("--timestep", "--timesteps", help="Timestep (one: an integer, or none for an expert).")],
     run: RunOption = None,
     k: Annotated[str, typer.Option("--k", help="Neighbour counts, comma-separated.")] = "10,20,100,200",
     temperature: Annotated[float, typer.Option(help="Vote weight exp(cosine / T).")] = 0.07,
@@ -42,17 +42,17 @@ def knn(
 
     set_quiet(quiet)
     ks = parse_ints(k, "--k")
-    block = one_value(block, "--block")
+    block_name = one_value(block, "--block")
     t = parse_timestep(one_value(timestep, "--timestep"))
     folder = results_dir(store, out)
-    result = knn_run(FeatureStore.open(store), run, t, block, ks, pool, train_split, test_split, holdout, seed,
+    result = knn_run(FeatureStore.open(store), run, t, block_name, ks, pool, train_split, test_split, holdout, seed,
                      temperature, device, slab_rows, allow_incomplete)
     saved = save_knn(result, folder)
     if json_out:
         typer.echo(to_json(result.to_dict()))
         return
     for value in ks:
-        typer.echo(f"{block} t={t} k={value}: top-1 {result.top1[value]:.4f} top-5 {result.top5[value]:.4f}")
+        typer.echo(f"{block_name} t={t} k={value}: top-1 {result.top1[value]:.4f} top-5 {result.top5[value]:.4f}")
     for line in images_note(result.runs):
         typer.echo(line)
     typer.echo(f"({result.train} train / {result.test} test images, {result.features} features; saved {saved})")

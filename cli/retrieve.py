@@ -30,8 +30,8 @@ def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
 @user_errors
 def retrieve(
     store: StoreArgument,
-    block: Annotated[str, typer.Option("--block", "--blocks", help="Block of the queries (and of the gallery unless --gallery-block).")],
-    timestep: Annotated[str, typer.Option("--timestep", "--timesteps", help="Timestep of the queries (and gallery): one integer, or none.")],
+    block: Annotated[list[str], typer.Option("--block", "--blocks", help="Block of the queries (and of the gallery unless --gallery-block).")],
+    timestep: Annotated[list[str], typer.Option("--timestep", "--timesteps", help="Timestep of the queries (and gallery): one integer, or none.")],
     run: Annotated[Optional[str], typer.Option(help="Run of queries and gallery (needed when the store holds several).")] = None,
     query_run: Annotated[Optional[str], typer.Option(help="Run of the queries [default: --run].")] = None,
     gallery_run: Annotated[Optional[str], typer.Option(help="Run of the gallery [default: --run].")] = None,
@@ -84,7 +84,7 @@ def retrieve(
     from pipelines.progress import set_quiet
 
     set_quiet(quiet)
-    block = one_value(block, "--block")
+    block_name = one_value(block, "--block")
     t = parse_timestep(one_value(timestep, "--timestep"))
     projection = None
     if project_dim is not None or project_text_embeddings is not None:
@@ -93,9 +93,9 @@ def retrieve(
     elif project_loss is not None:
         raise ValueError("--project-loss needs a projection: give --project-dim (or --project-text-embeddings)")
     config = RetrievalConfig(
-        query=Side(query_run or run, t, block, query_domain),
+        query=Side(query_run or run, t, block_name, query_domain),
         gallery=Side(gallery_run or run, t if gallery_timestep is None else parse_timestep(gallery_timestep),
-                     gallery_block or block, gallery_domain),
+                     gallery_block or block_name, gallery_domain),
         split=split, pool=pool, map_at=_cutoffs(map_at, "--map-at", True),
         precision_at=_cutoffs(precision_at, "--precision-at", False), ap=ap, normalisation=map_normalisation,
         precision_denominator=precision_denominator, average=average, device=device, slab_rows=slab_rows,

@@ -17,8 +17,8 @@ from cli.app import (
 def sweep(
     store: StoreArgument,
     run: RunOption = None,
-    timesteps: Annotated[str, typer.Option("--timesteps", "--timestep", help="all or T,... (none for experts).")] = "all",
-    blocks: Annotated[str, typer.Option("--blocks", "--block", help="all or NAME,...")] = "all",
+    timesteps: Annotated[Optional[list[str]], typer.Option("--timesteps", "--timestep", help="all (default) or T,...; repeated or comma-separated (none for experts).")] = None,
+    blocks: Annotated[Optional[list[str]], typer.Option("--blocks", "--block", help="all (default) or NAME,...; repeated or comma-separated.")] = None,
     pool: Annotated[Optional[int], typer.Option(help="Average-pool the maps to SIZE x SIZE first.")] = 4,
     k: Annotated[int, typer.Option("--k", help="Neighbours of the weighted kNN.")] = 20,
     temperature: Annotated[float, typer.Option(help="kNN vote weight exp(cosine / T).")] = 0.07,

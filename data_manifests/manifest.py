@@ -374,7 +374,7 @@ def _load_yaml(path: Path, data_root: str | Path | None) -> Manifest:
         raise ManifestError(f"{path}: 'options' must be a mapping of keyword arguments for {builder_name!r}")
 
     root_env = spec.get("root_env")
-    hint = (f"set {root_env}=PATH or " if root_env else "") + "pass --data-root PATH (data_root=...)"
+    hint = (f"set {root_env}=PATH or " if root_env else "") + "pass --data-root PATH (with make extract: DATA_ROOT=PATH)"
     if data_root is not None:
         root = Path(data_root)
     elif root_env and os.environ.get(root_env):

@@ -363,10 +363,12 @@ class FeatureStore:
     def match_run_id(self, text: str) -> str:
         """The id of the run folder named `text`, or else of the one whose id starts with `text`
         (`--run 2263` for 226351d6d118426f); `text` itself when none does. Raises StoreError
-        listing the matches when `text` is the start of several run ids."""
+        listing the matches when `text` is the start of several run ids, and for an empty `text`."""
+        if not text.strip():
+            raise StoreError(f"an empty run id names no run; the runs of {self.url} are listed by `featurestore inspect`")
         runs = _node(self.group, "runs", self.url, missing_ok=True)
         names = [] if runs is None else _child_names(runs)
-        if text in names or not text:
+        if text in names:
             return text
         matches = [name for name in names if name.startswith(text)]
         if len(matches) > 1:
@@ -377,11 +379,9 @@ class FeatureStore:
         """The created run `run_id`, or the one run whose id starts with `run_id` (see
         match_run_id). Raises StoreError when it is missing, ambiguous, was never fully created,
         or its metadata is corrupt."""
+        run_id = self.match_run_id(run_id)
         runs = _node(self.group, "runs", self.url, missing_ok=True)
-        group = None if runs is None else _node(runs, run_id, self.url, missing_ok=True,
-                                                hint=_REMOVE_HINT)
-        if group is None and runs is not None and (full_id := self.match_run_id(run_id)) != run_id:
-            run_id, group = full_id, _node(runs, full_id, self.url, hint=_REMOVE_HINT)
+        group = None if runs is None else _node(runs, run_id, self.url, missing_ok=True, hint=_REMOVE_HINT)
         if group is None:
             raise StoreError(f"no run {run_id!r} in {self.url}; runs: {', '.join(self.run_ids()) or 'none'}")
         if "created" not in group.attrs:

@@ -211,6 +211,8 @@ def test_every_command_takes_both_spellings_of_block_and_timestep():
         for pair in ALIASES:
             if names & set(pair):
                 assert set(pair) <= names, f"{' '.join(path)} lacks {set(pair) - names}"
+                param = next(p for p in command.params if set(pair) <= set(p.opts))
+                assert param.multiple, f"{' '.join(path)} {pair[0]}: given twice, the last value would win silently"
                 assert all(re.search(rf"{spelling}\b(?!s)", help_text) for spelling in pair), help_text
                 checked.add(path[-1])
     assert {"probe", "knn", "sweep", "fewshot", "retrieve", "extract", "cka"} <= checked
@@ -220,8 +222,24 @@ def test_every_command_takes_both_spellings_of_block_and_timestep():
     ("knn", ["--blocks", "mid,down", "--timestep", "10"], "--block takes one value here, got 'mid,down'"),
     ("knn", ["--block", "mid", "--timesteps", "10,none"], "--timestep takes one value here, got '10,none'"),
     ("retrieve", ["--block", "mid", "--timesteps", "10,none"], "--timestep takes one value here"),
+    ("knn", ["--block", "mid", "--block", "down", "--timestep", "10"], "--block takes one value here, got 'mid,down'"),
+    ("retrieve", ["--block", "mid", "--timestep", "10", "--timestep", "none"], "--timestep takes one value here"),
 ])
 def test_a_plural_spelling_with_several_values_is_refused_where_one_is_taken(store, tmp_path, command, args, message):
     result = invoke(command, store, *args, "--out", tmp_path)
     assert result.exit_code == 1 and result.output.count("\n") == 1 and result.output.startswith("error: ")
     assert message in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["sweep", "fewshot"])
+def test_a_repeated_option_keeps_every_value(store, tmp_path, command):
+    """`--blocks mid --blocks down` once kept only the last value, silently."""
+    extra = ["--k", "3"] if command == "sweep" else ["--head", "knn", "--shots", "1"]
+    result = invoke(command, store, "--blocks", "mid", "--block", "down", "--timestep", "10", "--timesteps", "none",
+                    *extra, "--out", tmp_path, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    if command == "sweep":
+        assert {(r["timestep"], r["block"]) for r in doc["rows"]} == {(t, b) for t in (10, None) for b in ("mid", "down")}
+    else:
+        assert doc["config"]["blocks"] == ["mid", "down"] and doc["config"]["timesteps"] == [10, None]

@@ -58,3 +58,12 @@ def test_verify_takes_a_prefix_and_refuses_an_ambiguous_one_in_one_line(store):
     result = CliRunner().invoke(app, ["verify", store.url, "--run", shared])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and result.output.startswith(f"error: run id prefix '{shared}' matches 2")
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_run_id_is_refused_as_such(store, empty):
+    """It once opened the runs folder itself and said the run was never fully created."""
+    with pytest.raises(StoreError, match="an empty run id names no run"):
+        store.run(empty)
+    result = CliRunner().invoke(app, ["verify", store.url, "--run", empty])
+    assert result.exit_code == 1 and result.output.startswith("error: an empty run id names no run")
