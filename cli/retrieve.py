@@ -44,10 +44,12 @@ def retrieve(
     pool: Annotated[Optional[int], typer.Option(help="Average-pool the maps to SIZE x SIZE first (1: global pool).")] = 4,
     map_at: Annotated[str, typer.Option(help="mAP cutoffs: all and/or integers, comma-separated.")] = "all,200",
     precision_at: Annotated[str, typer.Option(help="Precision cutoffs, comma-separated.")] = "100,200",
-    ap: Annotated[str, typer.Option(help="noninterp (mean precision at relevant ranks) or voc11 (11-point).")] = "noninterp",
-    map_normalisation: Annotated[str, typer.Option(help="mAP@K divides by min (min(R, K)) or retrieved "
-                                                        "(relevant items in the top K).")] = "min",
-    precision_denominator: Annotated[str, typer.Option(help="P@K divides by k (K) or min (min(K, R)).")] = "k",
+    ap: Annotated[str, typer.Option(help="noninterp (mean precision at relevant ranks), voc11 (11-point) or "
+                                         "voc-allpoint (VOC all-point, area under the precision envelope).")] = "noninterp",
+    map_normalisation: Annotated[str, typer.Option(help="mAP@K (noninterp, voc-allpoint) divides by min "
+                                                        "(min(R, K)) or retrieved (relevant items in the top K).")] = "min",
+    precision_denominator: Annotated[str, typer.Option(help="P@K divides by k (K) or min (min(K, R)); min-cutoff "
+                                                            "counts the top min(K, R) only and divides by min(K, R).")] = "k",
     average: Annotated[str, typer.Option(help="queries (mean over queries) or classes (mean of class means).")] = "queries",
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs faiss-gpu).")] = "cpu",
     slab_rows: Annotated[int, typer.Option(help="Gallery rows read at a time (rounded to whole store chunks).")] = 4096,

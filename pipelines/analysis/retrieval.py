@@ -15,8 +15,23 @@ Metrics (R: relevant items of a query in the whole gallery, K: the cutoff, P(r):
   `min`; R for @all, so a perfect ranking scores 1) or by the relevant items retrieved within K
   (`retrieved`; 0 when none is). `voc11`: PASCAL VOC 11-point interpolated, the mean over recall
   levels 0, 0.1, ..., 1 of the best precision at any rank <= K whose recall (hits / R) reaches the
-  level (0 when none does).
-- P@K: relevant items in the top K divided by K (denominator `k`) or by min(K, R) (`min`).
+  level (0 when none does). `voc-allpoint`: PASCAL VOC all-point interpolated (VOC 2010 on), the
+  area under the whole precision envelope: with recall = hits / N (N the normalisation), sentinels
+  (recall 0, precision 0) before the first rank and (recall 1, precision 0) after rank K, and the
+  precision made non-increasing from the right (P~(r) = max of P at ranks >= r, within K), the sum
+  of (recall step) x P~ over the ranks where recall changes. Recall steps by 1 / N at each relevant
+  rank, so this is `noninterp` with P~ in place of P: sum of P~(r) over relevant ranks r <= K, / N.
+  It is the mAP of SAKE (qliu24/SAKE, src/test_cse_resnet_tuberlin_zeroshot.py, `eval_AP_inner` +
+  `VOCap`), ZSE-SBIR (buptLinfy/ZSE-SBIR, utils/ap.py, `voc_eval` + `voc_ap`) and Vermouth
+  (develop-productivity/Vermouth, SBIR/utils_sbir/evaluate.py, `eval_AP_inner` + `VOCap`): all three
+  truncate the ranking at K and divide recall by min(K, R) (normalisation `min`), and give a query
+  with R = 0 NaN, which their nanmean skips; here such queries are refused (`HitRanks`). They order
+  equal scores by an unstable argsort, here by gallery position.
+- P@K: relevant items in the top K divided by K (denominator `k`) or by min(K, R) (`min`);
+  `min-cutoff`: relevant items in the top min(K, R) divided by min(K, R), so R-precision when R < K
+  (ZSE-SBIR, utils/ap.py, `precision_eval`). SAKE (`eval_precision`, same file as its AP) and
+  Vermouth (`eval_precision`) divide by K (`k`); they cap K at the gallery size G, which changes
+  nothing unless K > G.
 - averaging: over `queries`, or over `classes` (the mean over classes of the mean over each class's
   queries).
 
@@ -47,18 +62,21 @@ from pipelines.analysis.splits import load_split
 from pipelines.heads.logistic import resolve_run
 from pipelines.progress import bar
 
-AP_KINDS = ("noninterp", "voc11")
+AP_KINDS = ("noninterp", "voc11", "voc-allpoint")
 NORMALISATIONS = ("min", "retrieved")
-DENOMINATORS = ("k", "min")
+DENOMINATORS = ("k", "min", "min-cutoff")
 AVERAGES = ("queries", "classes")
 VARIANTS = {
     "ap": {
         "noninterp": "non-interpolated: sum of precision at each relevant rank within the cutoff / normalisation",
         "voc11": "VOC 11-point interpolated: mean over recall 0, 0.1, ..., 1 of the best precision at that "
                  "recall or above within the cutoff (recall = hits / R); no normalisation",
+        "voc-allpoint": "VOC all-point interpolated: area under the precision envelope (precision made "
+                        "non-increasing from the right) within the cutoff, recall = hits / normalisation",
     },
     "normalisation": {"min": "min(R, K); R for @all", "retrieved": "relevant items retrieved within K (none: AP 0)"},
-    "denominator": {"k": "K", "min": "min(K, R)"},
+    "denominator": {"k": "K", "min": "min(K, R)",
+                    "min-cutoff": "min(K, R), counting relevant items in the top min(K, R) only"},
     "average": {"queries": "mean over queries", "classes": "mean over classes of the mean over their queries"},
 }
 # GPU FAISS selects at most 2048 neighbours per search, and a piece searched in full (k = its rows)
@@ -129,10 +147,12 @@ def average_precision(hits: HitRanks, cutoff: int | None = None, ap: str = "noni
     j = np.arange(1, hits.ranks.shape[1] + 1)
     precision = np.where(inside, j / np.where(inside, hits.ranks, 1.0), 0.0)  # P at the j-th relevant rank
     r = hits.n_relevant
+    if precision.shape[1] == 0:
+        return np.zeros(len(r))
+    # Max of P over hits j' >= j within the cutoff: the envelope at the j-th relevant rank (P at a
+    # non-relevant rank is below P at the relevant rank before it, so only relevant ranks matter).
+    best_after = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
     if ap == "voc11":
-        if precision.shape[1] == 0:
-            return np.zeros(len(r))
-        best_after = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]  # max of P over hits j' >= j
         levels = np.arange(11)
         first = np.maximum((levels[None, :] * r[:, None] + 9) // 10, 1)  # least j with j / R >= level / 10
         reached = first <= precision.shape[1]
@@ -142,14 +162,21 @@ def average_precision(hits: HitRanks, cutoff: int | None = None, ap: str = "noni
         norm = r if cutoff is None else np.minimum(r, cutoff)
     else:
         norm = inside.sum(axis=1)
-    return np.divide(precision.sum(axis=1), norm, out=np.zeros(len(r)), where=norm > 0)
+    summed = (best_after if ap == "voc-allpoint" else precision).sum(axis=1)
+    return np.divide(summed, norm, out=np.zeros(len(r)), where=norm > 0)
 
 
 def precision_at(hits: HitRanks, k: int, denominator: str = "k") -> np.ndarray:
-    """Per-query precision of the top k: relevant items there / k (`k`) or / min(k, R) (`min`)."""
+    """Per-query precision: relevant items in the top k / k (`k`) or / min(k, R) (`min`), or
+    relevant items in the top min(k, R) / min(k, R) (`min-cutoff`); see the module docstring."""
     _check(denominator, DENOMINATORS, "denominator")
-    found = hits.within(k).sum(axis=1)
-    return found / (k if denominator == "k" else np.minimum(k, hits.n_relevant))
+    inside = hits.within(k)
+    if denominator == "k":
+        return inside.sum(axis=1) / k
+    depth = np.minimum(k, hits.n_relevant)
+    if denominator == "min-cutoff":
+        inside = hits.ranks <= depth[:, None]
+    return inside.sum(axis=1) / depth
 
 
 def averaged(values: np.ndarray, classes: np.ndarray, average: str = "queries") -> float:

@@ -115,3 +115,80 @@ def test_bad_variants_and_queries_without_relevant_items():
         precision_at(hits(), 2, "R")
     with pytest.raises(ValueError, match="queries 1 have no relevant gallery item"):
         HitRanks.from_relevance(RELEVANCE, np.array([3, 0, 2]))
+
+
+# VOC all-point AP on a ranking of 10 items whose precision rises again after a dip, R = 5:
+#   rank       1    2    3    4    5    6    7    8    9    10
+#   relevant   0    1    0    0    1    1    1    0    0    1
+#   recall     0   1/5  1/5  1/5  2/5  3/5  4/5  4/5  4/5   1
+#   precision  0   1/2  1/3  1/4  2/5  1/2  4/7  1/2  4/9  1/2
+# With the sentinels (recall 0, precision 0) in front and (recall 1, precision 0) at the end, the
+# envelope (the max of the precision at this point and every later one) is
+#   sentinel 0, then 4/7 at ranks 1-7, 1/2 at ranks 8-10, then the end sentinel 0.
+# Recall changes at ranks 2, 5, 6, 7 (envelope 4/7) and 10 (envelope 1/2), each a step of 1/5:
+#   AP@all = (4 * 4/7 + 1/2) / 5 = (32/14 + 7/14) / 5 = 39/70
+#   (non-interpolated: (1/2 + 2/5 + 1/2 + 4/7 + 1/2) / 5 = (70 + 56 + 70 + 80 + 70) / 700 = 173/350).
+# AP@6: the ranking is cut after rank 6 and recall divides by min(R, 6) = 5; the curve is
+#   recall 1/5, 2/5, 3/5 at ranks 2, 5, 6 with precision 1/2, 2/5, 1/2, envelope 1/2, 1/2, 1/2, and
+#   the end sentinel (recall 1, precision 0) adds nothing: (3 * 1/2) / 5 = 3/10.
+#   Dividing recall by the 3 retrieved instead: (3 * 1/2) / 3 = 1/2.
+# AP@3: one hit (rank 2, precision 1/2), recall step 1 / min(5, 3) = 1/3: 1/6.
+DIP = np.array([[0, 1, 0, 0, 1, 1, 1, 0, 0, 1]], dtype=bool)
+
+
+def test_voc_all_point_ap_by_hand():
+    h = HitRanks.from_relevance(DIP, [5])
+    assert exact(average_precision(h, None, "voc-allpoint")[0]) == F(39, 70)
+    assert exact(average_precision(h, None, "noninterp")[0]) == F(173, 350)
+    assert exact(average_precision(h, 6, "voc-allpoint")[0]) == F(3, 10)
+    assert exact(average_precision(h, 6, "voc-allpoint", "retrieved")[0]) == F(1, 2)
+    assert exact(average_precision(h, 3, "voc-allpoint")[0]) == F(1, 6)
+    # The rankings above have non-increasing precision at their hits: the envelope changes nothing.
+    for cutoff in (None, 2, 4):
+        assert np.array_equal(average_precision(hits(), cutoff, "voc-allpoint"), average_precision(hits(), cutoff))
+
+
+def voc_all_point(relevant: np.ndarray, cutoff: int | None) -> float:
+    """VOC all-point AP of one ranked list, step by step over every rank: recall and precision after
+    each rank (recall over min(R, cutoff)), sentinels, the envelope from the right, and the area over
+    the recall changes."""
+    n_relevant = int(relevant.sum())
+    if cutoff is not None:
+        relevant, n_relevant = relevant[:cutoff], min(n_relevant, cutoff)
+    found = np.cumsum(relevant)
+    recall = np.concatenate([[0.0], found / n_relevant, [1.0]])
+    precision = np.concatenate([[0.0], found / np.arange(1, len(relevant) + 1), [0.0]])
+    for i in range(len(precision) - 2, -1, -1):
+        precision[i] = max(precision[i], precision[i + 1])
+    area = 0.0
+    for i in range(len(recall) - 1):
+        if recall[i + 1] != recall[i]:
+            area += (recall[i + 1] - recall[i]) * precision[i + 1]
+    return area
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_voc_all_point_ap_against_a_direct_implementation(seed):
+    rng = np.random.default_rng(seed)
+    relevance = rng.random((40, 60)) < rng.uniform(0.05, 0.5, size=(40, 1))
+    relevance[relevance.sum(axis=1) == 0, rng.integers(60)] = True  # every query has a relevant item
+    h = HitRanks.from_relevance(relevance, relevance.sum(axis=1))
+    for cutoff in (None, 1, 5, 17, 60, 100):
+        expected = [voc_all_point(row, cutoff) for row in relevance]
+        np.testing.assert_allclose(average_precision(h, cutoff, "voc-allpoint"), expected, rtol=1e-12, atol=0)
+
+
+def test_precision_at_min_cutoff_against_the_formula():
+    # By hand on RELEVANCE, K = 4: min(K, R) = 3, 3, 2; hits in the top 3, 3, 2: 2, 1, 0.
+    assert [exact(v) for v in precision_at(hits(), 4, "min-cutoff")] == [F(2, 3), F(1, 3), 0]
+    rng = np.random.default_rng(3)
+    relevance = rng.random((30, 50)) < rng.uniform(0.05, 0.6, size=(30, 1))
+    relevance[relevance.sum(axis=1) == 0, 0] = True
+    r = relevance.sum(axis=1)
+    h = HitRanks.from_relevance(relevance, r)
+    for k in (1, 3, 10, 50):
+        expected = [relevance[q, :min(k, r[q])].mean() for q in range(len(r))]
+        np.testing.assert_allclose(precision_at(h, k, "min-cutoff"), expected, rtol=1e-12, atol=0)
+    # Top-k lists suffice: the top min(k, R) lies inside the top k.
+    top = HitRanks.from_relevance(relevance[:, :10], r, gallery_size=50)
+    assert np.array_equal(precision_at(top, 10, "min-cutoff"), precision_at(h, 10, "min-cutoff"))

@@ -248,6 +248,27 @@ def test_cli_json_and_errors(toy, tmp_path):
     assert doc["features"] == 3
 
 
+def test_cli_names_the_voc_all_point_and_min_cutoff_variants(toy, tmp_path):
+    store, truth, _ = toy
+    args = ["retrieve", str(store.url), "--block", "b", "--timestep", "10", "--pool", "1", "--out", str(tmp_path / "out"),
+            "--allow-incomplete", "--map-at", "all,5", "--precision-at", "3", "--ap", "voc-allpoint",
+            "--precision-denominator", "min-cutoff"]
+    hits, _ = brute_force(truth, CLASSES)
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["metrics"]["mAP@5"] == {"value": pytest.approx(average_precision(hits, 5, "voc-allpoint").mean()),
+                                       "ap": "voc-allpoint", "normalisation": "min", "average": "queries"}
+    assert doc["metrics"]["P@3"] == {"value": pytest.approx(precision_at(hits, 3, "min-cutoff").mean()),
+                                     "denominator": "min-cutoff", "average": "queries"}
+    assert "voc-allpoint" in doc["variants"]["ap"] and "min-cutoff" in doc["variants"]["denominator"]
+    text = CliRunner().invoke(app, args).output
+    assert "mAP@all: " in text and "(ap=voc-allpoint, normalisation=min, average=queries)" in text
+    assert "(denominator=min-cutoff, average=queries)" in text
+    result = CliRunner().invoke(app, [*args, "--ap", "voc"])
+    assert result.exit_code == 1 and "error: --ap must be one of noninterp, voc11, voc-allpoint" in result.output
+
+
 def write_class_names(path: Path, classes: list[str], width: int = 5) -> np.ndarray:
     """A class-name embedding table in the format of `featurestore text-embed`."""
     from safetensors.numpy import save_file
