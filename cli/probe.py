@@ -7,12 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from cli.app import (
-    AllowIncompleteFlag, AttnHeadsOption, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption,
-    HoldoutOption, JsonFlag, PoolingOption, QuietFlag, ResultsOption, RunOption, StoreArgument, WidthOption, app,
-    parse_lrs, parse_timestep, split_items, user_errors
+    AllowIncompleteFlag, DepthOption, ExpertRunOption, ExpertWidthOption, HiddenOption, HoldoutOption, JsonFlag,
+    PoolingOption, QuietFlag, ResultsOption, RunOption, StoreArgument, app, parse_lrs, parse_timestep, split_items,
+    user_errors
 )
 
-HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead")
+HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead", "diffssl-linear", "diffssl-mlp",
+         "diffssl-attention")
 
 
 @app.command()
@@ -41,12 +42,16 @@ def probe(
     temperature: Annotated[float, typer.Option(help="cosine: logits are cosines / temperature.")] = 0.07,
     expert_run: ExpertRunOption = None,
     expert_blocks: Annotated[Optional[list[str]], typer.Option(help="uhead: blocks of the expert run (default: all).")] = None,
-    width: WidthOption = 128,
+    width: Annotated[Optional[int], typer.Option(help="attention, difformer: token width (128); uhead: pyramid width (128); diffssl-attention: 1024.")] = None,
     depth: DepthOption = 2,
-    attn_heads: AttnHeadsOption = 4,
+    attn_heads: Annotated[Optional[int], typer.Option(help="attention, difformer, uhead: attention heads (4); diffssl-attention: 8.")] = None,
     hidden: HiddenOption = 256,
     expert_width: ExpertWidthOption = 32,
     pooling: PoolingOption = "attention",
+    pre_pool_size: Annotated[Optional[int], typer.Option(help="diffssl-*: adaptive average pool side (official default: linear, mlp 2; attention 16).")] = None,
+    head_arc: Annotated[str, typer.Option(help="diffssl-mlp: hidden widths joined by '_', e.g. 1024 or 2048_1024 (required).")] = "",
+    norm_type: Annotated[Optional[str], typer.Option(help="diffssl-attention: layer (over the pooled [C, h, w], default) | batch.")] = None,
+    mlp_ratio: Annotated[Optional[float], typer.Option(help="diffssl-attention: transformer MLP width / token width (4).")] = None,
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
@@ -93,7 +98,8 @@ def probe(
     from pipelines.heads.training import TrainConfig
 
     options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden,
-               "expert_width": expert_width, "pooling": pooling, "temperature": temperature}
+               "expert_width": expert_width, "pooling": pooling, "temperature": temperature,
+               "pre_pool_size": pre_pool_size, "head_arc": head_arc, "norm_type": norm_type, "mlp_ratio": mlp_ratio}
     if pool is not None:
         options["pool"] = pool
     cfg = ProbeConfig(

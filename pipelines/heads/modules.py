@@ -12,6 +12,8 @@ Kinds:
   representations?": tokenizer, learned CLS token, pre-norm transformer encoder, classifier on CLS.
 - `difformer`: the same paper's fusion head over several blocks and timesteps.
 - `uhead`: Vermouth's U-head, a feature pyramid with an optional adapted expert.
+- `diffssl-linear`, `diffssl-mlp`, `diffssl-attention`: the same paper's heads exactly as in its
+  official code (pipelines/heads/diffssl.py); the kinds above are ours and the default.
 """
 
 from __future__ import annotations
@@ -30,8 +32,19 @@ Key = tuple[int | None, str]  # (timestep, block); None is the timestep of exper
 Shape = tuple[int, int, int]  # (C, H, W)
 Features = Mapping[Key, Tensor]
 
-KINDS = ("linear", "mlp", "attention", "difformer", "uhead")
-SINGLE_INPUT_KINDS = ("linear", "mlp", "attention")
+DIFFSSL_KINDS = ("diffssl-linear", "diffssl-mlp", "diffssl-attention")
+KINDS = ("linear", "mlp", "attention", "difformer", "uhead", *DIFFSSL_KINDS)
+SINGLE_INPUT_KINDS = ("linear", "mlp", "attention", *DIFFSSL_KINDS)
+# Sizes left unset (None) in a HeadSpec take these; the diffssl-* values are the official code's
+# (scripts/linear.sh: --pre_pool_size 2; scripts/attention.sh: --pre_pool_size 16, --norm_type layer,
+# fusion_arc Attention:1024:8:4:2, i.e. width 1024, 8 heads, MLP ratio 4, depth 2).
+DEFAULT_SIZES: dict[str, dict] = {
+    "linear": {}, "mlp": {}, "attention": {}, "difformer": {}, "uhead": {},
+    "diffssl-linear": {"pre_pool_size": 2},
+    "diffssl-mlp": {"pre_pool_size": 2},
+    "diffssl-attention": {"pre_pool_size": 16, "norm_type": "layer", "mlp_ratio": 4.0, "width": 1024, "num_heads": 8},
+}
+OUR_SIZES = {"width": 128, "num_heads": 4}
 DIFFORMER_TIMESTEPS = (90, 150, 300)  # the paper's defaults (ADM-256 block numbering)
 DIFFORMER_BLOCKS = ("b19", "b24", "b30")
 MAX_TOKEN_SIDE = 16
@@ -50,15 +63,31 @@ class HeadSpec:
     temperature: float = 0.07  # cosine: logits are cosines / temperature
     pool: int = 4  # linear, mlp: pooled side
     hidden: int = 256  # mlp: hidden width
-    width: int = 128  # attention, difformer: token width d; uhead: pyramid width
-    depth: int = 2  # attention, difformer: transformer layers
-    num_heads: int = 4  # attention, difformer, uhead's attention pooling
+    width: int | None = None  # attention, difformer: token width d; uhead: pyramid width (128; diffssl-attention 1024)
+    depth: int = 2  # attention, difformer, diffssl-attention: transformer layers
+    num_heads: int | None = None  # attention, difformer, uhead's attention pooling (4; diffssl-attention 8)
     expert_width: int = 32  # uhead: channels of each adapted expert map
     pooling: str = "attention"  # uhead: attention (learned query) | conv (1x1 conv + mean)
+    pre_pool_size: int | None = None  # diffssl-*: adaptive average pool side (linear, mlp 2; attention 16)
+    head_arc: str = ""  # diffssl-mlp: hidden widths "h1_h2_..." (official --head_arc)
+    norm_type: str | None = None  # diffssl-attention: layer | batch (official --norm_type)
+    mlp_ratio: float | None = None  # diffssl-attention: transformer MLP width / token width (4)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown head {self.kind!r}; heads: {', '.join(KINDS)}")
+        diffssl_only = {"--pre-pool-size": self.pre_pool_size, "--head-arc": self.head_arc or None,
+                        "--norm-type": self.norm_type, "--mlp-ratio": self.mlp_ratio}
+        given = [option for option, value in diffssl_only.items() if value is not None]
+        if given and self.kind not in DIFFSSL_KINDS:
+            raise ValueError(f"{', '.join(given)} set the diffssl-* heads, not {self.kind}")
+        for name, value in {**OUR_SIZES, **DEFAULT_SIZES[self.kind]}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.kind in DIFFSSL_KINDS:
+            from pipelines.heads.diffssl import check_spec
+
+            check_spec(self)
         if self.kind in SINGLE_INPUT_KINDS and len(self.inputs) != 1:
             raise ValueError(f"a {self.kind} head reads one (timestep, block), got {len(self.inputs)}")
         blocks = {block for _, block in self.inputs}
@@ -321,6 +350,10 @@ HEADS: dict[str, type[Head]] = {
 
 def build_head(spec: HeadSpec, text: Tensor | None = None) -> Head:
     """The head of `spec`; `text` (num_classes, text_dim) for the cosine classifier."""
+    if spec.kind in DIFFSSL_KINDS:  # imported here: that module builds on Head above
+        from pipelines.heads.diffssl import DIFFSSL_HEADS
+
+        return DIFFSSL_HEADS[spec.kind](spec, text)
     return HEADS[spec.kind](spec, text)
 
 
