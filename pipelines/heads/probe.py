@@ -1,4 +1,4 @@
-"""`featurestore probe --head linear|mlp|attention|difformer|uhead`: trained heads from the cache.
+"""`featurestore probe --head linear|mlp|attention|difformer|uhead|diffssl-*`: trained heads from the cache.
 
 The runner layer: resolve the run (and expert run), split train/validation/test, build the grid
 of heads (one head per (timestep, block) for single-map heads, one fusing all of them for
