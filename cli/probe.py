@@ -13,15 +13,16 @@ from cli.app import (
 )
 
 HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead", "diffssl-linear", "diffssl-mlp",
-         "diffssl-attention")
+         "diffssl-attention", "diffssl-difformer")
+FUSIONS = ("difformer", "diffssl-difformer")
 
 
 @app.command()
 @user_errors
 def probe(
     store: StoreArgument,
-    block: Annotated[Optional[list[str]], typer.Option("--block", "--blocks", help="Block(s) to probe; repeat or separate by commas (difformer default: b19,b24,b30).")] = None,
-    timestep: Annotated[Optional[list[str]], typer.Option("--timestep", "--timesteps", help="Timestep(s); repeat or separate by commas; 'none' for experts (difformer default: 90,150,300).")] = None,
+    block: Annotated[Optional[list[str]], typer.Option("--block", "--blocks", help="Block(s) to probe; repeat or separate by commas (difformer, diffssl-difformer default: b19,b24,b30).")] = None,
+    timestep: Annotated[Optional[list[str]], typer.Option("--timestep", "--timesteps", help="Timestep(s); repeat or separate by commas; 'none' for experts (difformer, diffssl-difformer default: 90,150,300).")] = None,
     head: Annotated[str, typer.Option(help=f"Head: {'|'.join(HEADS)}.")] = "logistic",
     run: RunOption = None,
     pool: Annotated[Optional[int], typer.Option(help="logistic, linear, mlp: average-pool the map to SIZE x SIZE.")] = 4,
@@ -42,16 +43,16 @@ def probe(
     temperature: Annotated[float, typer.Option(help="cosine: logits are cosines / temperature.")] = 0.07,
     expert_run: ExpertRunOption = None,
     expert_blocks: Annotated[Optional[list[str]], typer.Option(help="uhead: blocks of the expert run (default: all).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="attention, difformer: token width (128); uhead: pyramid width (128); diffssl-attention: 1024.")] = None,
+    width: Annotated[Optional[int], typer.Option(help="attention, difformer: token width (128); uhead: pyramid width (128); diffssl-attention, diffssl-difformer: 1024.")] = None,
     depth: DepthOption = 2,
-    attn_heads: Annotated[Optional[int], typer.Option(help="attention, difformer, uhead: attention heads (4); diffssl-attention: 8.")] = None,
+    attn_heads: Annotated[Optional[int], typer.Option(help="attention, difformer, uhead: attention heads (4); diffssl-attention, diffssl-difformer: 8.")] = None,
     hidden: HiddenOption = 256,
     expert_width: ExpertWidthOption = 32,
     pooling: PoolingOption = "attention",
     pre_pool_size: Annotated[Optional[int], typer.Option(help="diffssl-*: adaptive average pool side (official default: linear, mlp 2; attention 16).")] = None,
     head_arc: Annotated[str, typer.Option(help="diffssl-mlp: hidden widths joined by '_', e.g. 1024 or 2048_1024 (required).")] = "",
-    norm_type: Annotated[Optional[str], typer.Option(help="diffssl-attention: layer (over the pooled [C, h, w], default) | batch.")] = None,
-    mlp_ratio: Annotated[Optional[float], typer.Option(help="diffssl-attention: transformer MLP width / token width (4).")] = None,
+    norm_type: Annotated[Optional[str], typer.Option(help="diffssl-attention, diffssl-difformer: layer (over the pooled [C, h, w], default) | batch.")] = None,
+    mlp_ratio: Annotated[Optional[float], typer.Option(help="diffssl-attention, diffssl-difformer: transformer MLP width / token width (4).")] = None,
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
@@ -69,8 +70,8 @@ def probe(
     set_quiet(quiet)
     if head not in HEADS:
         raise ValueError(f"unknown --head {head!r}; heads: {', '.join(HEADS)}")
-    blocks = split_items(block) or (list(DIFFORMER_BLOCKS) if head == "difformer" else [])
-    timesteps = [parse_timestep(t) for t in split_items(timestep)] or (list(DIFFORMER_TIMESTEPS) if head == "difformer" else [])
+    blocks = split_items(block) or (list(DIFFORMER_BLOCKS) if head in FUSIONS else [])
+    timesteps = [parse_timestep(t) for t in split_items(timestep)] or (list(DIFFORMER_TIMESTEPS) if head in FUSIONS else [])
     if not blocks or not timesteps:
         raise ValueError(f"--head {head} needs --block and --timestep")
     folder = results_dir(store, out)

@@ -1,7 +1,7 @@
 """The heads of "Do text-free diffusion models learn discriminative visual representations?"
 (diffssl) exactly as in its official code, github.com/soumik-kanad/diffssl: `ssl_diff/head.py`
-(linear and MLP), `ssl_diff/attention_fusion.py` + `ssl_diff/attention_head.py` (attention head),
-with the defaults of `scripts/linear.sh` and `scripts/attention.sh`. Our own heads of the same
+(linear and MLP), `ssl_diff/attention_fusion.py` + `ssl_diff/attention_head.py` (attention head and
+DifFormer), with the defaults of `scripts/linear.sh`, `scripts/attention.sh` and `scripts/fusion.sh`. Our own heads of the same
 names (modules.py) follow the paper's text and stay the default; these are for reproducing the
 paper, and `from_official_state_dict` loads the official checkpoints' head weights into them.
 
@@ -14,13 +14,16 @@ paper, and `from_official_state_dict` loads the official checkpoints' head weigh
   `depth` pre-norm blocks (LayerNorm, multi-head self-attention with qkv without bias and a
   projection with bias, LayerNorm, MLP Linear-GELU-Linear of width int(width * mlp_ratio); no
   dropout, no drop path), no final LayerNorm, Linear classifier on the CLS output.
+- `diffssl-difformer`: the same over a grid of timesteps x blocks: one tokenizer per block (shared
+  by the timesteps), for each timestep the tokens of all blocks in the given block order behind one
+  CLS through the shared blocks, the CLS outputs of all timesteps concatenated into the classifier.
 All weights keep PyTorch's default initialisation, as the official code does.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,18 +45,19 @@ def hidden_widths(head_arc: str) -> list[int]:
 def check_spec(spec: HeadSpec) -> None:
     """Refuse a diffssl-* spec whose options do not fit its kind (called by HeadSpec)."""
     kind = spec.kind
-    if kind == "diffssl-attention" and spec.head_arc:
-        raise ValueError("--head-arc sets the hidden widths of diffssl-mlp, not diffssl-attention")
+    attention = kind in ("diffssl-attention", "diffssl-difformer")
+    if attention and spec.head_arc:
+        raise ValueError(f"--head-arc sets the hidden widths of diffssl-mlp, not {kind}")
     if kind == "diffssl-linear" and spec.head_arc:
         raise ValueError(f"diffssl-linear has no hidden layer: for --head-arc {spec.head_arc} use --head diffssl-mlp")
     if kind == "diffssl-mlp" and not spec.head_arc:
         raise ValueError("diffssl-mlp needs --head-arc (hidden widths, e.g. 1024 or 2048_1024; the official code has no default)")
     hidden_widths(spec.head_arc)
-    if kind != "diffssl-attention" and (spec.norm_type is not None or spec.mlp_ratio is not None):
-        raise ValueError(f"--norm-type and --mlp-ratio set diffssl-attention, not {kind} (which has no norm)")
+    if not attention and (spec.norm_type is not None or spec.mlp_ratio is not None):
+        raise ValueError(f"--norm-type and --mlp-ratio set diffssl-attention and diffssl-difformer, not {kind} (which has no norm)")
     if spec.pre_pool_size < 1:
         raise ValueError(f"--pre-pool-size must be a positive integer, got {spec.pre_pool_size}")
-    if kind == "diffssl-attention":
+    if attention:
         if spec.norm_type not in ("layer", "batch"):
             raise ValueError(f"unknown --norm-type {spec.norm_type!r}; choose layer or batch")
         if not spec.mlp_ratio > 0 or int(spec.width * spec.mlp_ratio) < 1:
@@ -139,29 +143,40 @@ class Tokenizer(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class AttentionHead(Head):
-    """diffssl-attention: official `AttentionFusion` over one block and one timestep."""
+class AttentionFusion(Head):
+    """diffssl-attention (one timestep, one block) and diffssl-difformer: official `AttentionFusion`.
+    Each timestep goes through the tokenizers and the blocks on its own, as in the official code
+    (with --norm-type batch, the batch statistics are those of one timestep)."""
 
     def __init__(self, spec: HeadSpec, text: Tensor | None = None):
         super().__init__(spec)
-        ((c, h, w),) = spec.inputs.values()
-        self.tokenizer = Tokenizer(c, h, w, spec)
+        self.timesteps = list(dict.fromkeys(t for t, _ in spec.inputs))
+        self.block_names = list(dict.fromkeys(b for _, b in spec.inputs))
+        missing = [(t, b) for t in self.timesteps for b in self.block_names if (t, b) not in spec.inputs]
+        if missing:
+            raise ValueError(f"the {spec.kind} head needs every (timestep, block) of its grid; missing {missing}")
+        self.tokenizers = nn.ModuleList(Tokenizer(*spec.inputs[(self.timesteps[0], b)], spec) for b in self.block_names)
         self.cls = nn.Parameter(torch.zeros(1, 1, spec.width))
         self.blocks = nn.Sequential(*(Block(spec.width, spec.num_heads, spec.mlp_ratio) for _ in range(spec.depth)))
-        self._set_classifier(spec.width, text)
+        self._set_classifier(spec.width * len(self.timesteps), text)
 
     def embed(self, features: Features, expert: Features | None) -> Tensor:
-        tokens = self.tokenizer(features[self.keys[0]])
-        x = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], dim=1)
-        return self.blocks(x)[:, 0]
+        out = []
+        for t in self.timesteps:
+            tokens = torch.cat([tok(features[(t, b)]) for tok, b in zip(self.tokenizers, self.block_names)], dim=1)
+            x = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], dim=1)
+            out.append(self.blocks(x)[:, 0])
+        return torch.cat(out, dim=1)
 
 
 DIFFSSL_HEADS: dict[str, type[Head]] = {
-    "diffssl-linear": PooledHead, "diffssl-mlp": PooledHead, "diffssl-attention": AttentionHead,
+    "diffssl-linear": PooledHead, "diffssl-mlp": PooledHead, "diffssl-attention": AttentionFusion,
+    "diffssl-difformer": AttentionFusion,
 }
 
 
-def from_official_state_dict(kind: str, official: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def from_official_state_dict(kind: str, official: Mapping[str, Tensor],
+                             block_order: Sequence[str] | None = None) -> dict[str, Tensor]:
     """The official head weights (`checkpoint["model_head"]` of diffssl's finetune.py, i.e. the
     state dict of its `Head` or `AttentionFusion`) renamed to the keys of our diffssl-* head of
     `kind`; load the result with `head.load_state_dict(...)`.
@@ -170,7 +185,10 @@ def from_official_state_dict(kind: str, official: Mapping[str, Tensor]) -> dict[
     AttentionFusion: `pre_layer.{block}.1.*` (norm), `pre_layer.{block}.2.*` (1x1 conv),
     `intra_inter_block_attention.cls_token`, `intra_inter_block_attention.layers.{j}.*` (the blocks, j
     counting the parameter-free layers of its layer string too), `head.*` (classifier).
-    ValueError on a key of no known place, or on a fusion (several blocks) checkpoint."""
+    `block_order`: the official block numbers (e.g. ["19", "24", "30"]) in the order of our head's
+    blocks (its --block order); default: increasing block number, the order of scripts/fusion.sh.
+    ValueError on a key of no known place, on a block_order that is not the checkpoint's blocks, or
+    on a fusion (several blocks) checkpoint for diffssl-attention."""
     out: dict[str, Tensor] = {}
     if kind in ("diffssl-linear", "diffssl-mlp"):
         fcs = sorted({int(m.group(1)) for k in official if (m := re.fullmatch(r"fcs\.(\d+)\.(weight|bias)", k))})
@@ -181,16 +199,20 @@ def from_official_state_dict(kind: str, official: Mapping[str, Tensor]) -> dict[
             i, param = int(m.group(1)), m.group(2)
             out[f"classifier.{param}" if i == fcs[-1] else f"hidden.{2 * i}.{param}"] = value
         return out
-    if kind != "diffssl-attention":
+    if kind not in DIFFSSL_HEADS:
         raise ValueError(f"no official layout for head {kind!r}; diffssl heads: {', '.join(DIFFSSL_HEADS)}")
-    blocks = {m.group(1) for k in official if (m := re.match(r"pre_layer\.([^.]+)\.", k))}
-    if len(blocks) != 1:
-        raise ValueError(f"an official attention head reads one block, this checkpoint has pre_layers {sorted(blocks)} (a DifFormer fusion)")
+    found = {m.group(1) for k in official if (m := re.match(r"pre_layer\.([^.]+)\.", k))}
+    if kind == "diffssl-attention" and len(found) != 1:
+        raise ValueError(f"an official attention head reads one block, this checkpoint has pre_layers {sorted(found)}: "
+                         "load it into diffssl-difformer")
+    blocks = list(block_order) if block_order is not None else sorted(found, key=int)
+    if sorted(blocks) != sorted(found):
+        raise ValueError(f"block_order {blocks} is not the checkpoint's blocks {sorted(found, key=int)}")
     layers = sorted({int(m.group(1)) for k in official
                      if (m := re.match(r"intra_inter_block_attention\.layers\.(\d+)\.", k))})
     for key, value in official.items():
-        if m := re.fullmatch(r"pre_layer\.[^.]+\.([12])\.(.+)", key):
-            out[f"tokenizer.{'norm' if m.group(1) == '1' else 'proj'}.{m.group(2)}"] = value
+        if m := re.fullmatch(r"pre_layer\.([^.]+)\.([12])\.(.+)", key):
+            out[f"tokenizers.{blocks.index(m.group(1))}.{'norm' if m.group(2) == '1' else 'proj'}.{m.group(3)}"] = value
         elif key == "intra_inter_block_attention.cls_token":
             out["cls"] = value
         elif m := re.fullmatch(r"intra_inter_block_attention\.layers\.(\d+)\.(.+)", key):

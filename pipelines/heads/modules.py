@@ -12,8 +12,8 @@ Kinds:
   representations?": tokenizer, learned CLS token, pre-norm transformer encoder, classifier on CLS.
 - `difformer`: the same paper's fusion head over several blocks and timesteps.
 - `uhead`: Vermouth's U-head, a feature pyramid with an optional adapted expert.
-- `diffssl-linear`, `diffssl-mlp`, `diffssl-attention`: the same paper's heads exactly as in its
-  official code (pipelines/heads/diffssl.py); the kinds above are ours and the default.
+- `diffssl-linear`, `diffssl-mlp`, `diffssl-attention`, `diffssl-difformer`: the same paper's heads
+  exactly as in its official code (pipelines/heads/diffssl.py); the kinds above are ours and the default.
 """
 
 from __future__ import annotations
@@ -32,18 +32,19 @@ Key = tuple[int | None, str]  # (timestep, block); None is the timestep of exper
 Shape = tuple[int, int, int]  # (C, H, W)
 Features = Mapping[Key, Tensor]
 
-DIFFSSL_KINDS = ("diffssl-linear", "diffssl-mlp", "diffssl-attention")
+DIFFSSL_KINDS = ("diffssl-linear", "diffssl-mlp", "diffssl-attention", "diffssl-difformer")
 KINDS = ("linear", "mlp", "attention", "difformer", "uhead", *DIFFSSL_KINDS)
-SINGLE_INPUT_KINDS = ("linear", "mlp", "attention", *DIFFSSL_KINDS)
+SINGLE_INPUT_KINDS = ("linear", "mlp", "attention", "diffssl-linear", "diffssl-mlp", "diffssl-attention")
 # Sizes left unset (None) in a HeadSpec take these; the diffssl-* values are the official code's
-# (scripts/linear.sh: --pre_pool_size 2; scripts/attention.sh: --pre_pool_size 16, --norm_type layer,
-# fusion_arc Attention:1024:8:4:2, i.e. width 1024, 8 heads, MLP ratio 4, depth 2).
+# (scripts/linear.sh: --pre_pool_size 2; scripts/attention.sh and fusion.sh: --pre_pool_size 16,
+# --norm_type layer, fusion_arc Attention:1024:8:4:2, i.e. width 1024, 8 heads, MLP ratio 4, depth 2).
 DEFAULT_SIZES: dict[str, dict] = {
     "linear": {}, "mlp": {}, "attention": {}, "difformer": {}, "uhead": {},
     "diffssl-linear": {"pre_pool_size": 2},
     "diffssl-mlp": {"pre_pool_size": 2},
     "diffssl-attention": {"pre_pool_size": 16, "norm_type": "layer", "mlp_ratio": 4.0, "width": 1024, "num_heads": 8},
 }
+DEFAULT_SIZES["diffssl-difformer"] = DEFAULT_SIZES["diffssl-attention"]
 OUR_SIZES = {"width": 128, "num_heads": 4}
 DIFFORMER_TIMESTEPS = (90, 150, 300)  # the paper's defaults (ADM-256 block numbering)
 DIFFORMER_BLOCKS = ("b19", "b24", "b30")

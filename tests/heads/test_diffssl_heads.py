@@ -112,19 +112,27 @@ class RefAttentionStack(nn.Module):
 
 
 class RefFusion(nn.Module):
-    """attention_fusion.py `AttentionFusion` for one block (b24) and one timestep."""
+    """attention_fusion.py `AttentionFusion`: `blocks` {official block number: (C, side)} in the
+    order of the official --first_fw_b_list, `n_t` timesteps; forward takes [per t: [per block: map]]."""
 
-    def __init__(self, c, side, pre_pool, norm_type, dim, heads, ratio, depth, num_classes):
+    def __init__(self, blocks, n_t, pre_pool, norm_type, dim, heads, ratio, depth, num_classes):
         super().__init__()
-        s = min(side, pre_pool)
-        norm = nn.BatchNorm2d(c) if norm_type == "batch" else nn.LayerNorm([c, s, s])
-        to_tokens = Step(lambda x: x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1))
-        self.pre_layer = nn.ModuleDict({"24": nn.Sequential(nn.AdaptiveAvgPool2d(s), norm, nn.Conv2d(c, dim, 1), to_tokens)})
+        pre_layer = {}
+        for number, (c, side) in blocks.items():
+            s = min(side, pre_pool)
+            norm = nn.BatchNorm2d(c) if norm_type == "batch" else nn.LayerNorm([c, s, s])
+            to_tokens = Step(lambda x: x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1))
+            pre_layer[number] = nn.Sequential(nn.AdaptiveAvgPool2d(s), norm, nn.Conv2d(c, dim, 1), to_tokens)
+        self.pre_layer = nn.ModuleDict(pre_layer)
         self.intra_inter_block_attention = RefAttentionStack(dim, heads, ratio, depth)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim * n_t, num_classes)
 
-    def forward(self, x):
-        return self.head(self.intra_inter_block_attention(self.pre_layer["24"](x)))
+    def forward(self, maps):
+        per_t = []
+        for maps_of_t in maps:
+            tokens = [self.pre_layer[number](x) for number, x in zip(self.pre_layer, maps_of_t)]
+            per_t.append(self.intra_inter_block_attention(torch.cat(tokens, dim=1)))
+        return self.head(torch.cat(per_t, dim=1))
 
 
 def randomized(module: nn.Module) -> nn.Module:
@@ -169,13 +177,30 @@ def test_linear_and_mlp_equal_the_official_head(side, pre_pool, head_arc):
 ])
 def test_attention_equals_the_official_attention_fusion(side, pre_pool, norm_type, depth):
     c, dim, heads, ratio = 6, 16, 4, 2.5
-    ref = randomized(RefFusion(c, side, pre_pool, norm_type, dim, heads, ratio, depth, K))
+    ref = randomized(RefFusion({"24": (c, side)}, 1, pre_pool, norm_type, dim, heads, ratio, depth, K))
     ours = ours_loaded(ref, kind="diffssl-attention", inputs={KEY: (c, side, side)}, pre_pool_size=pre_pool,
                        norm_type=norm_type, width=dim, num_heads=heads, mlp_ratio=ratio, depth=depth)
     x = torch.randn(B, c, side, side) * 2 + 1
-    torch.testing.assert_close(ours({KEY: x}), ref(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours({KEY: x}), ref([[x]]), rtol=0, atol=1e-5)
     assert n_params(ours) == n_params(ref)
     assert sorted(ours.state_dict()) == sorted(from_official_state_dict("diffssl-attention", ref.state_dict()))
+
+
+@pytest.mark.parametrize(("norm_type", "order"), [("layer", ["30", "19"]), ("batch", ["19", "30"])])
+def test_difformer_equals_the_official_attention_fusion_over_blocks_and_timesteps(norm_type, order):
+    """Two timesteps x two blocks of other channels and sides (b30 is pooled, b19 is not), given to
+    our head in `order`; batch norm in train mode, where each timestep has its own statistics."""
+    shapes = {"19": (8, 4), "30": (6, 12)}
+    ref = randomized(RefFusion({b: shapes[b] for b in order}, 2, 6, norm_type, 16, 2, 4, 2, K))
+    inputs = {(t, f"b{b}"): (shapes[b][0], shapes[b][1], shapes[b][1]) for t in (90, 300) for b in order}
+    head = build_head(HeadSpec(kind="diffssl-difformer", inputs=inputs, num_classes=K, pre_pool_size=6,
+                               norm_type=norm_type, width=16, num_heads=2))
+    head.load_state_dict(from_official_state_dict("diffssl-difformer", ref.state_dict(), block_order=order))
+    x = {key: torch.randn(B, *shape) for key, shape in inputs.items()}
+    maps = [[x[(t, f"b{b}")] for b in order] for t in (90, 300)]
+    torch.testing.assert_close(head.eval()(x), ref(maps), rtol=0, atol=1e-5)
+    torch.testing.assert_close(head.train()(x), ref.train()(maps), rtol=0, atol=1e-5)
+    assert n_params(head) == n_params(ref)
 
 
 def test_fresh_attention_head_has_a_zero_cls_token_and_the_official_defaults():
@@ -189,14 +214,23 @@ def test_fresh_attention_head_has_a_zero_cls_token_and_the_official_defaults():
     assert linear.pre_pool_size == 2 and build_head(linear).classifier.in_features == 8 * 2 * 2
 
 
-def test_adm_b24_attention_head_has_27_8m_parameters():
-    """ADM-256 block 24 (1024 x 16 x 16), 1000 classes, scripts/attention.sh: counted by hand."""
+def test_adm_attention_head_and_difformer_parameter_counts():
+    """ADM-256, 1000 classes, scripts/attention.sh on block 24 (1024 x 16 x 16): counted by hand."""
     c, s, d, r, depth, k = 1024, 16, 1024, 4, 2, 1000
     block = 2 * 2 * d + 3 * d * d + (d * d + d) + (d * r * d + r * d) + (r * d * d + d)
     expected = 2 * c * s * s + (c * d + d) + d + depth * block + (d * k + k)
     with torch.device("meta"):
         head = build_head(HeadSpec(kind="diffssl-attention", inputs={KEY: (c, s, s)}, num_classes=k))
     assert n_params(head) == expected == 27_786_216
+
+    # scripts/fusion.sh: t 90, 150, 300 x b19 (1024x8x8), b24, b30 (512x64x64, pooled to 16x16)
+    maps = {"b19": (1024, 8), "b24": (1024, 16), "b30": (512, 16)}
+    fusion = sum(2 * c * side * side + (c * d + d) for c, side in maps.values()) + d + depth * block + (3 * d * k + k)
+    shapes = {"b19": (1024, 8, 8), "b24": (1024, 16, 16), "b30": (512, 64, 64)}
+    with torch.device("meta"):
+        head = build_head(HeadSpec(kind="diffssl-difformer", num_classes=k,
+                                   inputs={(t, b): shape for t in (90, 150, 300) for b, shape in shapes.items()}))
+    assert n_params(head) == fusion == 31_802_344
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -218,10 +252,11 @@ def test_official_keys_of_no_known_place_are_refused():
     ref = RefLinearHead(4, 2, [], K)
     with pytest.raises(ValueError, match="unexpected key 'pool.weight'"):
         from_official_state_dict("diffssl-linear", {**ref.state_dict(), "pool.weight": torch.zeros(1)})
-    fusion = RefFusion(4, 8, 16, "layer", 8, 2, 4, 1, K).state_dict()
-    two_blocks = {**fusion, **{k.replace(".24.", ".30."): v for k, v in fusion.items() if k.startswith("pre_layer")}}
+    two_blocks = RefFusion({"24": (4, 8), "30": (4, 8)}, 1, 16, "layer", 8, 2, 4, 1, K).state_dict()
     with pytest.raises(ValueError, match="reads one block"):
         from_official_state_dict("diffssl-attention", two_blocks)
+    with pytest.raises(ValueError, match="not the checkpoint's blocks"):
+        from_official_state_dict("diffssl-difformer", two_blocks, block_order=["24", "19"])
 
 
 # -- through the CLI and the trainer --------------------------------------------------------------
@@ -229,10 +264,12 @@ N = 96
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, build_run, lit_channel) -> str:
+def store(tmp_path_factory, build_run, lit_channel, noise) -> str:
+    """Block a tells the class, block b is noise."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, N)
-    run = build_run(tmp_path_factory.mktemp("diffssl") / "s.zarr", {(5, "a"): lit_channel(rng, labels, (4, 8, 8))}, labels)
+    run = build_run(tmp_path_factory.mktemp("diffssl") / "s.zarr", {
+        (5, "a"): lit_channel(rng, labels, (4, 8, 8)), (5, "b"): noise(rng, N, (4, 4, 4))}, labels)
     return run.store.url
 
 
@@ -240,6 +277,7 @@ def store(tmp_path_factory, build_run, lit_channel) -> str:
     ("diffssl-linear", "0.05", []),
     ("diffssl-mlp", "0.05", ["--head-arc", "16"]),
     ("diffssl-attention", "0.003", ["--width", "16", "--attn-heads", "2", "--depth", "1", "--pre-pool-size", "4"]),
+    ("diffssl-difformer", "0.003", ["--block", "b", "--width", "16", "--attn-heads", "2", "--depth", "1", "--pre-pool-size", "4"]),
 ])
 def test_probe_trains_a_diffssl_head(store, tmp_path, head, lr, options):
     result = CliRunner().invoke(app, [
@@ -249,9 +287,10 @@ def test_probe_trains_a_diffssl_head(store, tmp_path, head, lr, options):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     (trained,) = doc["heads"]
-    assert trained["name"] == f"{head}_t5_a_lr{lr}" and trained["spec"]["kind"] == head
+    blocks = "a+b" if head == "diffssl-difformer" else "a"
+    assert trained["name"] == f"{head}_t5_{blocks}_lr{lr}" and trained["spec"]["kind"] == head
     assert doc["top1"] >= 0.9
-    if head == "diffssl-attention":
+    if head in ("diffssl-attention", "diffssl-difformer"):
         assert (trained["spec"]["width"], trained["spec"]["pre_pool_size"], trained["spec"]["norm_type"]) == (16, 4, "layer")
 
 
