@@ -15,6 +15,12 @@ from cli.app import (
 HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead", "diffssl-linear", "diffssl-mlp",
          "diffssl-attention", "diffssl-difformer")
 FUSIONS = ("difformer", "diffssl-difformer")
+# The training defaults of each --recipe; diffssl: scripts/attention.sh (--lr 5e-2, --epochs 28,
+# --batch_size 32 on 4 GPUs) and finetune.py's final weights (no early stopping).
+RECIPES = {
+    "ours": {"lrs": [1e-3], "epochs": 30, "batch_size": 64, "patience": 5, "weight_decay": 0.01, "warmup_epochs": 1.0},
+    "diffssl": {"lrs": [5e-2], "epochs": 28, "batch_size": 128, "patience": 0, "weight_decay": 0.0, "warmup_epochs": 0.0},
+}
 
 
 @app.command()
@@ -32,12 +38,13 @@ def probe(
     c: Annotated[float, typer.Option("--c", help="logistic: inverse L2 strength.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of --holdout, the validation split, shuffling and initial weights.")] = 0,
     lr: Annotated[Optional[list[str]], typer.Option(help="Learning rate(s); several train a grid.")] = None,
-    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping may end sooner).")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = 64,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warmup before the cosine decay.")] = 1.0,
+    recipe: Annotated[str, typer.Option(help="Trained heads: ours (AdamW, warmup + cosine) | diffssl (official: SGD, lr x 0.1 every 7 epochs; defaults --lr 5e-2 --epochs 28 --batch-size 128 --patience 0).")] = "ours",
+    epochs: Annotated[Optional[int], typer.Option(help="Most epochs (early stopping may end sooner); 30 (diffssl recipe 28).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size; 64 (diffssl recipe 128).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (0.01); not in the diffssl recipe.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warmup before the cosine decay (1); not in the diffssl recipe.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Fraction of the train images held out for validation.")] = 0.1,
-    patience: Annotated[int, typer.Option(help="Stop a head after this many epochs without a better validation top-1; 0: never.")] = 5,
+    patience: Annotated[Optional[int], typer.Option(help="Stop a head after this many epochs without a better validation top-1; 0: never. 5 (diffssl recipe 0).")] = None,
     classifier: Annotated[str, typer.Option(help="linear | cosine (against --text-embeddings).")] = "linear",
     text_embeddings: Annotated[Optional[str], typer.Option(help="safetensors: 'embeddings' (K, D), metadata 'classes' (JSON list in label order).")] = None,
     temperature: Annotated[float, typer.Option(help="cosine: logits are cosines / temperature.")] = 0.07,
@@ -98,18 +105,29 @@ def probe(
     from pipelines.heads.probe import ProbeConfig, probe_heads
     from pipelines.heads.training import TrainConfig
 
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown --recipe {recipe!r}; choose {' or '.join(RECIPES)}")
+    if recipe == "diffssl" and (weight_decay is not None or warmup_epochs is not None):
+        raise ValueError("--weight-decay and --warmup-epochs set the AdamW recipe (ours); the diffssl recipe has neither")
+    defaults = RECIPES[recipe]
+
     options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden,
                "expert_width": expert_width, "pooling": pooling, "temperature": temperature,
                "pre_pool_size": pre_pool_size, "head_arc": head_arc, "norm_type": norm_type, "mlp_ratio": mlp_ratio}
     if pool is not None:
         options["pool"] = pool
     cfg = ProbeConfig(
-        head=head, blocks=blocks, timesteps=timesteps, lrs=parse_lrs(lr) or [1e-3],
+        head=head, blocks=blocks, timesteps=timesteps, lrs=parse_lrs(lr) or defaults["lrs"],
         run_id=run, classifier=classifier, text_embeddings=text_embeddings, expert_run=expert_run,
         expert_blocks=split_items(expert_blocks) or None, head_options=options,
         train_split=train_split, test_split=test_split, holdout=holdout, allow_incomplete=allow_incomplete,
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                          val_fraction=val_fraction, patience=patience, seed=seed, device=device),
+        train=TrainConfig(epochs=defaults["epochs"] if epochs is None else epochs,
+                          batch_size=defaults["batch_size"] if batch_size is None else batch_size,
+                          weight_decay=defaults["weight_decay"] if weight_decay is None else weight_decay,
+                          warmup_epochs=defaults["warmup_epochs"] if warmup_epochs is None else warmup_epochs,
+                          val_fraction=val_fraction,
+                          patience=defaults["patience"] if patience is None else patience, seed=seed, device=device,
+                          recipe=recipe),
     )
     doc = probe_heads(fs, cfg, folder)
     if json_out:

@@ -1,7 +1,7 @@
 """Training a grid of heads in one pass over the cache, and their accuracy metrics.
 
 Each minibatch is read once and every head of the grid still training takes one AdamW step on it
-(dinov2's `setup_linear_classifiers`): a grid of blocks x timesteps x learning rates costs one read
+(an SGD step with the diffssl recipe; dinov2's `setup_linear_classifiers`): a grid of blocks x timesteps x learning rates costs one read
 of the cache per epoch. Every head is seeded on its own at construction and trains without
 randomness (no dropout), so a head trained in a grid is bit-identical to the head trained alone.
 
@@ -50,8 +50,13 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     window_chunks: int | None = None  # chunks read (and shuffled together) at once; None: what fits in WINDOW_BYTES
+    # ours: AdamW (weight_decay), linear warmup then cosine per step. diffssl: the official diffssl
+    # finetune.py, SGD without momentum or weight decay, lr x 0.1 every 7 epochs (StepLR(7, 0.1)).
+    recipe: str = "ours"
 
     def __post_init__(self) -> None:
+        if self.recipe not in ("ours", "diffssl"):
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose ours or diffssl")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or self.warmup_epochs < 0:
             raise ValueError("epochs and batch size must be positive, patience and warmup not negative")
         if not 0 < self.val_fraction < 1:
@@ -97,9 +102,14 @@ class Trainee:
         self.head = head.to(device)
         self.validated = copy.deepcopy(self.head).eval()
         self.device = device
-        self.optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-        warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, warmup, total))
+        self.schedule_per_epoch = cfg.recipe == "diffssl"
+        if self.schedule_per_epoch:
+            self.optimizer = torch.optim.SGD(head.parameters(), lr=lr)
+            self.schedule = torch.optim.lr_scheduler.StepLR(self.optimizer, 7, 0.1)
+        else:
+            self.optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+            warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, warmup, total))
         self.patience = cfg.patience
         self.max_epochs = cfg.epochs
         self.val_top1: list[float] = []  # [i]: the weights after i + 1 epochs
@@ -132,13 +142,16 @@ class Trainee:
         loss.backward()
         self._last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        self.schedule.step()
+        if not self.schedule_per_epoch:
+            self.schedule.step()
         self._loss_sum += loss.detach() * len(batch.labels)  # a tensor: no device sync per step
         self._loss_images += len(batch.labels)
 
     def trained(self, seconds: float) -> None:
         """An epoch's pass ended after `seconds` (shared by the grid: reading, training, and
         validating the previous epoch's weights): record its mean train loss and last learning rate."""
+        if self.schedule_per_epoch:
+            self.schedule.step()
         loss = float(self._loss_sum) / self._loss_images if self._loss_images else float("nan")
         self.epoch_log.append({"epoch": len(self.epoch_log) + 1, "train_loss": finite_or_none(loss), "val_top1": None,
                                "lr": self._last_lr, "seconds": seconds})

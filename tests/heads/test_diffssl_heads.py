@@ -315,3 +315,46 @@ def test_a_saved_diffssl_head_is_rebuilt_from_its_file_alone(tmp_path):
     x = {KEY: torch.randn(B, 6, 8, 8)}
     assert loaded.spec == spec
     torch.testing.assert_close(loaded(x), head(x), rtol=0, atol=0)
+
+
+def test_diffssl_recipe_is_plain_sgd_with_the_lr_divided_by_10_every_7_epochs():
+    """Two batches per epoch for 16 epochs against gradient descent written out: w -= lr_e * grad,
+    lr_e = 0.05 * 0.1 ** (epoch // 7); no momentum, no weight decay, no warmup."""
+    from pipelines.heads.data import Batch
+    from pipelines.heads.training import TrainConfig, Trainee
+
+    torch.manual_seed(0)
+    spec = HeadSpec(kind="diffssl-mlp", inputs={KEY: (3, 4, 4)}, num_classes=K, head_arc="6")
+    head = build_head(spec)
+    reference = {k: v.clone() for k, v in head.state_dict().items()}
+    batches = [Batch({KEY: torch.randn(8, 3, 4, 4)}, {}, torch.randint(0, K, (8,)), np.arange(8)) for _ in range(2)]
+    trainee = Trainee("h", head, 0.05, TrainConfig(epochs=16, recipe="diffssl"), 2, torch.device("cpu"))
+    manual = build_head(spec)
+    manual.load_state_dict(reference)
+    for epoch in range(16):
+        for batch in batches:
+            trainee.step(batch)
+            manual.zero_grad()
+            torch.nn.functional.cross_entropy(manual(batch.features), batch.labels).backward()
+            with torch.no_grad():
+                for p in manual.parameters():
+                    p -= 0.05 * 0.1 ** (epoch // 7) * p.grad
+        trainee.trained(0.0)
+        assert trainee.epoch_log[-1]["lr"] == pytest.approx(0.05 * 0.1 ** (epoch // 7))
+    for name, value in manual.state_dict().items():
+        torch.testing.assert_close(head.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_probe_diffssl_recipe_defaults_and_refusals(store, tmp_path):
+    args = ["probe", store, "--head", "diffssl-linear", "--block", "a", "--timestep", "5", "--recipe", "diffssl"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    train = doc["config"]["train"]
+    assert (doc["config"]["lrs"], train["batch_size"], train["patience"], train["recipe"]) == ([0.05], 128, 0, "diffssl")
+    assert (train["weight_decay"], train["warmup_epochs"], train["epochs"]) == (0.0, 0.0, 28)
+    assert doc["epochs_run"] == 28 and doc["heads"][0]["epoch_log"][-1]["lr"] == pytest.approx(0.05 * 0.1 ** 3)
+    refused = CliRunner().invoke(app, [*args, "--weight-decay", "0.1"])
+    assert refused.exit_code == 1 and "the diffssl recipe has neither" in refused.output
+    unknown = CliRunner().invoke(app, [*args, "--recipe", "sgd"])
+    assert unknown.exit_code == 1 and "unknown --recipe 'sgd'" in unknown.output
