@@ -137,6 +137,8 @@ def test_single_split_data_needs_a_holdout(tmp_path):
 def test_config_is_checked():
     with pytest.raises(ValueError, match="unknown head 'svm'"):
         FewshotConfig(head="svm")
+    with pytest.raises(ValueError, match="fewshot does not train the diffssl-"):  # it would build them at our widths
+        FewshotConfig(head="diffssl-attention")
     with pytest.raises(ValueError, match="--shots must be distinct positive"):
         FewshotConfig(shots=[0, 1])
     with pytest.raises(ValueError, match="--seeds must be distinct"):
