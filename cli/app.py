@@ -45,6 +45,8 @@ backbones_app = typer.Typer(help="The registered backbones and their block table
 app.add_typer(backbones_app, name="backbones")
 datasets_app = typer.Typer(help="The datasets that --dataset accepts (data_manifests/*.yaml).", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+heads_app = typer.Typer(help="Saved probe heads: import official trained heads.", no_args_is_help=True)
+app.add_typer(heads_app, name="heads")
 
 
 def _print_version(value: bool) -> None:

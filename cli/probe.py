@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -60,6 +61,7 @@ def probe(
     head_arc: Annotated[str, typer.Option(help="diffssl-mlp: hidden widths joined by '_', e.g. 1024 or 2048_1024 (required).")] = "",
     norm_type: Annotated[Optional[str], typer.Option(help="diffssl-attention, diffssl-difformer: layer (over the pooled [C, h, w], default) | batch.")] = None,
     mlp_ratio: Annotated[Optional[float], typer.Option(help="diffssl-attention, diffssl-difformer: transformer MLP width / token width (4).")] = None,
+    head_file: Annotated[Optional[Path], typer.Option(help="Test this saved head (probe's or `heads import`'s .safetensors) on the test split, without training; --block/--timestep: omit or give the head's.")] = None,
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     allow_incomplete: AllowIncompleteFlag = False,
     out: ResultsOption = None,
@@ -75,6 +77,27 @@ def probe(
     from pipelines.progress import set_quiet
 
     set_quiet(quiet)
+    if head_file is not None:
+        from pipelines.heads.probe import evaluate_head_file
+
+        if head != "logistic" or lr or recipe != "ours" or epochs is not None:
+            raise ValueError("--head-file tests a saved head as it is: no --head, --lr, --recipe or --epochs with it")
+        asked = [(parse_timestep(t), b) for t in split_items(timestep) for b in split_items(block)]
+        if bool(split_items(block)) != bool(split_items(timestep)):
+            raise ValueError("--head-file: give both --block and --timestep (the head's) or neither")
+        doc = evaluate_head_file(FeatureStore.open(store), head_file, results_dir(store, out), run_id=run,
+                                 keys=asked or None, train_split=train_split, test_split=test_split,
+                                 holdout=holdout, seed=seed, allow_incomplete=allow_incomplete,
+                                 batch_size=batch_size or 64, device=device)
+        if json_out:
+            typer.echo(to_json(doc))
+            return
+        typer.echo(f"{doc['spec']['kind']} head {head_file} on {doc['tested_on']} ({doc['images']['test']} images): "
+                   f"top-1 {doc['top1']:.4f}  top-5 {doc['top5']:.4f}")
+        for line in images_note(doc["runs"]):
+            typer.echo(line)
+        typer.echo(f"saved {doc['out']}")
+        return
     if head not in HEADS:
         raise ValueError(f"unknown --head {head!r}; heads: {', '.join(HEADS)}")
     blocks = split_items(block) or (list(DIFFORMER_BLOCKS) if head in FUSIONS else [])

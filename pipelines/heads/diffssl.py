@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines.heads.modules import Features, Head, HeadSpec
+from pipelines.heads.modules import Features, Head, HeadSpec, build_head
 
 
 def hidden_widths(head_arc: str) -> list[int]:
@@ -222,3 +222,49 @@ def from_official_state_dict(kind: str, official: Mapping[str, Tensor],
         else:
             raise ValueError(f"unexpected key {key!r} in an official attention head")
     return out
+
+
+OFFICIAL_FUSION_ARC = "Use_CLS_Token:True:1024,Insert_CLS_Token,Attention:1024:8:4:2,Extract_CLS_Token"
+
+
+def parse_fusion_arc(fusion_arc: str) -> dict[str, int | float]:
+    """The transformer sizes of an official `--fusion_arc` layer string (attention_head.py), e.g.
+    scripts/attention.sh's "Use_CLS_Token:True:1024,Insert_CLS_Token,Attention:1024:8:4:2,Extract_CLS_Token"
+    -> {"width": 1024, "num_heads": 8, "mlp_ratio": 4.0, "depth": 2}. Only that layout (a CLS token,
+    Attention:dim:heads:mlp_ratio:blocks, the CLS output) is the diffssl-attention head; ValueError on
+    any other string (Pool, Reshape, Dense, ... layers have no place in it)."""
+    m = re.fullmatch(r"Use_CLS_Token:True:(\d+),Insert_CLS_Token,Attention:(\d+):(\d+):([0-9.]+):(\d+),Extract_CLS_Token",
+                     fusion_arc.replace(" ", ""))
+    if m is None or m.group(1) != m.group(2):
+        raise ValueError(f"--fusion-arc {fusion_arc!r} is not of the form Use_CLS_Token:True:D,Insert_CLS_Token,"
+                         "Attention:D:HEADS:MLP_RATIO:DEPTH,Extract_CLS_Token (the official scripts' layout)")
+    return {"width": int(m.group(2)), "num_heads": int(m.group(3)), "mlp_ratio": float(m.group(4)),
+            "depth": int(m.group(5))}
+
+
+def head_from_official(spec: HeadSpec, official: Mapping[str, Tensor], block_order: Sequence[str] | None = None) -> Head:
+    """Our diffssl-* head of `spec` holding the official head weights `official` (see
+    `from_official_state_dict`). ValueError, in one line, when a weight is missing, extra or of
+    another shape than `spec` gives (wrong --input-shape, --pre-pool-size, --head-arc, ...)."""
+    if any(not isinstance(v, Tensor) for v in official.values()):
+        raise ValueError("the checkpoint's 'model_head' is not a state dict of tensors")
+    attention = any(k.startswith("pre_layer.") for k in official)
+    if attention != (spec.kind in ("diffssl-attention", "diffssl-difformer")):
+        found = "an attention head (pre_layer.*)" if attention else "a linear/MLP head (fcs.*)"
+        raise ValueError(f"the checkpoint holds {found}, not a {spec.kind} head: check --head-type")
+    ours = from_official_state_dict(spec.kind, official, block_order)
+    head = build_head(spec)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ours.items()}
+    if missing := sorted(set(expected) - set(got)):
+        raise ValueError(f"the checkpoint has no weights for {missing[:3]} of a {spec.kind} head: check --head-type, "
+                         "--head-arc, --fusion-arc")
+    if extra := sorted(set(got) - set(expected)):
+        raise ValueError(f"the checkpoint has weights {extra[:3]} that a {spec.kind} head of these options lacks: "
+                         "check --head-arc, --fusion-arc")
+    if wrong := [k for k in expected if expected[k] != got[k]]:
+        k = wrong[0]
+        raise ValueError(f"checkpoint weight for {k} is {got[k]}, a {spec.kind} head of these options has {expected[k]}: "
+                         "check --input-shape, --pre-pool-size, --norm-type, --fusion-arc, --num-classes")
+    head.load_state_dict(ours)
+    return head.eval()

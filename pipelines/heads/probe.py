@@ -10,6 +10,8 @@ per-epoch records, whose seconds differ from run to run).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from featurestore.store import FeatureStore, Run, timestep_key
 from pipelines.analysis import results_path, run_images, write_json
@@ -28,6 +31,7 @@ from pipelines.heads.modules import (
     HeadSpec,
     Key,
     build_head,
+    load_head,
     save_head,
 )
 from pipelines.heads.text_embeddings import read_text_embeddings
@@ -139,4 +143,62 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
         "out": str(out), "heads": heads,
     }
     write_json(doc, out / "results.json")
+    return doc
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def evaluate_head_file(store: FeatureStore, head_file: Path, results: Path, *, run_id: str | None = None,
+                       keys: list[Key] | None = None, train_split: str = "train", test_split: str = "test",
+                       holdout: float | None = None, seed: int = 0, allow_incomplete: bool = False,
+                       batch_size: int = 64, device: str = "cpu") -> dict:
+    """Test a saved head (`save_head`'s safetensors: our probe's heads or `featurestore heads import`)
+    on the run's test split, without training; returns the results document, also written as
+    `<results>/probe-head-<run>-<digest>.json` (its path in "out"; the digest covers the head file's
+    sha256). The test rows are those `probe` tests on with the same split options (`split_rows`).
+    `keys`: the (timestep, block) inputs asked for, which must be the head's (None: the head's).
+    ValueError when the run lacks one of the head's inputs, its shape differs from the head's, or
+    the store's class count is not the head's."""
+    head = load_head(head_file)
+    spec = head.spec
+    if spec.expert_inputs:
+        raise ValueError(f"{head_file} is a uhead with an expert run: --head-file evaluates heads of one run only")
+    run = resolve_run(store, run_id)
+    if keys is not None and sorted(keys, key=str) != sorted(spec.inputs, key=str):
+        raise ValueError(f"{head_file} reads {[list(k) for k in spec.inputs]} (timestep, block), not the "
+                         f"{[list(k) for k in keys]} asked for: omit --block/--timestep or give the head's")
+    for (t, block), shape in spec.inputs.items():
+        if block not in run.blocks or t not in run.timesteps:
+            raise ValueError(f"run {run.run_id} has no block {block} at t={t}, which the head {head_file} reads")
+        if tuple(run.blocks[block]) != tuple(shape):
+            raise ValueError(f"block {block} of run {run.run_id} is {tuple(run.blocks[block])} (C, H, W), "
+                             f"the head {head_file} reads {tuple(shape)}")
+    table = run.images
+    labels = table.label.astype(np.int64)
+    classes = class_names(labels, table.class_name)
+    if len(classes) != spec.num_classes:
+        raise ValueError(f"the store has {len(classes)} classes, the head {head_file} predicts {spec.num_classes}")
+    _, test_rows = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
+    data = StoreBatches(run, list(spec.inputs), labels, batch_size=batch_size, allow_incomplete=allow_incomplete)
+    order, logits = predict(data, {"head": head.to(resolve_device(device))}, test_rows, resolve_device(device))
+    with safe_open(str(head_file), "pt") as f:
+        extra = json.loads((f.metadata() or {}).get("extra", "{}"))
+    settings = {"head_file_sha256": file_sha256(head_file), "run_id": run.run_id, "train_split": train_split,
+                "test_split": test_split, "holdout": holdout, "seed": seed, "allow_incomplete": allow_incomplete}
+    out = results_path(results, "probe", settings, f"head-{run.run_id}")
+    doc = {
+        "task": "probe-head-file", "store": store.url, "run_id": run.run_id, "head_file": str(head_file),
+        "config": settings, "spec": spec.to_json(), "head_extra": extra, "classes": classes,
+        "runs": run_images([run]), "images": {"test": len(test_rows)},
+        "tested_on": f"split {test_split!r}" if holdout is None else f"holdout {holdout} (seed {seed})",
+        **accuracy_metrics(logits["head"], labels[order], classes), "out": str(out),
+    }
+    write_json(doc, out)
     return doc
