@@ -14,7 +14,7 @@ from cli.app import (
 )
 
 HEADS = ("logistic", "linear", "mlp", "attention", "difformer", "uhead", "diffssl-linear", "diffssl-mlp",
-         "diffssl-attention", "diffssl-difformer")
+         "diffssl-attention", "diffssl-difformer", "vermouth-uhead")
 FUSIONS = ("difformer", "diffssl-difformer")
 # The training defaults of each --recipe; diffssl: scripts/attention.sh (--lr 5e-2, --epochs 28,
 # --batch_size 32 on 4 GPUs) and finetune.py's final weights (no early stopping).
@@ -48,12 +48,12 @@ def probe(
     patience: Annotated[Optional[int], typer.Option(help="Stop a head after this many epochs without a better validation top-1; 0: never. 5 (diffssl recipe 0).")] = None,
     classifier: Annotated[str, typer.Option(help="linear | cosine (against --text-embeddings).")] = "linear",
     text_embeddings: Annotated[Optional[str], typer.Option(help="safetensors: 'embeddings' (K, D), metadata 'classes' (JSON list in label order).")] = None,
-    temperature: Annotated[float, typer.Option(help="cosine: logits are cosines / temperature.")] = 0.07,
+    temperature: Annotated[Optional[float], typer.Option(help="cosine: logits are cosines / temperature (0.07; vermouth-uhead official 0.2).")] = None,
     expert_run: ExpertRunOption = None,
-    expert_blocks: Annotated[Optional[list[str]], typer.Option(help="uhead: blocks of the expert run (default: all).")] = None,
+    expert_blocks: Annotated[Optional[list[str]], typer.Option(help="uhead, vermouth-uhead: blocks of the expert run (default: all; vermouth-uhead: three, the sizes of levels 2-4).")] = None,
     width: Annotated[Optional[int], typer.Option(help="attention, difformer: token width (128); uhead: pyramid width (128); diffssl-attention, diffssl-difformer: 1024.")] = None,
     depth: DepthOption = 2,
-    attn_heads: Annotated[Optional[int], typer.Option(help="attention, difformer, uhead: attention heads (4); diffssl-attention, diffssl-difformer: 8.")] = None,
+    attn_heads: Annotated[Optional[int], typer.Option(help="attention, difformer, uhead: attention heads (4); diffssl-attention, diffssl-difformer, vermouth-uhead: 8.")] = None,
     hidden: HiddenOption = 256,
     expert_width: ExpertWidthOption = 32,
     pooling: PoolingOption = "attention",
@@ -61,6 +61,7 @@ def probe(
     head_arc: Annotated[str, typer.Option(help="diffssl-mlp: hidden widths joined by '_', e.g. 1024 or 2048_1024 (required).")] = "",
     norm_type: Annotated[Optional[str], typer.Option(help="diffssl-attention, diffssl-difformer: layer (over the pooled [C, h, w], default) | batch.")] = None,
     mlp_ratio: Annotated[Optional[float], typer.Option(help="diffssl-attention, diffssl-difformer: transformer MLP width / token width (4).")] = None,
+    fuse_arch: Annotated[Optional[str], typer.Option(help="vermouth-uhead: tiny (level widths 1024,768,512,256, default) | pico (256 x4) | small (tiny + a residual conv stage).")] = None,
     head_file: Annotated[Optional[Path], typer.Option(help="Test this saved head (probe's or `heads import`'s .safetensors) on the test split, without training; --block/--timestep: omit or give the head's.")] = None,
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     allow_incomplete: AllowIncompleteFlag = False,
@@ -136,7 +137,8 @@ def probe(
 
     options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden,
                "expert_width": expert_width, "pooling": pooling, "temperature": temperature,
-               "pre_pool_size": pre_pool_size, "head_arc": head_arc, "norm_type": norm_type, "mlp_ratio": mlp_ratio}
+               "pre_pool_size": pre_pool_size, "head_arc": head_arc, "norm_type": norm_type, "mlp_ratio": mlp_ratio,
+               "fuse_arch": fuse_arch}
     if pool is not None:
         options["pool"] = pool
     cfg = ProbeConfig(

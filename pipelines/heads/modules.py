@@ -14,6 +14,7 @@ Kinds:
 - `uhead`: Vermouth's U-head, a feature pyramid with an optional adapted expert.
 - `diffssl-linear`, `diffssl-mlp`, `diffssl-attention`, `diffssl-difformer`: the same paper's heads
   exactly as in its official code (pipelines/heads/diffssl.py); the kinds above are ours and the default.
+- `vermouth-uhead`: Vermouth's U-head exactly as in its official code (pipelines/heads/vermouth.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ Shape = tuple[int, int, int]  # (C, H, W)
 Features = Mapping[Key, Tensor]
 
 DIFFSSL_KINDS = ("diffssl-linear", "diffssl-mlp", "diffssl-attention", "diffssl-difformer")
-KINDS = ("linear", "mlp", "attention", "difformer", "uhead", *DIFFSSL_KINDS)
+EXPERT_KINDS = ("uhead", "vermouth-uhead")  # the heads that read an expert run
+KINDS = ("linear", "mlp", "attention", "difformer", "uhead", *DIFFSSL_KINDS, "vermouth-uhead")
 SINGLE_INPUT_KINDS = ("linear", "mlp", "attention", "diffssl-linear", "diffssl-mlp", "diffssl-attention")
 # Sizes left unset (None) in a HeadSpec take these; the diffssl-* values are the official code's
 # (scripts/linear.sh: --pre_pool_size 2; scripts/attention.sh and fusion.sh: --pre_pool_size 16,
@@ -45,7 +47,9 @@ DEFAULT_SIZES: dict[str, dict] = {
     "diffssl-attention": {"pre_pool_size": 16, "norm_type": "layer", "mlp_ratio": 4.0, "width": 1024, "num_heads": 8},
 }
 DEFAULT_SIZES["diffssl-difformer"] = DEFAULT_SIZES["diffssl-attention"]
-OUR_SIZES = {"width": 128, "num_heads": 4}
+# Vermouth's Classification/train_few-shot.py: --fuse_arch tiny, --temperature 0.2; 8 heads in its AttentionPool2d.
+DEFAULT_SIZES["vermouth-uhead"] = {"fuse_arch": "tiny", "num_heads": 8, "temperature": 0.2}
+OUR_SIZES = {"width": 128, "num_heads": 4, "temperature": 0.07}
 DIFFORMER_TIMESTEPS = (90, 150, 300)  # the paper's defaults (ADM-256 block numbering)
 DIFFORMER_BLOCKS = ("b19", "b24", "b30")
 MAX_TOKEN_SIDE = 16
@@ -61,7 +65,7 @@ class HeadSpec:
     expert_inputs: dict[Key, Shape] = field(default_factory=dict)  # uhead only
     classifier: str = "linear"  # linear | cosine (against fixed text embeddings)
     text_dim: int | None = None  # cosine: width of the text embeddings
-    temperature: float = 0.07  # cosine: logits are cosines / temperature
+    temperature: float | None = None  # cosine: logits are cosines / temperature (0.07; vermouth-uhead 0.2)
     pool: int = 4  # linear, mlp: pooled side
     hidden: int = 256  # mlp: hidden width
     width: int | None = None  # attention, difformer: token width d; uhead: pyramid width (128; diffssl-attention 1024)
@@ -73,6 +77,7 @@ class HeadSpec:
     head_arc: str = ""  # diffssl-mlp: hidden widths "h1_h2_..." (official --head_arc)
     norm_type: str | None = None  # diffssl-attention: layer | batch (official --norm_type)
     mlp_ratio: float | None = None  # diffssl-attention: transformer MLP width / token width (4)
+    fuse_arch: str | None = None  # vermouth-uhead: tiny | pico | small (official --fuse_arch, tiny)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -82,6 +87,8 @@ class HeadSpec:
         given = [option for option, value in diffssl_only.items() if value is not None]
         if given and self.kind not in DIFFSSL_KINDS:
             raise ValueError(f"{', '.join(given)} set the diffssl-* heads, not {self.kind}")
+        if self.fuse_arch is not None and self.kind != "vermouth-uhead":
+            raise ValueError(f"--fuse-arch sets the vermouth-uhead, not {self.kind}")
         for name, value in {**OUR_SIZES, **DEFAULT_SIZES[self.kind]}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -89,13 +96,17 @@ class HeadSpec:
             from pipelines.heads.diffssl import check_spec
 
             check_spec(self)
+        if self.kind == "vermouth-uhead":
+            from pipelines.heads.vermouth import check_spec as check_vermouth
+
+            check_vermouth(self)
         if self.kind in SINGLE_INPUT_KINDS and len(self.inputs) != 1:
             raise ValueError(f"a {self.kind} head reads one (timestep, block), got {len(self.inputs)}")
         blocks = {block for _, block in self.inputs}
         if self.kind in ("difformer", "uhead") and len(blocks) < 2:
             raise ValueError(f"the {self.kind} head fuses several blocks: give at least two --block (got {sorted(blocks)})")
-        if self.expert_inputs and self.kind != "uhead":
-            raise ValueError(f"only the uhead reads an expert run, not {self.kind}")
+        if self.expert_inputs and self.kind not in EXPERT_KINDS:
+            raise ValueError(f"only the {' and '.join(EXPERT_KINDS)} read an expert run, not {self.kind}")
         if self.classifier not in ("linear", "cosine"):
             raise ValueError(f"unknown classifier {self.classifier!r}; choose linear or cosine")
         if self.classifier == "cosine" and self.text_dim is None:
@@ -355,6 +366,10 @@ def build_head(spec: HeadSpec, text: Tensor | None = None) -> Head:
         from pipelines.heads.diffssl import DIFFSSL_HEADS
 
         return DIFFSSL_HEADS[spec.kind](spec, text)
+    if spec.kind == "vermouth-uhead":
+        from pipelines.heads.vermouth import VERMOUTH_HEADS
+
+        return VERMOUTH_HEADS[spec.kind](spec, text)
     return HEADS[spec.kind](spec, text)
 
 

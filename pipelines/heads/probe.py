@@ -1,4 +1,4 @@
-"""`featurestore probe --head linear|mlp|attention|difformer|uhead|diffssl-*`: trained heads from the cache.
+"""`featurestore probe --head linear|mlp|attention|difformer|uhead|diffssl-*|vermouth-uhead`: trained heads from the cache.
 
 The runner layer: resolve the run (and expert run), split train/validation/test, build the grid
 of heads (one head per (timestep, block) for single-map heads, one fusing all of them for
@@ -27,6 +27,7 @@ from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import class_names, resolve_run, split_rows
 from pipelines.heads.modules import (
+    EXPERT_KINDS,
     SINGLE_INPUT_KINDS,
     HeadSpec,
     Key,
@@ -88,8 +89,8 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
     with the heads' weights into the folder `<results>/probe-<head>-<run>-<digest>/` (its path in "out")."""
     device = resolve_device(cfg.train.device)
     run = resolve_run(store, cfg.run_id)
-    if cfg.expert_run is not None and cfg.head != "uhead":
-        raise ValueError(f"--expert-run feeds the uhead only, not the {cfg.head} head")
+    if cfg.expert_run is not None and cfg.head not in EXPERT_KINDS:
+        raise ValueError(f"--expert-run feeds the {' and '.join(EXPERT_KINDS)} only, not the {cfg.head} head")
     if cfg.expert_blocks and cfg.expert_run is None:
         raise ValueError("--expert-blocks needs --expert-run")
     expert = store.run(cfg.expert_run) if cfg.expert_run is not None else None
