@@ -71,7 +71,7 @@ def test_recipes_has_the_papers_commands():
     used = {shlex.split(c)[1] for c in commands}
     assert {"extract", "sweep", "probe", "knn", "cka", "retrieve", "fewshot", "text-embed"} <= used
     heads = {w.split()[0] for c in commands for w in c.split("--head ")[1:]}
-    assert {"diffssl-linear", "diffssl-attention", "diffssl-difformer", "uhead"} <= heads
+    assert {"diffssl-linear", "diffssl-attention", "diffssl-difformer", "uhead", "vermouth-uhead"} <= heads
 
 
 @pytest.mark.parametrize("command", recipe_commands(recipes_section()))
