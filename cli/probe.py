@@ -21,6 +21,9 @@ FUSIONS = ("difformer", "diffssl-difformer")
 RECIPES = {
     "ours": {"lrs": [1e-3], "epochs": 30, "batch_size": 64, "patience": 5, "weight_decay": 0.01, "warmup_epochs": 1.0},
     "diffssl": {"lrs": [5e-2], "epochs": 28, "batch_size": 128, "patience": 0, "weight_decay": 0.0, "warmup_epochs": 0.0},
+    # vermouth: Classification/train_few-shot.py (AdamW lr 1e-4 and weight decay 5e-4 as hard-coded
+    # there, 100 epochs, --batch_size 64, no schedule, the final weights).
+    "vermouth": {"lrs": [1e-4], "epochs": 100, "batch_size": 64, "patience": 0, "weight_decay": 5e-4, "warmup_epochs": 0.0},
 }
 
 
@@ -39,13 +42,13 @@ def probe(
     c: Annotated[float, typer.Option("--c", help="logistic: inverse L2 strength.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of --holdout, the validation split, shuffling and initial weights.")] = 0,
     lr: Annotated[Optional[list[str]], typer.Option(help="Learning rate(s); several train a grid.")] = None,
-    recipe: Annotated[str, typer.Option(help="Trained heads: ours (AdamW, warmup + cosine) | diffssl (official: SGD, lr x 0.1 every 7 epochs; defaults --lr 5e-2 --epochs 28 --batch-size 128 --patience 0).")] = "ours",
-    epochs: Annotated[Optional[int], typer.Option(help="Most epochs (early stopping may end sooner); 30 (diffssl recipe 28).")] = None,
+    recipe: Annotated[str, typer.Option(help="Trained heads: ours (AdamW, warmup + cosine) | diffssl (official: SGD, lr x 0.1 every 7 epochs; defaults --lr 5e-2 --epochs 28 --batch-size 128 --patience 0) | vermouth (official, vermouth-uhead only: AdamW at a constant lr, FuseClassifier gradients clipped to norm 1; --lr 1e-4 --weight-decay 5e-4 --epochs 100 --batch-size 64 --patience 0).")] = "ours",
+    epochs: Annotated[Optional[int], typer.Option(help="Most epochs (early stopping may end sooner); 30 (diffssl recipe 28, vermouth 100).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size; 64 (diffssl recipe 128).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (0.01); not in the diffssl recipe.")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warmup before the cosine decay (1); not in the diffssl recipe.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (0.01; vermouth recipe 5e-4); not in the diffssl recipe.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warmup before the cosine decay (1); not in the diffssl or vermouth recipe.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Fraction of the train images held out for validation.")] = 0.1,
-    patience: Annotated[Optional[int], typer.Option(help="Stop a head after this many epochs without a better validation top-1; 0: never. 5 (diffssl recipe 0).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop a head after this many epochs without a better validation top-1; 0: never. 5 (diffssl, vermouth recipes 0).")] = None,
     classifier: Annotated[str, typer.Option(help="linear | cosine (against --text-embeddings).")] = "linear",
     text_embeddings: Annotated[Optional[str], typer.Option(help="safetensors: 'embeddings' (K, D), metadata 'classes' (JSON list in label order).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="cosine: logits are cosines / temperature (0.07; vermouth-uhead official 0.2).")] = None,
@@ -133,6 +136,8 @@ def probe(
         raise ValueError(f"unknown --recipe {recipe!r}; choose {' or '.join(RECIPES)}")
     if recipe == "diffssl" and (weight_decay is not None or warmup_epochs is not None):
         raise ValueError("--weight-decay and --warmup-epochs set the AdamW recipe (ours); the diffssl recipe has neither")
+    if recipe == "vermouth" and warmup_epochs is not None:
+        raise ValueError("--warmup-epochs sets our recipe's schedule; the vermouth recipe keeps the lr constant")
     defaults = RECIPES[recipe]
 
     options = {"width": width, "depth": depth, "num_heads": attn_heads, "hidden": hidden,

@@ -52,11 +52,13 @@ class TrainConfig:
     window_chunks: int | None = None  # chunks read (and shuffled together) at once; None: what fits in WINDOW_BYTES
     # ours: AdamW (weight_decay), linear warmup then cosine per step. diffssl: the official diffssl
     # finetune.py, SGD without momentum or weight decay, lr x 0.1 every 7 epochs (StepLR(7, 0.1)).
+    # vermouth: Vermouth's Classification/train_few-shot.py, AdamW (weight_decay) at a constant lr, the
+    # gradient norm of the FuseClassifier (the vermouth-uhead's `fuse`) clipped to 1 before each step.
     recipe: str = "ours"
 
     def __post_init__(self) -> None:
-        if self.recipe not in ("ours", "diffssl"):
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose ours or diffssl")
+        if self.recipe not in ("ours", "diffssl", "vermouth"):
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose ours, diffssl or vermouth")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or self.warmup_epochs < 0:
             raise ValueError("epochs and batch size must be positive, patience and warmup not negative")
         if not 0 < self.val_fraction < 1:
@@ -103,9 +105,16 @@ class Trainee:
         self.validated = copy.deepcopy(self.head).eval()
         self.device = device
         self.schedule_per_epoch = cfg.recipe == "diffssl"
+        self.clipped = list(head.fuse.parameters()) if cfg.recipe == "vermouth" else []
         if self.schedule_per_epoch:
             self.optimizer = torch.optim.SGD(head.parameters(), lr=lr)
             self.schedule = torch.optim.lr_scheduler.StepLR(self.optimizer, 7, 0.1)
+        elif cfg.recipe == "vermouth":
+            if head.spec.kind != "vermouth-uhead":
+                raise ValueError(f"the vermouth recipe trains the vermouth-uhead, not {head.spec.kind} (it clips the "
+                                 "official FuseClassifier's gradients)")
+            self.optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
         else:
             self.optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
             warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
@@ -140,6 +149,8 @@ class Trainee:
         loss = F.cross_entropy(logits_of(self.head, batch, self.device), batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clipped:
+            torch.nn.utils.clip_grad_norm_(self.clipped, 1.0)
         self._last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if not self.schedule_per_epoch:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -278,3 +279,50 @@ def test_probe_refuses_bad_vermouth_options_in_one_line(store, args, message):
                                       "--timestep", "5", "--epochs", "1"])
     assert result.exit_code == 1, result.output
     assert result.output.count("\n") == 1 and result.output.startswith("error: ") and message in result.output
+
+
+def test_vermouth_recipe_is_adamw_at_a_constant_lr_with_the_fuse_gradients_clipped():
+    """Six steps against AdamW(lr 1e-3, weight decay 5e-4) with clip_grad_norm_(fuse, 1) written
+    out; the fuse gradients' norm exceeds 1 and changes from step to step, so the clipping matters
+    (Adam is invariant to a constant gradient scale only)."""
+    from pipelines.heads.data import Batch
+    from pipelines.heads.training import TrainConfig, Trainee
+
+    ref, spec, _, _ = make_case("pico", [2, 4, 8, 16], [10, 9, 7, 5], None)
+    spec = replace(spec, temperature=1e-3)  # sharp logits: gradients well above norm 1
+    head = head_from_official(spec, ref.state_dict()).train()
+    manual = head_from_official(spec, ref.state_dict()).train()
+    batches = [Batch({k: torch.randn(8, *s) for k, s in spec.inputs.items()}, {}, torch.randint(0, K, (8,)),
+                     np.arange(8)) for _ in range(2)]
+    trainee = Trainee("h", head, 1e-3, TrainConfig(epochs=3, weight_decay=5e-4, warmup_epochs=0, recipe="vermouth"),
+                      2, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(manual.parameters(), lr=1e-3, weight_decay=5e-4)
+    norms = []
+    for _ in range(3):
+        for batch in batches:
+            trainee.step(batch)
+            optimizer.zero_grad()
+            F.cross_entropy(manual(batch.features), batch.labels).backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(list(manual.fuse.parameters()), 1.0)))
+            optimizer.step()
+        trainee.trained(0.0)
+        assert trainee.epoch_log[-1]["lr"] == 1e-3
+    assert max(norms) > 1
+    for name, value in manual.state_dict().items():
+        torch.testing.assert_close(head.state_dict()[name], value, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="the vermouth recipe trains the vermouth-uhead, not uhead"):
+        Trainee("u", build_head(HeadSpec(kind="uhead", inputs={(T, "a"): (4, 2, 2), (T, "b"): (4, 4, 4)}, num_classes=K)),
+                1e-3, TrainConfig(recipe="vermouth"), 2, torch.device("cpu"))
+
+
+def test_probe_vermouth_recipe_defaults_and_refusals(store, tmp_path):
+    url, run, _, text = store
+    args = ["probe", url, "--run", run, "--head", "vermouth-uhead", "--fuse-arch", "pico", "--block", "a,b,c,d",
+            "--timestep", "5", "--classifier", "cosine", "--text-embeddings", text, "--recipe", "vermouth"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "2", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    train = json.loads(result.stdout)["config"]["train"]
+    assert json.loads(result.stdout)["config"]["lrs"] == [1e-4]
+    assert (train["batch_size"], train["patience"], train["weight_decay"], train["warmup_epochs"]) == (64, 0, 5e-4, 0.0)
+    refused = CliRunner().invoke(app, [*args, "--warmup-epochs", "1"])
+    assert refused.exit_code == 1 and "the vermouth recipe keeps the lr constant" in refused.output
