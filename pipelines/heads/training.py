@@ -105,7 +105,7 @@ class Trainee:
         self.validated = copy.deepcopy(self.head).eval()
         self.device = device
         self.schedule_per_epoch = cfg.recipe == "diffssl"
-        self.clipped = list(head.fuse.parameters()) if cfg.recipe == "vermouth" else []
+        self.clipped: list[torch.nn.Parameter] = []  # the vermouth recipe's: gradient norm clipped to 1
         if self.schedule_per_epoch:
             self.optimizer = torch.optim.SGD(head.parameters(), lr=lr)
             self.schedule = torch.optim.lr_scheduler.StepLR(self.optimizer, 7, 0.1)
@@ -113,6 +113,7 @@ class Trainee:
             if head.spec.kind != "vermouth-uhead":
                 raise ValueError(f"the vermouth recipe trains the vermouth-uhead, not {head.spec.kind} (it clips the "
                                  "official FuseClassifier's gradients)")
+            self.clipped = list(head.fuse.parameters())
             self.optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
             self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
         else:

@@ -310,9 +310,10 @@ def test_vermouth_recipe_is_adamw_at_a_constant_lr_with_the_fuse_gradients_clipp
     assert max(norms) > 1
     for name, value in manual.state_dict().items():
         torch.testing.assert_close(head.state_dict()[name], value, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="the vermouth recipe trains the vermouth-uhead, not uhead"):
-        Trainee("u", build_head(HeadSpec(kind="uhead", inputs={(T, "a"): (4, 2, 2), (T, "b"): (4, 4, 4)}, num_classes=K)),
-                1e-3, TrainConfig(recipe="vermouth"), 2, torch.device("cpu"))
+    for kind, inputs in (("uhead", {(T, "a"): (4, 2, 2), (T, "b"): (4, 4, 4)}), ("linear", {(T, "a"): (4, 2, 2)})):
+        with pytest.raises(ValueError, match=f"the vermouth recipe trains the vermouth-uhead, not {kind}"):
+            Trainee("u", build_head(HeadSpec(kind=kind, inputs=inputs, num_classes=K)), 1e-3, TrainConfig(recipe="vermouth"),
+                    2, torch.device("cpu"))
 
 
 def test_probe_vermouth_recipe_defaults_and_refusals(store, tmp_path):
