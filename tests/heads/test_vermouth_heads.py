@@ -327,3 +327,54 @@ def test_probe_vermouth_recipe_defaults_and_refusals(store, tmp_path):
     assert (train["batch_size"], train["patience"], train["weight_decay"], train["warmup_epochs"]) == (64, 0, 5e-4, 0.0)
     refused = CliRunner().invoke(app, [*args, "--warmup-epochs", "1"])
     assert refused.exit_code == 1 and "the vermouth recipe keeps the lr constant" in refused.output
+
+
+# -- heads import vermouth -------------------------------------------------------------------------
+def import_vermouth(ckpt, out, *extra: str):
+    shapes = [f"{c},{s},{s}" for c, s in zip([10, 9, 7, 5], [2, 4, 8, 16])]
+    return CliRunner().invoke(app, [
+        "heads", "import", "vermouth", str(ckpt), "--t-list", "5", "--block", "a,b,c,d",
+        *[a for s in shapes for a in ("--input-shape", s)], "--num-classes", "3", "--fuse-arch", "pico", *extra,
+        "--out", str(out)])
+
+
+def official_model(num_classes: int) -> RefDiffusionClassifier:
+    torch.manual_seed(1)
+    return randomized(RefDiffusionClassifier([10, 9, 7, 5], "pico", None, torch.randn(num_classes, 768), 0.2)).eval()
+
+
+def test_imported_vermouth_head_is_tested_by_head_file_as_the_official_model(tmp_path, build_run, noise, rng):
+    ref = official_model(3)
+    state = {**ref.state_dict(), "feature_extractor.unet.conv_in.weight": torch.ones(2)}  # the frozen UNet: skipped
+    torch.save(state, tmp_path / "vermouth.pth")
+    result = import_vermouth(tmp_path / "vermouth.pth", tmp_path / "head.safetensors")
+    assert result.exit_code == 0, result.output
+    head = load_head(tmp_path / "head.safetensors")
+    labels = rng.integers(0, 3, 48)
+    maps = {(5, b): noise(rng, 48, (c, s, s)) for b, c, s in zip("abcd", [10, 9, 7, 5], [2, 4, 8, 16])}
+    with torch.no_grad():
+        want = ref([torch.from_numpy(maps[(5, b)]) for b in "abcd"])
+        torch.testing.assert_close(head({k: torch.from_numpy(v) for k, v in maps.items()}), want, rtol=0, atol=1e-5)
+    build_run(tmp_path / "s.zarr", maps, labels)
+    tested = CliRunner().invoke(app, ["probe", str(tmp_path / "s.zarr"), "--head-file", str(tmp_path / "head.safetensors"),
+                                      "--out", str(tmp_path / "results"), "--json"])
+    assert tested.exit_code == 0, tested.output
+    test_rows = np.arange(0, 48, 2)  # the store's splits alternate test/train
+    assert json.loads(tested.stdout)["top1"] == pytest.approx(float((want.argmax(1).numpy()[test_rows] == labels[test_rows]).mean()))
+
+
+def test_vermouth_import_errors_are_one_line_and_write_nothing(tmp_path):
+    ref = official_model(3)
+    with_expert = {**ref.state_dict(), "expert.mappers.0.adapter.0.weight": torch.ones(2, 8, 1, 1)}
+    no_text = {k: v for k, v in ref.state_dict().items() if k != "text_features"}
+    cases = [({"model_head": ref.state_dict()}, [], "not a Vermouth DiffusionClassifier state dict"),
+             (with_expert, [], "has a ResNet expert"),
+             (no_text, [], "has no text_features"),
+             (ref.state_dict(), ["--fuse-arch", "tiny"], "this vermouth-uhead has (1024, 778, 1, 1)"),  # the last --fuse-arch counts
+             (ref.state_dict(), ["--head-arc", "16"], "--head-arc set diffssl imports, not vermouth")]
+    for i, (state, extra, message) in enumerate(cases):
+        torch.save(state, tmp_path / f"{i}.pth")
+        result = import_vermouth(tmp_path / f"{i}.pth", tmp_path / f"{i}.safetensors", *extra)
+        assert result.exit_code == 1, result.output
+        assert result.output.count("\n") == 1 and message in result.output, result.output
+        assert not (tmp_path / f"{i}.safetensors").exists()
