@@ -27,9 +27,11 @@ def inspect(
     typer.echo(f"{doc['store']}: {doc['images']} images, {len(doc['runs'])} runs")
     for run in doc["runs"]:
         spec = run["spec"]
+        ensemble = f"ensemble={run['ensemble']}  " if run["ensemble"] > 1 else ""
         typer.echo(
             f"  {run['run_id']}  {spec['backbone']} on {spec['dataset']}  t={spec['timesteps']}  "
-            f"blocks={','.join(spec['blocks'])}  {spec.get('dtype', '')} {run['codec']}  done {run['done']}/{run['images']}, "
+            f"blocks={','.join(spec['blocks'])}  {spec.get('dtype', '')} {run['codec']}  {ensemble}"
+            f"done {run['done']}/{run['images']}, "
             f"failed {run['failed']}, pending {run['pending']}"
         )
         bad = [f"{timestep_key(a['timestep'])}/{a['block']} ({a['nonfinite']['stored']:,})"

@@ -37,6 +37,7 @@ def _describe(run: Run) -> dict[str, Any]:
         "run_id": run.run_id,
         "spec": run.spec,
         "codec": run.codec,  # zstd (lossless), bitround:K or int8; runs whose spec lacks it are zstd
+        "ensemble": run.spec.get("ensemble", 1),  # noise draws averaged per stored array; 1 when the spec lacks it
         "blocks": run.blocks,
         "timesteps": run.timesteps,
         "arrays": [

@@ -68,7 +68,7 @@ LOCK_TIMEOUT_S = 600.0  # longest wait for another process's store-level change
 MARKER_WAIT_S = 30.0  # longest wait for another writer's marker at a URL before refusing
 # Spec keys added after runs were first written, with the value every run had before the key
 # existed: an older run whose spec lacks them is the same run as a new spec with these values.
-SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none", "codec": "zstd"}
+SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none", "codec": "zstd", "ensemble": 1}
 _REPAIR_HINT = "run `featurestore verify STORE --repair`, then extract again"
 _REMOVE_HINT = "`featurestore verify STORE --repair` removes the run; extract again to rebuild it"
 CHECKOUT = Path(__file__).resolve().parent.parent  # the git checkout this package runs from, if it is one

@@ -1,8 +1,9 @@
-"""The model input at timestep t: q_sample with a deterministic eps per (seed, image id, t),
+"""The model input at timestep t: q_sample with a deterministic eps per (seed, image id, t, draw),
 deterministic DDIM inversion, or the clean input.
 
-The eps of an image depends only on (seed, image id, t) -- never on batch order, batch size,
-worker count or device -- so every run of a spec writes bit-identical arrays.
+The eps of an image depends only on (seed, image id, t, draw) -- never on batch order, batch size,
+worker count or device -- so every run of a spec writes bit-identical arrays. Draw 0 is the one
+noise of a plain run; draws 1.. are further independent draws (`--ensemble K` averages draws 0..K-1).
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t per s
 NOISE_MODES = ("ddpm", "ddim-inversion", "none")
 
 
-def image_eps(seed: int, image_id: str, t: int, shape: Sequence[int]) -> torch.Tensor:
-    """Standard normal noise for one image at one timestep, drawn on the CPU from its own stream."""
-    key = hashlib.sha256(f"{seed}\x00{image_id}\x00{t}".encode()).digest()
+def image_eps(seed: int, image_id: str, t: int, shape: Sequence[int], draw: int = 0) -> torch.Tensor:
+    """Standard normal noise (float32, `shape`) for one image at one timestep, drawn on the CPU
+    from its own stream, keyed by sha256 of (seed, image id, t) for draw 0 (the stream every run
+    used before draws existed) and of (seed, image id, t, draw) for draw > 0."""
+    if draw < 0:
+        raise ValueError(f"a noise draw is a non-negative integer, not {draw}")
+    text = f"{seed}\x00{image_id}\x00{t}" + (f"\x00{draw}" if draw else "")
+    key = hashlib.sha256(text.encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
     return torch.randn(tuple(shape), generator=generator)
 
 
-def q_sample(x0: torch.Tensor, image_ids: Sequence[str], t: int, seed: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sqrt(a_t) x0 + sqrt(1 - a_t) eps, with each image's own deterministic eps."""
-    eps = torch.stack([image_eps(seed, i, t, x0.shape[1:]) for i in image_ids]).to(x0.device, x0.dtype)
+def q_sample(x0: torch.Tensor, image_ids: Sequence[str], t: int, seed: int, alphas_cumprod: torch.Tensor,
+             draw: int = 0) -> torch.Tensor:
+    """sqrt(a_t) x0 + sqrt(1 - a_t) eps, with each image's own deterministic eps of `draw`."""
+    eps = torch.stack([image_eps(seed, i, t, x0.shape[1:], draw) for i in image_ids]).to(x0.device, x0.dtype)
     alpha_bar = alphas_cumprod[t].to(x0.device, x0.dtype)
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
 

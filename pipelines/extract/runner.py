@@ -70,6 +70,7 @@ class ExtractConfig:
     batch_size: int = 32
     seed: int = 0
     noise: str = "ddpm"
+    ensemble: int = 1  # store the mean of every block over this many q_sample noise draws
     ddim_steps: int = 50
     guidance_scale: float = 1.0
     prompt: str = "null"
@@ -166,6 +167,9 @@ def _extract(job: Job) -> ExtractResult:
     }
     if job.prompts is not None:
         provenance["prompts"] = prompt_provenance(job.backbone, job.prompts)
+    if cfg.ensemble > 1:
+        provenance["ensemble"] = {"draws": cfg.ensemble, "noise_draws": list(range(cfg.ensemble)),
+                                  "reduction": "float32 mean of each captured block (after --pool) over the draws"}
     run = store.create_run(
         run_spec(job, caption_key), arrays=job.shapes, timesteps=job.timesteps, rows=rows,
         chunk_rows=cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype), dtype=cfg.dtype,
@@ -248,6 +252,7 @@ def run_spec(job: Job, caption_key: str | None) -> dict:
         # so does lossy storage; zstd, lossless and the default (SPEC_DEFAULTS), is left out, so
         # that lossless runs keep the ids they had before the codec could be chosen
         **({} if cfg.codec == "zstd" else {"codec": cfg.codec}),
+        **({} if cfg.ensemble == 1 else {"ensemble": cfg.ensemble}),  # likewise (SPEC_DEFAULTS: 1)
     }
 
 
@@ -466,7 +471,11 @@ def compute_chunk(
     """Mapper: every (t, block) of one chunk of rows, (n, C, H, W) in the stored dtype, failed rows
     zero; and per (t, block) the inf/NaN values the model computed (counted on the device before
     the cast to the stored dtype, over the rows computed).
-    One prepare per batch (its time added to seconds["prepare"]), then one forward per (batch, t)."""
+    One prepare per batch (its time added to seconds["prepare"]), then one forward per (batch, t)
+    and noise draw. With --ensemble K, K forwards one after the other (the memory of one) whose
+    blocks are summed in float32 and divided by K (DIFT's ensemble, Tang et al. 2023,
+    src/models/dift_sd.py: the mean over independent noise draws of the same image); inf/NaN of
+    any draw carries into that mean, so it is counted there."""
     cfg, backbone = job.cfg, job.backbone
     ids = job.manifest.ids[rows]
     prompts = job.prompts[rows] if job.prompts is not None else None
@@ -484,11 +493,16 @@ def compute_chunk(
             prepared = backbone.prepare(pixels, [prompts[i] for i in batch] if prompts is not None else None)
             if seconds is not None:
                 seconds["prepare"] = seconds.get("prepare", 0.0) + time.perf_counter() - tic
-            for t, x_t in model_inputs(job, prepared, [ids[i] for i in batch]):
+            for t, draws in model_inputs(job, prepared, [ids[i] for i in batch]):
                 t_batch = None if t is None else torch.full((len(batch),), t, device=device, dtype=torch.long)
-                for block, h in backbone.forward_blocks(x_t, t_batch, job.blocks, prepared.cond).items():
-                    if block in job.pool:
-                        h = F.adaptive_avg_pool2d(h, job.pool[block])  # on the device, before the copy
+                sums: dict[str, torch.Tensor] = {}
+                for x_t in draws:
+                    for block, h in backbone.forward_blocks(x_t, t_batch, job.blocks, prepared.cond).items():
+                        if block in job.pool:
+                            h = F.adaptive_avg_pool2d(h, job.pool[block])  # on the device, before the copy
+                        sums[block] = h.float() if block not in sums else sums[block] + h.float()
+                for block, total in sums.items():
+                    h = total / len(draws)  # exact for one draw: the block as computed
                     nonfinite[(t, block)] = nonfinite.get((t, block), 0) + h.numel() - torch.isfinite(h).sum()
                     copies.append(((t, block), to_host(h.to(DTYPES[cfg.dtype]))))
         if device.type == "cuda":
@@ -517,17 +531,23 @@ def autocast(device: torch.device, precision: str):
 
 
 def model_inputs(job: Job, prepared, ids: list[str]):
-    """(t, model input) for every timestep of the job: q_sample, DDIM inversion or the clean input."""
+    """(t, model inputs) for every timestep of the job: the q_sample of each noise draw
+    0..ensemble-1, or the one DDIM inversion or clean input."""
     cfg, backbone = job.cfg, job.backbone
     if backbone.timestep_free:
-        yield None, prepared.x0
+        yield None, [prepared.x0]
         return
     if cfg.noise == "ddim-inversion":
-        yield from ddim_invert(prepared.x0, job.timesteps, guided_eps(backbone, prepared.cond, cfg.guidance_scale),
-                               backbone.alphas_cumprod(), cfg.ddim_steps).items()
+        for t, x_t in ddim_invert(prepared.x0, job.timesteps, guided_eps(backbone, prepared.cond, cfg.guidance_scale),
+                                  backbone.alphas_cumprod(), cfg.ddim_steps).items():
+            yield t, [x_t]
         return
     for t in job.timesteps:
-        yield t, (prepared.x0 if cfg.noise == "none" else q_sample(prepared.x0, ids, t, cfg.seed, backbone.alphas_cumprod()))
+        if cfg.noise == "none":
+            yield t, [prepared.x0]
+        else:
+            yield t, [q_sample(prepared.x0, ids, t, cfg.seed, backbone.alphas_cumprod(), draw)
+                      for draw in range(cfg.ensemble)]
 
 
 def guided_eps(backbone: Backbone, cond: torch.Tensor | None, scale: float):
@@ -655,6 +675,12 @@ def read_backbone_config(path: Path | None) -> dict | None:
 def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource) -> None:
     if cfg.noise not in NOISE_MODES:
         raise ValueError(f"--noise {cfg.noise!r} is not available; use one of {', '.join(NOISE_MODES)}")
+    if cfg.ensemble < 1:
+        raise ValueError(f"--ensemble must be at least 1, not {cfg.ensemble}")
+    if cfg.ensemble > 1 and (backbone.timestep_free or cfg.noise != "ddpm"):
+        what = f"{backbone.name} takes no noise" if backbone.timestep_free else f"--noise {cfg.noise} is deterministic"
+        raise ValueError(f"--ensemble averages random noise draws, but {what}: every draw would be the same; "
+                         "drop --ensemble")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
     feature_codec(cfg.codec, cfg.dtype)  # ValueError for an unknown codec or a K out of range
