@@ -36,7 +36,7 @@ from pipelines.analysis.knn import TEMPERATURE, knn_accuracy, l2_normalized, sea
 from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import fit_logistic_probe, resolve_run, split_rows
-from pipelines.heads.modules import DIFFSSL_KINDS, KINDS, Key, build_head
+from pipelines.heads.modules import KINDS, OFFICIAL_KINDS, Key, build_head
 from pipelines.heads.probe import ProbeConfig, class_names, grid
 from pipelines.heads.training import (
     TrainConfig,
@@ -48,7 +48,7 @@ from pipelines.heads.training import (
 from pipelines.progress import bar, log
 
 FIXED = ("logistic", "knn")  # fitted in closed form on pooled features, no training loop
-HEADS = (*FIXED, *(k for k in KINDS if k not in DIFFSSL_KINDS))  # the diffssl-* heads and their options: `probe`
+HEADS = (*FIXED, *(k for k in KINDS if k not in OFFICIAL_KINDS))  # the papers' own heads and options: `probe`
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
 STD_DDOF = 0  # numpy's default, as CoOp's parse_test_res.py reports its "std"
@@ -81,8 +81,9 @@ class FewshotConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=32))
 
     def __post_init__(self) -> None:
-        if self.head in DIFFSSL_KINDS:
-            raise ValueError(f"fewshot does not train the diffssl-* heads (their official options are `probe`'s); "
+        if self.head in OFFICIAL_KINDS:
+            raise ValueError(f"fewshot does not train the papers' own heads ({', '.join(OFFICIAL_KINDS)}): their "
+                             f"official options are `probe`'s; "
                              f"heads: {', '.join(HEADS)}")
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; heads: {', '.join(HEADS)}")

@@ -35,7 +35,8 @@ Features = Mapping[Key, Tensor]
 
 DIFFSSL_KINDS = ("diffssl-linear", "diffssl-mlp", "diffssl-attention", "diffssl-difformer")
 EXPERT_KINDS = ("uhead", "vermouth-uhead")  # the heads that read an expert run
-KINDS = ("linear", "mlp", "attention", "difformer", "uhead", *DIFFSSL_KINDS, "vermouth-uhead")
+OFFICIAL_KINDS = (*DIFFSSL_KINDS, "vermouth-uhead")  # the papers' own heads, with their official options
+KINDS = ("linear", "mlp", "attention", "difformer", "uhead", *OFFICIAL_KINDS)
 SINGLE_INPUT_KINDS = ("linear", "mlp", "attention", "diffssl-linear", "diffssl-mlp", "diffssl-attention")
 # Sizes left unset (None) in a HeadSpec take these; the diffssl-* values are the official code's
 # (scripts/linear.sh: --pre_pool_size 2; scripts/attention.sh and fusion.sh: --pre_pool_size 16,

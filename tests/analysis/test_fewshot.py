@@ -137,8 +137,9 @@ def test_single_split_data_needs_a_holdout(tmp_path):
 def test_config_is_checked():
     with pytest.raises(ValueError, match="unknown head 'svm'"):
         FewshotConfig(head="svm")
-    with pytest.raises(ValueError, match="fewshot does not train the diffssl-"):  # it would build them at our widths
-        FewshotConfig(head="diffssl-attention")
+    for official in ("diffssl-attention", "vermouth-uhead"):  # it has no place for their official options
+        with pytest.raises(ValueError, match="fewshot does not train the papers' own heads"):
+            FewshotConfig(head=official)
     with pytest.raises(ValueError, match="--shots must be distinct positive"):
         FewshotConfig(shots=[0, 1])
     with pytest.raises(ValueError, match="--seeds must be distinct"):
