@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -51,6 +51,20 @@ DEFAULT_SIZES["diffssl-difformer"] = DEFAULT_SIZES["diffssl-attention"]
 # Vermouth's Classification/train_few-shot.py: --fuse_arch tiny, --temperature 0.2; 8 heads in its AttentionPool2d.
 DEFAULT_SIZES["vermouth-uhead"] = {"fuse_arch": "tiny", "num_heads": 8, "temperature": 0.2}
 OUR_SIZES = {"width": 128, "num_heads": 4, "temperature": 0.07}
+# The architecture options each head reads (HeadSpec field -> its probe option); any other must keep
+# its default for that head, so that a saved spec never records an option the head ignored.
+OPTIONS = {"pool": "--pool", "hidden": "--hidden", "width": "--width", "depth": "--depth", "num_heads": "--attn-heads",
+           "expert_width": "--expert-width", "pooling": "--pooling", "pre_pool_size": "--pre-pool-size",
+           "head_arc": "--head-arc", "norm_type": "--norm-type", "mlp_ratio": "--mlp-ratio", "fuse_arch": "--fuse-arch"}
+_TRANSFORMER = ("width", "depth", "num_heads")
+_DIFFSSL_TRANSFORMER = ("pre_pool_size", "norm_type", "mlp_ratio", *_TRANSFORMER)
+READS: dict[str, tuple[str, ...]] = {
+    "linear": ("pool",), "mlp": ("pool", "hidden"), "attention": _TRANSFORMER, "difformer": _TRANSFORMER,
+    "uhead": ("width", "num_heads", "expert_width", "pooling"),
+    "diffssl-linear": ("pre_pool_size",), "diffssl-mlp": ("pre_pool_size", "head_arc"),
+    "diffssl-attention": _DIFFSSL_TRANSFORMER, "diffssl-difformer": _DIFFSSL_TRANSFORMER,
+    "vermouth-uhead": ("fuse_arch", "num_heads"),
+}
 DIFFORMER_TIMESTEPS = (90, 150, 300)  # the paper's defaults (ADM-256 block numbering)
 DIFFORMER_BLOCKS = ("b19", "b24", "b30")
 MAX_TOKEN_SIDE = 16
@@ -83,13 +97,6 @@ class HeadSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown head {self.kind!r}; heads: {', '.join(KINDS)}")
-        diffssl_only = {"--pre-pool-size": self.pre_pool_size, "--head-arc": self.head_arc or None,
-                        "--norm-type": self.norm_type, "--mlp-ratio": self.mlp_ratio}
-        given = [option for option, value in diffssl_only.items() if value is not None]
-        if given and self.kind not in DIFFSSL_KINDS:
-            raise ValueError(f"{', '.join(given)} set the diffssl-* heads, not {self.kind}")
-        if self.fuse_arch is not None and self.kind != "vermouth-uhead":
-            raise ValueError(f"--fuse-arch sets the vermouth-uhead, not {self.kind}")
         for name, value in {**OUR_SIZES, **DEFAULT_SIZES[self.kind]}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -101,6 +108,12 @@ class HeadSpec:
             from pipelines.heads.vermouth import check_spec as check_vermouth
 
             check_vermouth(self)
+        defaults = {**{f.name: f.default for f in fields(self)}, **OUR_SIZES, **DEFAULT_SIZES[self.kind]}
+        ignored = [f"{option} {getattr(self, name)}" for name, option in OPTIONS.items()
+                   if name not in READS[self.kind] and getattr(self, name) not in (None, defaults[name])]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not an option of the {self.kind} head (it takes "
+                             f"{', '.join(OPTIONS[name] for name in READS[self.kind])})")
         if self.kind in SINGLE_INPUT_KINDS and len(self.inputs) != 1:
             raise ValueError(f"a {self.kind} head reads one (timestep, block), got {len(self.inputs)}")
         blocks = {block for _, block in self.inputs}

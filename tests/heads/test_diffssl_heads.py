@@ -241,7 +241,9 @@ def test_adm_attention_head_and_difformer_parameter_counts():
     ({"kind": "diffssl-attention", "width": 30, "num_heads": 8}, "multiple of --attn-heads"),
     ({"kind": "diffssl-linear", "norm_type": "layer"}, "set diffssl-attention"),
     ({"kind": "diffssl-linear", "pre_pool_size": 0}, "--pre-pool-size must be a positive"),
-    ({"kind": "attention", "pre_pool_size": 4}, "--pre-pool-size set the diffssl-\\* heads, not attention"),
+    ({"kind": "attention", "pre_pool_size": 4}, "--pre-pool-size 4: not an option of the attention head"),
+    ({"kind": "diffssl-linear", "pool": 2}, "--pool 2: not an option of the diffssl-linear head"),  # once ignored
+    ({"kind": "diffssl-linear", "hidden": 64}, "--hidden 64: not an option of the diffssl-linear head"),
 ])
 def test_bad_diffssl_specs_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -296,7 +298,7 @@ def test_probe_trains_a_diffssl_head(store, tmp_path, head, lr, options):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--head", "diffssl-mlp"], "needs --head-arc"),
-    (["--head", "linear", "--pre-pool-size", "2"], "set the diffssl-* heads, not linear"),
+    (["--head", "linear", "--pre-pool-size", "2"], "--pre-pool-size 2: not an option of the linear head (it takes --pool)"),
 ])
 def test_probe_refuses_bad_diffssl_options_in_one_line(store, args, message):
     result = CliRunner().invoke(app, ["probe", store, *args, "--block", "a", "--timestep", "5", "--epochs", "1"])

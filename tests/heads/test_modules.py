@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipelines.heads.modules import (
+    READS,
     CosineClassifier,
     HeadSpec,
     build_head,
@@ -17,6 +18,12 @@ from pipelines.heads.modules import (
 B, K = 3, 5
 TWO_BLOCKS = {(90, "b19"): (16, 8, 8), (90, "b24"): (12, 16, 16), (150, "b19"): (16, 8, 8), (150, "b24"): (12, 16, 16)}
 SMALL = {"width": 16, "num_heads": 4, "hidden": 8, "expert_width": 8}
+
+
+def small(kind: str) -> dict:
+    """The SMALL sizes that a head of `kind` takes (any other is refused)."""
+    return {name: value for name, value in SMALL.items() if name in READS[kind]}
+
 CASES = {
     "linear": {"inputs": {(10, "up1"): (12, 8, 8)}},
     "mlp": {"inputs": {(None, "layer3"): (12, 6, 6)}},
@@ -34,7 +41,8 @@ def random_inputs(shapes: dict) -> dict:
 
 
 def spec_of(case: str, **kw) -> HeadSpec:
-    return HeadSpec(kind=case.split("+")[0], num_classes=K, **SMALL, **{**CASES[case], **kw})
+    kind = case.split("+")[0]
+    return HeadSpec(kind=kind, num_classes=K, **small(kind), **{**CASES[case], **kw})
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -60,7 +68,7 @@ def encoder_input_shape(head, inputs) -> tuple:
 
 @pytest.mark.parametrize(("side", "tokens"), [(32, 256), (16, 256), (8, 64)])
 def test_attention_head_pools_only_maps_larger_than_16(side, tokens):
-    spec = HeadSpec(kind="attention", inputs={(5, "b"): (12, side, side)}, num_classes=K, **SMALL)
+    spec = HeadSpec(kind="attention", inputs={(5, "b"): (12, side, side)}, num_classes=K, **small("attention"))
     head = build_head(spec)
     assert encoder_input_shape(head, random_inputs(spec.inputs)) == (B, tokens + 1, 16)  # + CLS
     assert head.encoder.pos.shape == (1, tokens + 1, 16)
@@ -74,7 +82,7 @@ def test_difformer_concatenates_block_tokens_per_timestep_and_cls_over_timesteps
     assert head.classifier.in_features == 2 * 16
     with pytest.raises(ValueError, match=r"missing \[\(150, 'b24'\)\]"):
         build_head(HeadSpec(kind="difformer", inputs={k: s for k, s in TWO_BLOCKS.items() if k != (150, "b24")},
-                            num_classes=K, **SMALL))
+                            num_classes=K, **small("difformer")))
 
 
 def test_uhead_goes_from_coarse_to_fine_and_reads_the_expert():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from featurestore.store import FeatureStore, Run
 from pipelines.analysis import results_dir
 from pipelines.heads.logistic import split_rows
-from pipelines.heads.modules import load_head
+from pipelines.heads.modules import READS, load_head
 from pipelines.heads.probe import ProbeConfig, probe_heads
 from pipelines.heads.training import TrainConfig, Trainee, carve_validation
 from pipelines.progress import set_quiet
@@ -31,7 +31,8 @@ def probe(run: Run, head: str, blocks: tuple[str, ...] | None = None, out: str |
     train = TrainConfig(**{"epochs": 8, "batch_size": 16, "patience": 3, **kw.pop("train", {})})
     blocks = blocks or (("a",) if head in ("linear", "mlp", "attention") else ("a", "b"))
     cfg = ProbeConfig(head=head, blocks=list(blocks), timesteps=[5], lrs=kw.pop("lrs", [3e-3]), run_id=run.run_id,
-                      head_options={**SMALL, **kw.pop("head_options", {})}, train=train, **kw)
+                      head_options={**{k: v for k, v in SMALL.items() if k in READS[head]}, **kw.pop("head_options", {})},
+                      train=train, **kw)
     return probe_heads(FeatureStore.open(run.store.url), cfg, results_dir(run.store.url, out))
 
 

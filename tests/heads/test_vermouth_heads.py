@@ -193,6 +193,9 @@ def test_fresh_head_has_the_official_defaults_and_initialisation():
     ({"inputs": {(T, "a"): (4, 2, 2), (T, "b"): (4, 4, 4), (T, "c"): (4, 8, 8), (T, "d"): (4, 12, 12)}}, "halve"),
     ({"expert_inputs": {(None, "x"): (8, 4, 4)}}, "three maps"),
     ({"expert_inputs": {(None, "x"): (8, 4, 4), (None, "y"): (8, 8, 8), (None, "z"): (8, 8, 8)}}, "without resampling"),
+    # options of other heads: once accepted, ignored, and recorded in the saved spec as if used
+    ({"pooling": "conv"}, "--pooling conv: not an option of the vermouth-uhead head"),
+    ({"width": 64}, "--width 64: not an option of the vermouth-uhead head"),
 ])
 def test_bad_vermouth_specs_are_refused(kw, message):
     base = {"kind": "vermouth-uhead", "inputs": {(T, f"b{i}"): (4, 2 ** i, 2 ** i) for i in range(1, 5)},
@@ -202,7 +205,7 @@ def test_bad_vermouth_specs_are_refused(kw, message):
 
 
 def test_fuse_arch_is_refused_for_other_heads():
-    with pytest.raises(ValueError, match="--fuse-arch sets the vermouth-uhead, not uhead"):
+    with pytest.raises(ValueError, match="--fuse-arch tiny: not an option of the uhead head"):
         HeadSpec(kind="uhead", inputs={(T, "a"): (4, 2, 2), (T, "b"): (4, 4, 4)}, num_classes=K, fuse_arch="tiny")
 
 
@@ -269,7 +272,7 @@ def test_probe_trains_the_vermouth_uhead(store, tmp_path, with_expert):
 @pytest.mark.parametrize(("args", "message"), [
     ([], "cosine against 768-wide"),
     (["--classifier", "cosine", "--text-embeddings", "TEXT", "--fuse-arch", "big"], "unknown --fuse-arch"),
-    (["--head", "uhead", "--fuse-arch", "tiny"], "--fuse-arch sets the vermouth-uhead"),
+    (["--head", "uhead", "--fuse-arch", "tiny"], "--fuse-arch tiny: not an option of the uhead head"),
 ])
 def test_probe_refuses_bad_vermouth_options_in_one_line(store, args, message):
     url, run, _, text = store
