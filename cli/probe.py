@@ -116,6 +116,17 @@ def probe(
 
         if len(blocks) != 1 or len(timesteps) != 1:
             raise ValueError("the logistic probe takes one --block and one --timestep")
+        trained_only = {"--lr": lr, "--recipe": None if recipe == "ours" else recipe, "--epochs": epochs,
+                        "--batch-size": batch_size, "--weight-decay": weight_decay, "--warmup-epochs": warmup_epochs,
+                        "--patience": patience, "--classifier": None if classifier == "linear" else classifier,
+                        "--text-embeddings": text_embeddings, "--temperature": temperature, "--expert-run": expert_run,
+                        "--width": width, "--attn-heads": attn_heads, "--pre-pool-size": pre_pool_size,
+                        "--head-arc": head_arc or None, "--norm-type": norm_type, "--mlp-ratio": mlp_ratio,
+                        "--fuse-arch": fuse_arch}
+        given = [option for option, value in trained_only.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of the trained heads, not of the logistic probe "
+                             "(it takes --pool, --c, the split options and --seed)")
         result = probe_run(fs, run, timesteps[0], blocks[0], pool, train_split, test_split, holdout, c, seed,
                            allow_incomplete)
         saved = save_probe(result, folder)

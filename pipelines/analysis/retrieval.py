@@ -352,6 +352,9 @@ class RetrievalConfig:
         _check(self.normalisation, NORMALISATIONS, "--map-normalisation")
         _check(self.precision_denominator, DENOMINATORS, "--precision-denominator")
         _check(self.average, AVERAGES, "--average")
+        if self.ap == "voc11" and self.normalisation != "min":
+            raise ValueError(f"--ap voc11 has no normalisation (recall is hits / R); drop --map-normalisation "
+                             f"{self.normalisation}")
         if not self.map_at and not self.precision_at:
             raise ValueError("nothing to compute: give --map-at and/or --precision-at")
         if any(k is not None and k < 1 for k in (*self.map_at, *self.precision_at)):

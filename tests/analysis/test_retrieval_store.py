@@ -337,3 +337,10 @@ def test_projection_needs_a_split():
 
     with pytest.raises(ValueError, match="needs --split"):
         config(projection=ProjectionConfig())
+
+
+def test_voc11_refuses_a_normalisation_it_would_ignore():
+    """voc11's recall is hits / R: a --map-normalisation was accepted and dropped from the output."""
+    with pytest.raises(ValueError, match="--ap voc11 has no normalisation"):
+        config(ap="voc11", normalisation="retrieved")
+    assert config(ap="voc11").normalisation == "min"

@@ -92,3 +92,15 @@ def test_cli_probe_json(tmp_path):
     assert doc["top1"] == 1.0 and doc["features"] == 2
     bad = CliRunner().invoke(app, ["probe", str(tmp_path / "s.zarr"), "--block", "nope", "--timestep", "5"])
     assert bad.exit_code == 1 and "no block 'nope'" in bad.output
+
+
+@pytest.mark.parametrize("extra", [["--recipe", "diffssl"], ["--pre-pool-size", "2"], ["--lr", "0.1", "--epochs", "3"]])
+def test_cli_logistic_probe_refuses_the_trained_heads_options(tmp_path, extra):
+    """They were accepted and ignored: the results file did not even record them."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 32)
+    make_store(tmp_path / "s.zarr", rng.normal(size=(32, 2, 4, 4)).astype(np.float32), labels, ["train", "test"] * 16)
+    result = CliRunner().invoke(app, ["probe", str(tmp_path / "s.zarr"), "--block", "b", "--timestep", "5", *extra])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {extra[0]}") and "not of the logistic probe" in result.output
+    assert not (tmp_path / "s.zarr.results").exists()
