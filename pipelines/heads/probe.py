@@ -123,7 +123,9 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
     heads = []
     for t in trainees:
         weights = out / f"{t.name}.safetensors"
-        save_head(t.head, weights, extra={"lr": t.lr, "run_id": run.run_id, "expert_run_id": cfg.expert_run})
+        save_head(t.head, weights, extra={"lr": t.lr, "run_id": run.run_id, "expert_run_id": cfg.expert_run,
+                                          "split": split_options(cfg.train_split, cfg.test_split, cfg.holdout,
+                                                                 cfg.train.seed)})
         heads.append({
             "name": t.name, "kind": cfg.head, "lr": t.lr,
             "keys": [list(k) for k in t.head.keys], "expert_keys": [list(k) for k in t.head.expert_keys],
@@ -156,6 +158,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def split_options(train_split: str, test_split: str, holdout: float | None, seed: int) -> dict:
+    """What decides a run's train/test rows (`split_rows`); the seed only with a holdout."""
+    return {"train_split": train_split, "test_split": test_split, "holdout": holdout,
+            "seed": seed if holdout is not None else None}
+
+
 def evaluate_head_file(store: FeatureStore, head_file: Path, results: Path, *, run_id: str | None = None,
                        keys: list[Key] | None = None, train_split: str = "train", test_split: str = "test",
                        holdout: float | None = None, seed: int = 0, allow_incomplete: bool = False,
@@ -186,11 +194,17 @@ def evaluate_head_file(store: FeatureStore, head_file: Path, results: Path, *, r
     classes = class_names(labels, table.class_name)
     if len(classes) != spec.num_classes:
         raise ValueError(f"the store has {len(classes)} classes, the head {head_file} predicts {spec.num_classes}")
+    with safe_open(str(head_file), "pt") as f:
+        extra = json.loads((f.metadata() or {}).get("extra", "{}"))
+    trained = extra.get("split")
+    if extra.get("run_id") == run.run_id and trained is not None:
+        asked = split_options(train_split, test_split, holdout, seed)
+        if asked != trained:
+            raise ValueError(f"{head_file} was trained on this run with split options {trained}; testing with "
+                             f"{asked} could score it on its own training images: give the options it was trained with")
     _, test_rows = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
     data = StoreBatches(run, list(spec.inputs), labels, batch_size=batch_size, allow_incomplete=allow_incomplete)
     order, logits = predict(data, {"head": head.to(resolve_device(device))}, test_rows, resolve_device(device))
-    with safe_open(str(head_file), "pt") as f:
-        extra = json.loads((f.metadata() or {}).get("extra", "{}"))
     settings = {"head_file_sha256": file_sha256(head_file), "run_id": run.run_id, "train_split": train_split,
                 "test_split": test_split, "holdout": holdout, "seed": seed, "allow_incomplete": allow_incomplete}
     out = results_path(results, "probe", settings, f"head-{run.run_id}")

@@ -149,3 +149,25 @@ def test_import_errors_are_one_line_and_write_nothing(tmp_path):
     assert result.exit_code == 1 and "exists" in result.output and out.read_bytes() == b"keep"
     assert import_head(ckpt, out, *LINEAR, "--force").exit_code == 0
     assert load_head(out).spec.kind == "diffssl-linear"
+
+
+def test_a_probe_head_is_tested_only_with_the_split_it_was_trained_with(tmp_path, build_run, rng):
+    """Another --holdout seed would test a saved head on images it was trained on: refused."""
+    n = 60
+    labels = np.arange(n) % K
+    features = rng.standard_normal((n, C, SIDE, SIDE)).astype(np.float32)
+    features[np.arange(n), labels] += 3.0
+    build_run(tmp_path / "s.zarr", {(150, "b24"): features}, labels)
+    store, res = str(tmp_path / "s.zarr"), str(tmp_path / "res")
+    trained = runner.invoke(app, ["probe", store, "--head", "linear", "--block", "b24", "--timestep", "150",
+                                  "--holdout", "0.3", "--epochs", "2", "--out", res, "--json", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    doc = json.loads(trained.stdout)
+    head_file = next(Path(doc["out"]).glob("*.safetensors"))
+    same = runner.invoke(app, ["probe", store, "--head-file", str(head_file), "--holdout", "0.3", "--out", res, "--json"])
+    assert same.exit_code == 0, same.output
+    assert json.loads(same.stdout)["top1"] == doc["heads"][0]["top1"]
+    other = runner.invoke(app, ["probe", store, "--head-file", str(head_file), "--holdout", "0.3", "--seed", "1",
+                                "--out", res])
+    assert other.exit_code == 1 and len(other.output.strip().splitlines()) == 1
+    assert "could score it on its own training images" in other.output
