@@ -174,6 +174,8 @@ def probe(
     if json_out:
         typer.echo(to_json(doc))
         return
+    typer.echo(f"--recipe {recipe}: at most {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, "
+               f"lr {', '.join(f'{v:g}' for v in cfg.lrs)}")
     for h in doc["heads"]:
         typer.echo(f"{h['name']}: top-1 {h['top1']:.4f}  top-5 {h['top5']:.4f}  "
                    f"(val {h['val_top1']:.4f} after epoch {h['best_epoch']} of {h['epochs']})")

@@ -46,7 +46,9 @@ def test_lists_of_blocks_timesteps_and_lrs_make_a_grid(store, tmp_path):
         "--lr", "1e-3,1e-2", "--epochs", "1", "--pool", "1", "--out", str(tmp_path / "out"),
     ])
     assert result.exit_code == 0, result.output
-    names = [line.split(":")[0] for line in result.stdout.splitlines()[:-1]]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "--recipe ours: at most 1 epochs, batch 64, lr 0.001, 0.01"
+    names = [line.split(":")[0] for line in lines[1:-1]]
     assert names == [f"linear_{t}_{b}_lr{lr}" for t in ("t5", "tnone") for b in "ab" for lr in ("0.001", "0.01")]
 
 
