@@ -379,9 +379,12 @@ class FeatureStore:
         """The created run `run_id`, or the one run whose id starts with `run_id` (see
         match_run_id). Raises StoreError when it is missing, ambiguous, was never fully created,
         or its metadata is corrupt."""
-        run_id = self.match_run_id(run_id)
         runs = _node(self.group, "runs", self.url, missing_ok=True)
-        group = None if runs is None else _node(runs, run_id, self.url, missing_ok=True, hint=_REMOVE_HINT)
+        group = None if runs is None or not run_id.strip() else _node(runs, run_id, self.url, missing_ok=True,
+                                                                       hint=_REMOVE_HINT)
+        if group is None and runs is not None:  # a prefix (listing the runs only then); an empty one is refused
+            run_id = self.match_run_id(run_id)
+            group = _node(runs, run_id, self.url, missing_ok=True, hint=_REMOVE_HINT)
         if group is None:
             raise StoreError(f"no run {run_id!r} in {self.url}; runs: {', '.join(self.run_ids()) or 'none'}")
         if "created" not in group.attrs:
