@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipelines.extract.noise import vp_noise
 from pipelines.extract.weights import META, RANDOM
 
 
@@ -67,6 +68,22 @@ class Backbone(ABC):
         """The training noise schedule, indexed by integer timestep (alpha-bar)."""
         raise NotImplementedError(f"{self.name} has no noise schedule")
 
+    @property
+    def num_timesteps(self) -> int:
+        """Integer timesteps run 0..num_timesteps-1."""
+        return int(self.alphas_cumprod().shape[0])
+
+    @property
+    def noise_process(self) -> str:
+        """How `add_noise` makes x_t, in words (`backbones show`)."""
+        return "variance-preserving (DDPM): x_t = sqrt(alpha_bar_t)·x0 + sqrt(1 − alpha_bar_t)·eps"
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        """x_t of the clean input x0 (n, ...) at integer timestep t with the standard normal eps
+        (same shape). Default: the variance-preserving process of `alphas_cumprod`; a flow-matching
+        backbone overrides it (x_t = (1 − sigma)·x0 + sigma·eps)."""
+        return vp_noise(x0, eps, self.alphas_cumprod()[t])
+
     def prepare(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> Prepared:
         """Work done once per image, not per timestep (a VAE encode, a text encode)."""
         return Prepared(images)
@@ -103,7 +120,8 @@ class Backbone(ABC):
             "input": {"size": self.input.size, "channels": self.input.channels,
                       "value_range": list(self.input.value_range)},
             "attention_maps": {b: list(shape) for b, shape in self.attention_maps.items()},
-            "timesteps": None if self.timestep_free else int(self.alphas_cumprod().shape[0]),
+            "timesteps": None if self.timestep_free else self.num_timesteps,
+            "noise_process": None if self.timestep_free else self.noise_process,
             "default_timesteps": list(self.default_timesteps),
             "conditional": self.conditional,
             "weights_digest": self.weights_digest,

@@ -30,12 +30,22 @@ def image_eps(seed: int, image_id: str, t: int, shape: Sequence[int], draw: int 
     return torch.randn(tuple(shape), generator=generator)
 
 
+def batch_eps(image_ids: Sequence[str], t: int, seed: int, shape: Sequence[int], draw: int = 0) -> torch.Tensor:
+    """(n, *shape) float32: `image_eps` of each image, stacked in the order of `image_ids`."""
+    return torch.stack([image_eps(seed, i, t, shape, draw) for i in image_ids])
+
+
+def vp_noise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """sqrt(a_t) x0 + sqrt(1 - a_t) eps: the variance-preserving forward process (DDPM, Ho et al.
+    2020, eq. 4), in the dtype and device of x0."""
+    alpha_bar = alpha_bar.to(x0.device, x0.dtype)
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps.to(x0.device, x0.dtype)
+
+
 def q_sample(x0: torch.Tensor, image_ids: Sequence[str], t: int, seed: int, alphas_cumprod: torch.Tensor,
              draw: int = 0) -> torch.Tensor:
     """sqrt(a_t) x0 + sqrt(1 - a_t) eps, with each image's own deterministic eps of `draw`."""
-    eps = torch.stack([image_eps(seed, i, t, x0.shape[1:], draw) for i in image_ids]).to(x0.device, x0.dtype)
-    alpha_bar = alphas_cumprod[t].to(x0.device, x0.dtype)
-    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    return vp_noise(x0, batch_eps(image_ids, t, seed, x0.shape[1:], draw), alphas_cumprod[t])
 
 
 def ddim_grid(timesteps: Sequence[int], steps: int) -> list[int]:

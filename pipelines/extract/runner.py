@@ -30,7 +30,7 @@ from featurestore.store import (FeatureStore, StoreError, WritableRun, WritableS
                                  timestep_key)
 from pipelines.device import resolve_device
 from pipelines.extract.backbone import Backbone, create_backbone
-from pipelines.extract.noise import NOISE_MODES, ddim_invert, q_sample
+from pipelines.extract.noise import NOISE_MODES, batch_eps, ddim_invert
 from pipelines.extract.plan import (
     RAW_MARGIN,
     ArrayPlan,
@@ -263,7 +263,7 @@ def resolve_timesteps(backbone: Backbone, timesteps: Sequence[int] | None) -> li
             raise ValueError(f"{backbone.name} ignores timesteps (it is stored once per image): drop --timesteps")
         return [None]
     timesteps = list(timesteps or backbone.default_timesteps)
-    n_t = backbone.alphas_cumprod().shape[0]
+    n_t = backbone.num_timesteps
     if not timesteps or any(not 0 <= t < n_t for t in timesteps):
         raise ValueError(f"timesteps must be integers in 0..{n_t - 1} for {backbone.name}; got {timesteps}")
     if len(set(timesteps)) != len(timesteps):
@@ -531,7 +531,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def model_inputs(job: Job, prepared, ids: list[str]):
-    """(t, model inputs) for every timestep of the job: the q_sample of each noise draw
+    """(t, model inputs) for every timestep of the job: the backbone's `add_noise` of each noise draw
     0..ensemble-1, or the one DDIM inversion or clean input."""
     cfg, backbone = job.cfg, job.backbone
     if backbone.timestep_free:
@@ -546,7 +546,7 @@ def model_inputs(job: Job, prepared, ids: list[str]):
         if cfg.noise == "none":
             yield t, [prepared.x0]
         else:
-            yield t, [q_sample(prepared.x0, ids, t, cfg.seed, backbone.alphas_cumprod(), draw)
+            yield t, [backbone.add_noise(prepared.x0, batch_eps(ids, t, cfg.seed, prepared.x0.shape[1:], draw), t)
                       for draw in range(cfg.ensemble)]
 
 

@@ -15,7 +15,7 @@ import pipelines.extract.runner as runner
 from cli.main import app
 from data_manifests.builders import DEMO_DIR
 from featurestore.store import FeatureStore
-from pipelines.extract.backbone import create_backbone
+from pipelines.extract.backbone import Backbone, create_backbone
 from pipelines.extract.noise import image_eps
 from pipelines.extract.runner import ExtractConfig, extract
 
@@ -132,16 +132,16 @@ def test_an_interrupted_ensemble_run_resumes_to_the_uninterrupted_arrays(tmp_pat
 
 
 def test_inf_in_one_draw_is_counted_as_computed_not_averaged_away(tmp_path, monkeypatch):
-    q_sample, broken = runner.q_sample, {}
+    add_noise, broken = Backbone.add_noise, {}
 
-    def inf_in_draw_1(x0, ids, t, seed, alphas, draw=0):
-        x_t = q_sample(x0, ids, t, seed, alphas, draw)
-        if draw == 1 and ids[0] == "mnist-demo.npz#0":
+    def inf_in_draw_1(self, x0, eps, t):
+        x_t = add_noise(self, x0, eps, t)
+        if torch.equal(eps[0], image_eps(0, "mnist-demo.npz#0", t, eps.shape[1:], 1)):
             x_t[0, 0, 5, 5] = float("inf")
             broken[t] = x_t.clone()
         return x_t
 
-    monkeypatch.setattr(runner, "q_sample", inf_in_draw_1)
+    monkeypatch.setattr(Backbone, "add_noise", inf_in_draw_1)
     result = extract(config(tmp_path / "s.zarr", ensemble=3, dtype="float32", chunk_rows=8))
     backbone = create_backbone("ddpm-mnist")
     for t in TIMESTEPS:
