@@ -4,6 +4,11 @@ A manifest is a table with the columns of `COLUMNS` plus a root folder and the o
 list. `source` is a path relative to the root, optionally with a `#fragment` naming an item
 inside a container file (`t10k-images-idx3-ubyte.gz#123`, `cat.ndjson#5`, `mnist-demo.npz#17`).
 The id of a row is its source string, which is stable and unique by construction.
+
+A manifest may also carry per-image targets (`TARGET_COLUMNS`: a segmentation mask, a depth map,
+keypoints, a bounding box), one source string per row in the same form as an image source, or an
+inline value `inline:<json>`, with per-column `target_info` saying how to decode them (see
+data_manifests/targets.py), and image `pairs` for correspondence.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import os
 import posixpath
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -28,6 +35,10 @@ DATASETS_DIR = Path(__file__).resolve().parent
 _CLASSES_PREFIX = "# classes:"
 _YAML_KEYS = ("name", "builder", "root_env", "root", "options")
 _SHOWN = 5  # offenders listed per problem in an error message
+TARGET_COLUMNS = ("mask", "depth", "keypoints", "bbox")
+INLINE = "inline:"  # a target source that holds its value as JSON instead of naming a file
+_TARGET_INFO_PREFIX = "# target_info:"
+_PAIRS_PREFIX = "# pairs:"
 
 
 class ManifestError(ValueError):
@@ -42,7 +53,13 @@ def _listing(items: list) -> str:
 
 @dataclass(frozen=True)
 class Manifest:
-    """An ordered table of images; row i is (ids[i], sources[i], labels[i], splits[i], domains[i])."""
+    """An ordered table of images; row i is (ids[i], sources[i], labels[i], splits[i], domains[i]).
+
+    Optional targets: `targets[column][i]` is row i's target source ("" = none) for a column of
+    TARGET_COLUMNS, `target_info[column]` how to read it ({"decode": decoder name, ...}; the keys
+    per column are listed in data_manifests/targets.py), and `pairs`, tuples (source id, target id,
+    category, split) naming images of this manifest.
+    """
 
     name: str
     root: Path
@@ -52,10 +69,18 @@ class Manifest:
     labels: tuple[int, ...] = field(repr=False)
     splits: tuple[str, ...] = field(repr=False)
     domains: tuple[str, ...] = field(repr=False)
+    targets: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False, hash=False)
+    target_info: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False, hash=False)
+    pairs: tuple[tuple[str, str, str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         # The root is always absolute so that path_of() does not depend on a later chdir.
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+        # Plain dicts and tuples (from lists, e.g. JSON); anything else is left for validate() to name.
+        object.__setattr__(self, "targets", {c: _tuple(v) for c, v in self.targets.items()})
+        object.__setattr__(self, "target_info", {c: dict(v) if isinstance(v, Mapping) else v
+                                                 for c, v in self.target_info.items()})
+        object.__setattr__(self, "pairs", tuple(_tuple(p) for p in self.pairs))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,16 +91,26 @@ class Manifest:
         return tuple(self.classes[label] for label in self.labels)
 
     def digest(self) -> str:
-        """sha256 of the content (classes and rows), not of the name or root: moved data keeps its digest."""
+        """sha256 of the content (classes, rows and, when present, targets, target_info and pairs),
+        not of the name or root: moved data keeps its digest, and a manifest without targets has
+        the digest it had before targets existed."""
         rows = zip(self.ids, self.sources, self.labels, self.splits, self.domains)
-        content = {"classes": list(self.classes), "rows": [list(row) for row in rows]}
-        text = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+        content: dict[str, Any] = {"classes": list(self.classes), "rows": [list(row) for row in rows]}
+        if self.targets:
+            content["targets"] = {c: list(v) for c, v in self.targets.items()}
+        if self.target_info:
+            content["target_info"] = self.target_info
+        if self.pairs:
+            content["pairs"] = [list(p) for p in self.pairs]
+        text = json.dumps(content, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def head(self, n: int) -> Manifest:
-        """The first n rows (all of them when n > len), for quick runs such as --limit."""
+        """The first n rows (all of them when n > len), for quick runs such as --limit; their
+        targets, and the pairs whose both images are among them."""
         if n < 1:
             raise ManifestError(f"head(n) needs n >= 1, got {n}")
+        kept = set(self.ids[:n])
         return dataclasses.replace(
             self,
             ids=self.ids[:n],
@@ -83,6 +118,8 @@ class Manifest:
             labels=self.labels[:n],
             splits=self.splits[:n],
             domains=self.domains[:n],
+            targets={c: v[:n] for c, v in self.targets.items()},
+            pairs=tuple(p for p in self.pairs if p[0] in kept and p[1] in kept),
         )
 
     def validate(self) -> None:
@@ -137,6 +174,60 @@ class Manifest:
         check("empty domain", [name(i) for i in rows if not self.domains[i]])
         if problems:
             raise ManifestError(f"{where} is invalid:\n  - " + "\n  - ".join(problems))
+        self._validate_targets(where)
+
+    def _validate_targets(self, where: str) -> None:
+        """One-line ManifestError for the first problem in targets, target_info or pairs."""
+        if not (self.targets or self.target_info or self.pairs):
+            return
+        from data_manifests.targets import DECODERS  # targets.py imports this module
+
+        unknown = sorted(set(self.targets) - set(TARGET_COLUMNS))
+        if unknown:
+            raise ManifestError(f"{where}: unknown target column(s) {', '.join(unknown)}; "
+                                f"allowed: {', '.join(TARGET_COLUMNS)}")
+        if set(self.target_info) != set(self.targets):
+            raise ManifestError(f"{where}: target_info must describe exactly the target columns "
+                                f"({', '.join(sorted(self.targets)) or 'none'}), it describes "
+                                f"{', '.join(sorted(self.target_info)) or 'none'}")
+        for column, sources in self.targets.items():
+            at = f"{where}: target column {column!r}"
+            if not isinstance(sources, tuple):
+                raise ManifestError(f"{at} must be a list of strings, one per row")
+            if not isinstance(self.target_info[column], Mapping):
+                raise ManifestError(f"{at}: target_info must be a mapping such as {{\"decode\": ...}}")
+            if len(sources) != len(self):
+                raise ManifestError(f"{at} has {len(sources)} entries for {len(self)} rows")
+            if not all(isinstance(s, str) for s in sources):
+                raise ManifestError(f"{at}: every entry must be a string ('' = no target)")
+            info = self.target_info[column]
+            decode = info.get("decode")
+            files = [s.split("#", 1)[0] for s in sources if s and not s.startswith(INLINE)]
+            if decode is None and files:
+                raise ManifestError(f"{at}: {len(files)} entries name files but target_info gives no 'decode'")
+            if decode is not None and decode not in DECODERS:
+                raise ManifestError(f"{at}: unknown decoder {decode!r}; known: {', '.join(sorted(DECODERS))}")
+            if any(s.startswith(INLINE) for s in sources) and column not in ("keypoints", "bbox"):
+                raise ManifestError(f"{at}: inline values are for keypoints and bbox only")
+            bad = [f for f in files if not f or posixpath.isabs(f) or _escapes(f)]
+            if bad:
+                raise ManifestError(f"{at}: entries must be files relative to the root, inside it: {_listing(bad)}")
+            if column == "mask":
+                classes, ignore = info.get("classes"), info.get("ignore_index")
+                if not (isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes)):
+                    raise ManifestError(f"{at}: target_info 'classes' must be a non-empty list of class names")
+                if not (isinstance(ignore, int) and len(classes) <= ignore <= 255):
+                    raise ManifestError(f"{at}: target_info 'ignore_index' must be an integer in "
+                                        f"[{len(classes)}, 255] (outside the class indices), got {ignore!r}")
+            if column == "depth" and info.get("unit") != "m":
+                raise ManifestError(f"{at}: target_info 'unit' must be 'm' (depth is decoded to metres)")
+        known = set(self.ids)
+        for k, pair in enumerate(self.pairs):
+            if not isinstance(pair, tuple) or len(pair) != 4 or not all(isinstance(x, str) for x in pair):
+                raise ManifestError(f"{where}: pair {k} is {pair!r}, expected (source id, target id, category, split)")
+            absent = [x for x in pair[:2] if x not in known]
+            if absent:
+                raise ManifestError(f"{where}: pair {k} names unknown id(s) {', '.join(map(repr, absent))}")
 
     def outside_root(self) -> list[str]:
         """Ids whose file, once symbolic links are resolved, is not under the resolved root: a link
@@ -169,12 +260,21 @@ class Manifest:
         return self.root / file, fragment or None
 
     def to_csv(self, path: str | Path) -> None:
-        """Write a first line `# classes: <json list>`, then the header COLUMNS and one line per row."""
+        """Write a first line `# classes: <json list>`, then, when the manifest has them, lines
+        `# target_info: <json>` and `# pairs: <json>`, then the header COLUMNS (plus one column per
+        target column) and one line per row."""
+        columns = list(self.targets)
         with open(path, "w", newline="", encoding="utf-8") as f:
             f.write(f"{_CLASSES_PREFIX} {json.dumps(list(self.classes), ensure_ascii=False)}\n")
+            if self.target_info:
+                f.write(f"{_TARGET_INFO_PREFIX} {json.dumps(self.target_info, ensure_ascii=False)}\n")
+            if self.pairs:
+                f.write(f"{_PAIRS_PREFIX} {json.dumps([list(p) for p in self.pairs], ensure_ascii=False)}\n")
             writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            for row in zip(self.ids, self.sources, self.labels, self.class_names, self.splits, self.domains):
+            writer.writerow(COLUMNS + tuple(columns))
+            rows = zip(self.ids, self.sources, self.labels, self.class_names, self.splits, self.domains,
+                       *(self.targets[c] for c in columns))
+            for row in rows:
                 writer.writerow(row)
 
     @staticmethod
@@ -182,7 +282,9 @@ class Manifest:
         """Read a CSV written by to_csv or by hand.
 
         The class list comes from a first line `# classes: [...]`; without it, label i takes the
-        class_name of its rows, so every label 0..max must occur. Extra columns are ignored.
+        class_name of its rows, so every label 0..max must occur. Columns named like
+        TARGET_COLUMNS are target columns, described by a line `# target_info: {...}`; a line
+        `# pairs: [...]` gives the pairs. Other extra columns are ignored.
         The root defaults to the CSV's folder; the name to the file's stem.
         """
         path = Path(path)
@@ -194,11 +296,17 @@ class Manifest:
         lines = text.splitlines(keepends=True)
         comments = 0
         classes: list[str] | None = None
+        target_info: dict = {}
+        pairs: list = []
         while comments < len(lines) and lines[comments].startswith("#"):
             line = lines[comments]
             comments += 1
             if line.startswith(_CLASSES_PREFIX):
                 classes = _parse_classes(line[len(_CLASSES_PREFIX):], f"{path}:{comments}")
+            elif line.startswith(_TARGET_INFO_PREFIX):
+                target_info = _parse_json(line[len(_TARGET_INFO_PREFIX):], dict, f"{path}:{comments}: target_info")
+            elif line.startswith(_PAIRS_PREFIX):
+                pairs = _parse_json(line[len(_PAIRS_PREFIX):], list, f"{path}:{comments}: pairs")
 
         reader = csv.reader(io.StringIO("".join(lines[comments:]), newline=""))
         header = next(reader, None)
@@ -210,9 +318,10 @@ class Manifest:
                 f"{path}:{comments + 1}: header lacks column(s) {', '.join(absent)}; "
                 f"expected {', '.join(COLUMNS)}, got {', '.join(header)}"
             )
-        index = {c: header.index(c) for c in COLUMNS}
+        target_columns = [c for c in header if c in TARGET_COLUMNS]
+        index = {c: header.index(c) for c in COLUMNS + tuple(target_columns)}
 
-        columns: dict[str, list] = {c: [] for c in COLUMNS}
+        columns: dict[str, list] = {c: [] for c in index}
         line_of_row: list[int] = []
         for cells in reader:
             line = comments + reader.line_num
@@ -220,12 +329,12 @@ class Manifest:
                 continue
             if len(cells) != len(header):
                 raise ManifestError(f"{path}:{line}: {len(cells)} cells, the header has {len(header)}")
-            row = {c: cells[index[c]] for c in COLUMNS}
+            row = {c: cells[i] for c, i in index.items()}
             try:
                 row["label"] = int(row["label"])
             except ValueError:
                 raise ManifestError(f"{path}:{line}: label {row['label']!r} is not an integer") from None
-            for c in COLUMNS:
+            for c in index:
                 columns[c].append(row[c])
             line_of_row.append(line)
 
@@ -248,9 +357,17 @@ class Manifest:
             labels=tuple(columns["label"]),
             splits=tuple(columns["split"]),
             domains=tuple(columns["domain"]),
+            targets={c: tuple(columns[c]) for c in target_columns},
+            target_info=target_info,
+            pairs=tuple(pairs),
         )
         _validate_from(manifest, path)
         return manifest
+
+
+def _tuple(value: Any) -> Any:
+    """A list or tuple as a tuple; any other value unchanged."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _validate_from(manifest: Manifest, path: Path) -> None:
@@ -284,6 +401,17 @@ def _parse_classes(text: str, where: str) -> list[str]:
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ManifestError(f"{where}: the classes line must be a JSON list of strings")
     return classes
+
+
+def _parse_json(text: str, kind: type, where: str) -> Any:
+    """A JSON value of the given kind (dict or list) from a comment line of a manifest CSV."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where} is not JSON: {e}") from None
+    if not isinstance(value, kind):
+        raise ManifestError(f"{where} must be a JSON {'object' if kind is dict else 'list'}")
+    return value
 
 
 def _classes_from_rows(labels: list[int], class_names: list[str], path: Path) -> list[str]:
