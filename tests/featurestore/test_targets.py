@@ -1,0 +1,127 @@
+"""Targets in the store (featurestore/targets.py): written once per geometry, read per run position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featurestore.store import FeatureStore, StoreError
+from featurestore.targets import RowTargets, describe_targets, run_targets, write_pairs, write_targets
+
+S = 4
+MASK_INFO = {"mask": {"decode": "png-index", "classes": ["background", "digit"], "ignore_index": 255}}
+
+
+def make_store(tmp_path, n=5, dataset="toy", resize=None):
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), mode="a")
+    ids = [f"img{i}" for i in range(n)]
+    rows = store.add_images(dataset, {"id": ids, "label": [0] * n, "class_name": ["a"] * n, "split": ["train"] * n,
+                                      "domain": ["photo"] * n, "source": ids})
+    spec = {"dataset": dataset, "backbone": "toy", **({"resize": resize} if resize else {})}
+    run = store.create_run(spec, arrays={"b": (1, 1, 1)}, timesteps=[0], rows=rows, chunk_rows=2, dtype="float32",
+                           provenance={"backbone": {"input": {"size": S}}})
+    return store, run, rows
+
+
+def mask_of(k: int) -> np.ndarray:
+    return (np.arange(S * S).reshape(S, S) % 3 == k % 3).astype(np.uint8) * (k % 2)
+
+
+def test_masks_round_trip_once_per_geometry(tmp_path):
+    store, run, rows = make_store(tmp_path)
+    calls = []
+
+    def load(k):
+        calls.append(k)
+        if k == 3:
+            raise OSError("cannot read mask img3.png")
+        return RowTargets(image_size=(10 + k, 8), geometry=np.array([0.5, -1.0, 0.5, 0.0]), mask=mask_of(k))
+
+    assert write_targets(store, "toy", rows, resize="crop", size=S, info=MASK_INFO, load=load) == 5
+    assert write_targets(store, "toy", rows, resize="crop", size=S, info=MASK_INFO, load=load) == 0
+    assert calls == [0, 1, 2, 3, 4]  # the second call read nothing: every row was done
+
+    tg = run_targets(FeatureStore.open(store.url).run(run.run_id))
+    assert (tg.size, tg.key, tg.classes, tg.ignore_index) == (S, "crop-4", ["background", "digit"], 255)
+    assert tg.usable_rows().tolist() == [0, 1, 2, 4]
+    assert tg.errors == {"img3": "OSError: cannot read mask img3.png"}
+    masks = tg.masks(np.array([4, 0, 2]))
+    assert masks.dtype == np.uint8 and masks.shape == (3, S, S)
+    for got, k in zip(masks, [4, 0, 2]):
+        assert np.array_equal(got, mask_of(k))
+    assert tg.image_size(np.array([1, 4])).tolist() == [[11, 8], [14, 8]]
+    assert tg.geometry(np.array([0])).tolist() == [[0.5, -1.0, 0.5, 0.0]]
+    with pytest.raises(StoreError, match="could not be read"):
+        tg.masks(np.array([3]))
+    with pytest.raises(StoreError, match="holds no depth targets"):
+        tg.depth(np.array([0]))
+    assert [a["path"] for a in describe_targets(store)] == [
+        "targets/crop-4/done", "targets/crop-4/error", "targets/crop-4/failed", "targets/crop-4/geometry",
+        "targets/crop-4/image_size", "targets/crop-4/mask"]
+    assert {a["path"]: (a["shape"], a["dtype"]) for a in describe_targets(store)}["targets/crop-4/mask"] == \
+        ([5, S, S], "uint8")
+
+
+def test_rows_without_targets_and_other_geometries(tmp_path):
+    store, run, rows = make_store(tmp_path, resize="squash")
+    with pytest.raises(StoreError, match="has no targets .* at squash-4"):
+        run_targets(run)
+    # crop targets do not serve a squash run
+    write_targets(store, "toy", rows, resize="crop", size=S, info=MASK_INFO,
+                  load=lambda k: RowTargets((S, S), np.array([1.0, 0, 1, 0]), mask=mask_of(k)))
+    with pytest.raises(StoreError, match="squash-4"):
+        run_targets(run)
+    depth = {"depth": {"decode": "png-mm", "unit": "m", "max_depth": 10.0, "eval_crop": "eigen"}}
+    plane = np.full((S, S), 2.5, dtype=np.float32)
+    write_targets(store, "toy", rows[:3], resize="squash", size=S, info=depth,
+                  load=lambda k: RowTargets((S, S), np.array([1.0, 0, 1, 0]), depth=plane if k != 1 else None))
+    tg = run_targets(run)
+    assert tg.depth_info == {"unit": "m", "max_depth": 10.0, "eval_crop": "eigen"}
+    assert tg.depth(np.array([0])).tolist() == [plane.tolist()]
+    assert not tg.depth(np.array([1])).any()  # a row without a depth map: all invalid (0)
+    with pytest.raises(StoreError, match="of 1 of the 1 images asked for are not written"):
+        tg.depth(np.array([4]))
+
+
+def test_another_dataset_with_other_classes_is_refused(tmp_path):
+    store, _, rows = make_store(tmp_path)
+    load = lambda k: RowTargets((S, S), np.array([1.0, 0, 1, 0]), mask=mask_of(k))  # noqa: E731
+    write_targets(store, "toy", rows, resize="crop", size=S, info=MASK_INFO, load=load)
+    other = {"mask": {"classes": ["background", "cat"], "ignore_index": 255}}
+    with pytest.raises(StoreError, match=r"mask targets at crop-4 are .*'digit'.* dataset 'voc' has .*'cat'"):
+        write_targets(store, "voc", rows, resize="crop", size=S, info=other, load=load)
+    with pytest.raises(StoreError, match="ignore index 0"):
+        write_targets(store, "toy", rows, resize="crop", size=S,
+                      info={"mask": {"classes": ["background", "digit"], "ignore_index": 0}}, load=load)
+
+
+def test_keypoints_boxes_and_pairs(tmp_path):
+    store, run, rows = make_store(tmp_path, n=4)
+    points = {0: [[1.5, 2.5, 1], [3.0, 4.0, 0]], 1: [[5, 6, 1], [7, 8, 1], [9, 10, 1]], 2: None, 3: [[0.5, 0.5, 1]]}
+    info = {"keypoints": {"decode": "json", "names": None}, "bbox": {"decode": "json"}}
+
+    def load(k):
+        kp = None if points[k] is None else np.asarray(points[k], dtype=np.float32)
+        box = None if k == 2 else np.array([k, k, k + 10, k + 20], dtype=np.float32)
+        return RowTargets((20, 30), np.array([1.0, 0, 1, 0]), keypoints=kp, bbox=box)
+
+    # rows 0 and 1 first, so the keypoint array grows from 2 to 3 points after row 0 is stored
+    write_targets(store, "toy", rows[:1], resize="crop", size=S, info=info, load=load)
+    write_targets(store, "toy", rows, resize="crop", size=S, info=info, load=lambda k: load(k))
+    tg = run_targets(run)
+    kp = tg.keypoints(np.array([0, 1, 3]))
+    assert kp.shape == (3, 3, 3)
+    assert kp[0, :2].tolist() == points[0] and np.isnan(kp[0, 2, :2]).all() and kp[0, 2, 2] == 0
+    assert kp[1].tolist() == points[1]
+    assert kp[2, 0].tolist() == points[3][0] and (kp[2, 1:, 2] == 0).all()
+    with pytest.raises(StoreError, match="1 of the 2 images asked for have no keypoints"):
+        tg.keypoints(np.array([0, 2]))
+    assert tg.bbox(np.array([3, 1])).tolist() == [[3, 3, 13, 23], [1, 1, 11, 21]]
+    with pytest.raises(StoreError, match="have no bounding box"):
+        tg.bbox(np.array([2]))
+
+    assert tg.pairs() == []
+    assert write_pairs(store, "toy", [(rows[0], rows[1], "cat", "test"), (rows[3], rows[0], "dog", "test")]) == 2
+    assert write_pairs(store, "toy", [(rows[0], rows[1], "cat", "test")]) == 0  # already there
+    assert write_pairs(store, "other", [(rows[0], rows[1], "cat", "test")]) == 1  # another dataset's: not this run's
+    assert run_targets(run).pairs() == [(0, 1, "cat", "test"), (3, 0, "dog", "test")]
