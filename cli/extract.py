@@ -32,6 +32,9 @@ def extract(
     noise: Annotated[str, typer.Option(help="ddpm (q_sample), ddim-inversion, or none (the clean input at t).")] = "ddpm",
     ensemble: Annotated[int, typer.Option(
         help="Store the mean of every block over K noise draws (--noise ddpm; K forwards per t; part of the run spec).")] = 1,
+    noise_draws: Annotated[int, typer.Option(
+        help="Store K noise draws of every block along a 'draw' axis (--noise ddpm; K forwards per t; part of "
+             "the run spec; read with --draws mean|all|<k>).")] = 1,
     ddim_steps: Annotated[int, typer.Option(help="DDIM inversion steps up to the largest timestep.")] = 50,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance of the DDIM inversion.")] = 1.0,
     captioner: Annotated[Optional[str], typer.Option(help="BLIP folder or hub id in the local cache (--prompt blip).")] = None,
@@ -66,7 +69,8 @@ def extract(
         store=store, backbone=backbone, dataset=dataset, manifest=manifest, data_root=data_root,
         weights=weights, backbone_config=backbone_config, timesteps=parse_timesteps(timesteps),
         blocks=parse_blocks(blocks), attention_maps=attention_maps, limit=limit, batch_size=batch_size,
-        seed=seed, noise=noise, ensemble=ensemble, ddim_steps=ddim_steps, guidance_scale=guidance_scale, prompt=prompt,
+        seed=seed, noise=noise, ensemble=ensemble, noise_draws=noise_draws, ddim_steps=ddim_steps,
+        guidance_scale=guidance_scale, prompt=prompt,
         captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), dtype=dtype, codec=codec,
         device=device, autocast=autocast, chunk_rows=chunk_rows, workers=workers, scheduler=scheduler,
         progress=not json_out and sys.stderr.isatty(), retry_failed=retry_failed, allow_mismatch=allow_mismatch,

@@ -28,6 +28,8 @@ def inspect(
     for run in doc["runs"]:
         spec = run["spec"]
         ensemble = f"ensemble={run['ensemble']}  " if run["ensemble"] > 1 else ""
+        draws = spec.get("noise_draws", 1)  # draws stored per (image, t) along the "draw" axis
+        ensemble += f"noise_draws={draws}  " if draws > 1 else ""
         typer.echo(
             f"  {run['run_id']}  {spec['backbone']} on {spec['dataset']}  t={spec['timesteps']}  "
             f"blocks={','.join(spec['blocks'])}  {spec.get('dtype', '')} {run['codec']}  {ensemble}"

@@ -7,7 +7,8 @@ Layout (every path is a zarr array or group)::
       captions/<captioner key>/{text,done}   one caption per images row, reused by every run
       runs/<run_id>/                 attrs: spec, blocks, timesteps, provenance, times
         rows                         (N,) int64: row i of every feature array is images row rows[i]
-        t<T>/<block>                 (N, C, H, W) features, chunked along N by `chunk_rows`
+        t<T>/<block>                 (N, C, H, W) features, chunked along N by `chunk_rows`; a run of
+                                     K > 1 noise draws (spec "noise_draws") stores (N, K, C, H, W)
         done                         (n_chunks,) uint8, one zarr chunk per element: chunk u is complete
         failed, error                (N,) per-image failure flag and message, chunked like the features
         nonfinite                    (n_chunks, n_arrays, 2) int64: per chunk and (t, block) in the order
@@ -17,8 +18,14 @@ Layout (every path is a zarr array or group)::
 
 Arrays carry zarr v3 `dimension_names` (stores written before that have none and read the
 same): "image" along a run's N rows, "chunk" along its chunks, "store_row" along the images table
-and captions, and `feature_dimensions(block)` on feature arrays, so xarray.open_zarr opens a run's
-groups and the images table.
+and captions, and `feature_dimensions(block, draws)` on feature arrays (with "draw" second in a
+run of several noise draws), so xarray.open_zarr opens a run's groups and the images table.
+
+Noise draws. A run extracted with `--noise-draws K` (K > 1) holds K independent noise draws of
+every (image, t) along the "draw" axis. Its readers (`read_rows`, `numpy`, `split`, `to_xarray`)
+take `draws`: "mean" (the float32 mean over the draws), an int k (draw k only, as stored) or
+"all" (every draw: a draw axis after the image axis; `split` gives each draw its own row). On a
+run of one draw, "mean" and 0 are the stored values and "all" has a draw axis of length 1.
 
 Reading and writing are separate classes: `FeatureStore.open(url)` (mode "r") gives a read-only
 FeatureStore whose runs are `Run`s; mode "a" gives a WritableStore whose runs are `WritableRun`s.
@@ -68,7 +75,9 @@ LOCK_TIMEOUT_S = 600.0  # longest wait for another process's store-level change
 MARKER_WAIT_S = 30.0  # longest wait for another writer's marker at a URL before refusing
 # Spec keys added after runs were first written, with the value every run had before the key
 # existed: an older run whose spec lacks them is the same run as a new spec with these values.
-SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none", "codec": "zstd", "ensemble": 1}
+SPEC_DEFAULTS: dict[str, Any] = {"ddim": None, "captions": None, "autocast": "none", "codec": "zstd", "ensemble": 1,
+                                 "noise_draws": 1}
+DRAW_CHOICES = ("mean", "all")  # besides an int k (one draw): see `select_draws`
 _REPAIR_HINT = "run `featurestore verify STORE --repair`, then extract again"
 _REMOVE_HINT = "`featurestore verify STORE --repair` removes the run; extract again to rebuild it"
 CHECKOUT = Path(__file__).resolve().parent.parent  # the git checkout this package runs from, if it is one
@@ -142,12 +151,47 @@ def same_spec(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return run_id_of({**SPEC_DEFAULTS, **a}) == run_id_of({**SPEC_DEFAULTS, **b})
 
 
-def feature_dimensions(block: str) -> tuple[str, str, str, str]:
+def feature_dimensions(block: str, draws: int = 1) -> tuple[str, ...]:
     """zarr `dimension_names` of a feature array of `block`: ("image", "<block>_channel",
-    "<block>_y", "<block>_x"). "image" (the run row) is shared by every array of a run; the
-    others carry the block's name because blocks differ in C, H and W, and xarray refuses one
-    dimension name with two sizes in one group."""
-    return ("image", f"{block}_channel", f"{block}_y", f"{block}_x")
+    "<block>_y", "<block>_x"), with "draw" after "image" in a run of `draws` > 1 noise draws.
+    "image" (the run row) and "draw" are shared by every array of a run; the others carry the
+    block's name because blocks differ in C, H and W, and xarray refuses one dimension name with
+    two sizes in one group."""
+    return ("image", *(("draw",) if draws > 1 else ()), f"{block}_channel", f"{block}_y", f"{block}_x")
+
+
+def parse_draws(text: str | int) -> str | int:
+    """A `--draws` value: "mean", "all" or a draw index k >= 0 (an int or its digits). ValueError
+    otherwise."""
+    if isinstance(text, int) and text >= 0 or str(text).isdigit():
+        return int(text)
+    if text not in DRAW_CHOICES:
+        raise ValueError(f"--draws takes mean, all or a draw index k (0, 1, ...), not {text!r}")
+    return text
+
+
+def select_draws(values: np.ndarray, stored_draws: int, draws: str | int) -> np.ndarray:
+    """Rows of a feature array as `draws` asks, from `values` as stored: (n, C, H, W) for a run of
+    one draw, (n, K, C, H, W) for K = `stored_draws` > 1.
+
+    "mean": (n, C, H, W), for K > 1 the float32 mean over the draws (summed in draw order, then
+    divided by K: the arithmetic of `extract --ensemble K`); for one draw the values as stored.
+    k: (n, C, H, W) draw k as stored. "all": (n, K, C, H, W) as stored (K = 1: a draw axis of one).
+    Raises StoreError for a k outside 0..K-1, ValueError for another value."""
+    draws = parse_draws(draws)
+    if isinstance(draws, int):
+        if draws >= stored_draws:
+            raise StoreError(f"draw {draws} asked for, but the run holds {stored_draws} noise draw"
+                             f"{'s' if stored_draws > 1 else ''} (0..{stored_draws - 1})")
+        return values[:, draws] if stored_draws > 1 else values
+    if draws == "all":
+        return values if stored_draws > 1 else values[:, None]
+    if stored_draws == 1:
+        return values
+    total = values[:, 0].astype(np.float32)
+    for d in range(1, stored_draws):
+        total += values[:, d]
+    return total / np.float32(stored_draws)
 
 
 def timestep_key(t: int | None) -> str:
@@ -519,12 +563,14 @@ class WritableStore(FeatureStore):
         was written before keys of SPEC_DEFAULTS existed (it keeps its id). Under the store lock.
 
         `arrays` gives each block's stored (C, H, W); every (timestep, block) gets an (N, C, H, W)
-        array chunked along N by `chunk_rows`, stored with the spec's "codec" (`feature_codec`; a
+        array, (N, K, C, H, W) for K = spec "noise_draws" > 1, chunked along N by `chunk_rows`, stored with the spec's "codec" (`feature_codec`; a
         bad one raises ValueError before anything is written). Raises StoreError when the run's
         group exists with corrupt metadata (it is not overwritten).
         """
         run_id = run_id_of(spec)
         codec = feature_codec({**SPEC_DEFAULTS, **spec}["codec"], dtype)  # a bad name is refused before any write
+        draws = {**SPEC_DEFAULTS, **spec}["noise_draws"]
+        per_row = (draws,) if draws > 1 else ()
         with self.lock.held():
             groups = self._run_groups()
             if isinstance(groups.get(run_id), StoreError):
@@ -543,8 +589,8 @@ class WritableStore(FeatureStore):
             for t in timesteps:
                 tg = g.require_group(timestep_key(t))
                 for block, chw in arrays.items():
-                    tg.create_array(block, shape=(n, *chw), dtype=dtype, chunks=(chunk_rows, *chw),
-                                    dimension_names=feature_dimensions(block),
+                    tg.create_array(block, shape=(n, *per_row, *chw), dtype=dtype, chunks=(chunk_rows, *per_row, *chw),
+                                    dimension_names=feature_dimensions(block, draws),
                                     **codec, fill_value=0, overwrite=True)
             n_chunks = -(-n // chunk_rows)
             keys = [f"{timestep_key(t)}/{b}" for t in timesteps for b in arrays]
@@ -609,6 +655,7 @@ class Run:
         self.chunk_rows: int = attrs["chunk_rows"]
         self.provenance: dict[str, Any] = attrs["provenance"]
         self.codec: str = {**SPEC_DEFAULTS, **self.spec}["codec"]  # how the features are stored (feature_codec)
+        self.noise_draws: int = {**SPEC_DEFAULTS, **self.spec}["noise_draws"]  # draws per (image, t) along "draw"
         self.attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}  # opened once per handle: a run's array metadata never changes
 
@@ -780,35 +827,48 @@ class Run:
         except Exception as exc:  # noqa: BLE001 - any codec or I/O error means the chunk is damaged
             raise _damaged(where, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
 
-    def numpy(self, t: int | None, block: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+    def numpy(self, t: int | None, block: str, rows: slice | np.ndarray | None = None,
+              draws: str | int = "mean") -> np.ndarray:
         """Features of (t, block) as an (n, C, H, W) array of the stored dtype, for all rows, a
-        slice, or row indices (any order). Every row asked for must be done and not failed: pass
-        `rows=run.usable_rows()` to skip failed images. Raises StoreError (subclasses as in
-        `read_chunk`) otherwise."""
+        slice, or row indices (any order); in a run of several noise draws as `draws` selects them
+        (`select_draws`: "mean" float32, k as stored, "all" (n, K, C, H, W)). Every row asked for
+        must be done and not failed: pass `rows=run.usable_rows()` to skip failed images. Raises
+        StoreError (subclasses as in `read_chunk`) otherwise."""
         if rows is None or isinstance(rows, slice):
             index = np.arange(len(self))[rows if rows is not None else slice(None)]
         else:
             index = np.asarray(rows, dtype=np.int64)
         self._check_usable(index)
-        return self.read_rows(t, block, index)
+        return self.read_rows(t, block, index, draws=draws)
 
     def read_rows(self, t: int | None, block: str, rows: np.ndarray,
                   shaped: Callable[[np.ndarray], np.ndarray] = lambda x: x,
-                  advance: Callable[[int], None] | None = None) -> np.ndarray:
+                  advance: Callable[[int], None] | None = None, draws: str | int = "mean") -> np.ndarray:
         """shaped(features) of (t, block) for run rows in any order: each chunk holding some of
         them is read once and whole through `read_chunk` (its refusals apply; a slice of whole
-        chunks reads ~3x faster than zarr's integer selection) and shaped on its own, so one raw
-        chunk is held at a time. `shaped` maps (n, C, H, W) of the stored dtype to (n, ...) (e.g.
-        pooling; default: as stored); `advance(n)` (a progress bar's) is called with each chunk's
-        row count. Rows are not checked further: pass usable rows (`numpy` checks them)."""
+        chunks reads ~3x faster than zarr's integer selection), its draws selected
+        (`select_draws`) and shaped on its own, so one raw chunk is held at a time. `shaped` maps
+        (n, C, H, W) to (n, ...) (e.g. pooling; default: as selected); with draws="all" it is
+        applied to every draw, giving (n, K, ...). `advance(n)` (a progress bar's) is called with
+        each chunk's row count. Rows are not checked further: pass usable rows (`numpy` checks
+        them). StoreError for a draw the run does not hold, before anything is read."""
         arr = self.array(t, block)  # an unknown (t, block) fails here, as a StoreError
         index = np.asarray(rows, dtype=np.int64)
-        example = shaped(np.zeros((1, *arr.shape[1:]), dtype=arr.dtype))
+        k = self.noise_draws
+
+        def selected(raw: np.ndarray) -> np.ndarray:
+            x = select_draws(raw, k, draws)
+            if draws != "all":
+                return shaped(x)
+            flat = shaped(x.reshape(-1, *x.shape[2:]))
+            return flat.reshape(len(x), x.shape[1], *flat.shape[1:])
+
+        example = selected(np.zeros((1, *arr.shape[1:]), dtype=arr.dtype))
         out = np.empty((len(index), *example.shape[1:]), dtype=example.dtype)
         chunk_of = index // self.chunk_rows
         for c in np.unique(chunk_of):
             at = np.flatnonzero(chunk_of == c)
-            out[at] = shaped(self.read_chunk(t, block, int(c))[index[at] - c * self.chunk_rows])
+            out[at] = selected(self.read_chunk(t, block, int(c))[index[at] - c * self.chunk_rows])
             if advance is not None:
                 advance(len(at))
         return out
@@ -826,18 +886,24 @@ class Run:
         return usable[splits[usable] == split]
 
     def split(self, split: str, *, t: int | None, block: str, pool: int | None = None,
-              allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+              allow_incomplete: bool = False, draws: str | int = "mean") -> tuple[np.ndarray, np.ndarray]:
         """(X, y) of one split's usable images, for fitting with numpy or scikit-learn: X float32
         (n, C*h*w), the features of (t, block) adaptive-average-pooled to pool x pool
         (`featurestore.pooling.pooled`; None: the full h x w map; maps already that small are
         kept), flattened per image; y int64 (n,) labels. Row i of both is run row
-        `split_rows(split)[i]`. Raises StoreError as `split_rows` and `read_chunk`, and for an
-        unknown t or block; ValueError for pool < 1."""
+        `split_rows(split)[i]`. `draws` as `select_draws` (pooled after the mean); "all" gives
+        every draw its own row: X (n*K, D) and y (n*K,), the K draws of an image in consecutive
+        rows, draw order. Raises StoreError as `split_rows` and `read_chunk`, for an unknown t or
+        block and a draw the run lacks; ValueError for pool < 1."""
         self.array(t, block)  # an unknown (t, block) fails before anything is read
         rows = self.split_rows(split, allow_incomplete)
-        return self.read_rows(t, block, rows, lambda x: pooled(x, pool)), self.labels[rows]
+        x = self.read_rows(t, block, rows, lambda x: pooled(x, pool), draws=draws)
+        if draws == "all":
+            return x.reshape(-1, x.shape[-1]), np.repeat(self.labels[rows], x.shape[1])
+        return x, self.labels[rows]
 
-    def to_xarray(self, t: int | None | Sequence[int | None] = None, *, block: str, allow_incomplete: bool = False):
+    def to_xarray(self, t: int | None | Sequence[int | None] = None, *, block: str, allow_incomplete: bool = False,
+                  draws: str | int = "mean"):
         """Features of `block` as a lazy xarray.DataArray (dask, one dask block per store chunk,
         read through `read_chunk` when computed) of the stored dtype, over the usable images
         (extracted, not failed; pending ones refused unless `allow_incomplete`).
@@ -847,8 +913,9 @@ class Run:
         "image": coordinate `image` (the run row, as `numpy` takes it), `store_row` and every
         images-table column (`dataset`, `id`, `label`, `class_name`, `split`, `domain`,
         `source`); scalar coordinates `block` and (one timestep that is not None) `timestep`.
-        Values equal `run.numpy(t, block, run.usable_rows())`. Raises StoreError for an unknown
-        t or block, IncompleteRunError as `usable_rows`."""
+        `draws` as `numpy` (`select_draws`); "all" adds a "draw" dimension after "image".
+        Values equal `run.numpy(t, block, run.usable_rows(), draws)`. Raises StoreError for an
+        unknown t or block or draw, IncompleteRunError as `usable_rows`."""
         import dask.array as da
         import xarray as xr
 
@@ -860,6 +927,10 @@ class Run:
             self.array(step, block)  # refuses an unknown t or block
         rows = self.usable_rows(allow_incomplete)
         parts = [self.dask(step, block)[rows] for step in ts]
+        parts = [p.map_blocks(select_draws, self.noise_draws, draws, dtype=select_draws(
+            np.zeros((0, *p.shape[1:]), p.dtype), self.noise_draws, draws).dtype,
+            drop_axis=[] if draws == "all" or self.noise_draws == 1 else [1],
+            new_axis=[1] if draws == "all" and self.noise_draws == 1 else None) for p in parts]
         table = self.images.take(rows)
         coords: dict[str, Any] = {"image": ("image", rows), "store_row": ("image", table.store_row),
                                   **{c: ("image", getattr(table, c)) for c in IMAGE_COLUMNS}, "block": block}
@@ -868,7 +939,8 @@ class Run:
         elif ts[0] is not None:
             coords["timestep"] = ts[0]
         return xr.DataArray(da.stack(parts) if several else parts[0],
-                            dims=(("timestep",) if several else ()) + ("image", "channel", "y", "x"),
+                            dims=(("timestep",) if several else ()) + ("image",)
+                            + (("draw",) if draws == "all" else ()) + ("channel", "y", "x"),
                             coords=coords, name=block, attrs={"run_id": self.run_id, "store": self.store.url})
 
     def status_text(self) -> str:

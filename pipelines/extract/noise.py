@@ -3,7 +3,8 @@ deterministic DDIM inversion, or the clean input.
 
 The eps of an image depends only on (seed, image id, t, draw) -- never on batch order, batch size,
 worker count or device -- so every run of a spec writes bit-identical arrays. Draw 0 is the one
-noise of a plain run; draws 1.. are further independent draws (`--ensemble K` averages draws 0..K-1).
+noise of a plain run; draws 1.. are further independent draws (`--ensemble K` averages draws 0..K-1,
+`--noise-draws K` stores each of them).
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class ArrayPlan:
     codec and as the warm-up measured them after it."""
 
     key: str  # "t<T>/<block>"
-    shape: list[int]  # (C, H, W)
+    shape: list[int]  # (C, H, W); (K, C, H, W) for K > 1 noise draws per image
     dtype: str
     raw_bytes_per_image: int
     stored_bytes_per_image: float
@@ -172,7 +172,7 @@ class Plan:
         lines = [f"dry run, nothing written: {self.backbone} on {self.dataset}, {self.images:,} images"
                  + (f" ({self.images_to_extract:,} still to extract)" if self.images_to_extract < self.images else "")
                  + f", chunks of {self.chunk_rows} rows",
-                 f"{'array':<16} {'C x H x W':<16} {'dtype':<8} {'raw/image':>11} {'stored/image':>13}"]
+                 f"{'array':<16} {'[K x] C x H x W':<16} {'dtype':<8} {'raw/image':>11} {'stored/image':>13}"]
         for a in self.arrays:
             lines.append(f"{a.key:<16} {' x '.join(map(str, a.shape)):<16} {a.dtype:<8} "
                          f"{human_bytes(a.raw_bytes_per_image):>11} {human_bytes(a.stored_bytes_per_image):>13}")

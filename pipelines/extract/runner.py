@@ -71,6 +71,7 @@ class ExtractConfig:
     seed: int = 0
     noise: str = "ddpm"
     ensemble: int = 1  # store the mean of every block over this many q_sample noise draws
+    noise_draws: int = 1  # store this many q_sample noise draws of every block, along a "draw" axis
     ddim_steps: int = 50
     guidance_scale: float = 1.0
     prompt: str = "null"
@@ -170,9 +171,12 @@ def _extract(job: Job) -> ExtractResult:
     if cfg.ensemble > 1:
         provenance["ensemble"] = {"draws": cfg.ensemble, "noise_draws": list(range(cfg.ensemble)),
                                   "reduction": "float32 mean of each captured block (after --pool) over the draws"}
+    if cfg.noise_draws > 1:
+        provenance["noise_draws"] = {"draws": cfg.noise_draws, "axis": "draw (second axis of every array)",
+                                     "stream": "image_eps(seed, image id, t, shape, draw) for draw 0..K-1"}
     run = store.create_run(
         run_spec(job, caption_key), arrays=job.shapes, timesteps=job.timesteps, rows=rows,
-        chunk_rows=cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype), dtype=cfg.dtype,
+        chunk_rows=cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype, cfg.noise_draws), dtype=cfg.dtype,
         provenance=provenance,
     )
     if cfg.retry_failed:
@@ -253,6 +257,7 @@ def run_spec(job: Job, caption_key: str | None) -> dict:
         # that lossless runs keep the ids they had before the codec could be chosen
         **({} if cfg.codec == "zstd" else {"codec": cfg.codec}),
         **({} if cfg.ensemble == 1 else {"ensemble": cfg.ensemble}),  # likewise (SPEC_DEFAULTS: 1)
+        **({} if cfg.noise_draws == 1 else {"noise_draws": cfg.noise_draws}),  # likewise (SPEC_DEFAULTS: 1)
     }
 
 
@@ -295,9 +300,10 @@ def resolve_pool(pool: dict[str, int], blocks: list[str]) -> dict[str, int]:
     return {b: pool.get(b, pool.get("*")) for b in blocks if b in pool or "*" in pool}
 
 
-def default_chunk_rows(shapes: dict[str, tuple[int, int, int]], dtype: str) -> int:
-    """Rows per chunk: a power of two that keeps the largest array's chunk near 16 MiB."""
-    per_image = max(int(np.prod(s)) for s in shapes.values()) * np.dtype(dtype).itemsize
+def default_chunk_rows(shapes: dict[str, tuple[int, int, int]], dtype: str, draws: int = 1) -> int:
+    """Rows per chunk: a power of two that keeps the largest array's chunk (`draws` maps per row)
+    near 16 MiB."""
+    per_image = max(int(np.prod(s)) for s in shapes.values()) * np.dtype(dtype).itemsize * draws
     rows = max(1, min(MAX_CHUNK_ROWS, CHUNK_TARGET_BYTES // per_image))
     return 1 << (rows.bit_length() - 1)
 
@@ -344,7 +350,8 @@ def check_free_space(job: Job) -> None:
     if free is None:
         return
     todo = images_to_extract(job)
-    raw = sum(int(np.prod(s)) for s in job.shapes.values()) * np.dtype(cfg.dtype).itemsize * len(job.timesteps)
+    raw = (sum(int(np.prod(s)) for s in job.shapes.values()) * np.dtype(cfg.dtype).itemsize * len(job.timesteps)
+           * cfg.noise_draws)
     if todo * raw * RAW_MARGIN <= free:
         return
     measured = plan(job)
@@ -375,7 +382,7 @@ def plan(job: Job) -> Plan:
     extract. Raises ValueError when no warm-up image could be read."""
     cfg = job.cfg
     rows = sample_rows(len(job.manifest), cfg.warmup_images)
-    chunk_rows = cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype)
+    chunk_rows = cfg.chunk_rows or default_chunk_rows(job.shapes, cfg.dtype, cfg.noise_draws)
     with tempfile.TemporaryDirectory(prefix="featurestore-warmup-") as tmp:
         warm_cfg = replace(cfg, store=str(Path(tmp) / "warmup.zarr"), chunk_rows=chunk_rows, workers=None,
                            scheduler=None, retry_failed=False)
@@ -398,7 +405,7 @@ def plan(job: Job) -> Plan:
         arrays = []
         for (t, b), key in keys.items():
             dtype = run.array(t, b).dtype
-            shape = list(job.shapes[b])
+            shape = [*([cfg.noise_draws] if cfg.noise_draws > 1 else []), *job.shapes[b]]  # per image
             arrays.append(ArrayPlan(key, shape, str(dtype), int(np.prod(shape)) * dtype.itemsize, measured[key] / ok))
     warm = Warmup(len(rows), len(result.failed), result.seconds)
     free, where = free_space(cfg.store)
@@ -472,7 +479,8 @@ def compute_chunk(
     zero; and per (t, block) the inf/NaN values the model computed (counted on the device before
     the cast to the stored dtype, over the rows computed).
     One prepare per batch (its time added to seconds["prepare"]), then one forward per (batch, t)
-    and noise draw. With --ensemble K, K forwards one after the other (the memory of one) whose
+    and noise draw. With --noise-draws K, draw d of every block goes to [:, d] of (n, K, C, H, W)
+    arrays. With --ensemble K, K forwards one after the other (the memory of one) whose
     blocks are summed in float32 and divided by K (DIFT's ensemble, Tang et al. 2023,
     src/models/dift_sd.py: the mean over independent noise draws of the same image); inf/NaN of
     any draw carries into that mean, so it is counted there."""
@@ -481,12 +489,14 @@ def compute_chunk(
     prompts = job.prompts[rows] if job.prompts is not None else None
     ok = np.flatnonzero(~chunk.failed)
     shapes = job.shapes
-    out = {(t, b): np.zeros((len(ids), *shapes[b]), dtype=cfg.dtype) for t in job.timesteps for b in job.blocks}
+    per_row = (cfg.noise_draws,) if cfg.noise_draws > 1 else ()
+    out = {(t, b): np.zeros((len(ids), *per_row, *shapes[b]), dtype=cfg.dtype)
+           for t in job.timesteps for b in job.blocks}
     nonfinite: dict[tuple[int | None, str], torch.Tensor] = {}  # device scalars, read once at the end
     device = torch.device(cfg.device)
     for start in range(0, len(ok), cfg.batch_size):
         batch = ok[start : start + cfg.batch_size]
-        copies: list[tuple[tuple[int | None, str], torch.Tensor]] = []
+        copies: list[tuple[tuple[int | None, str], tuple, torch.Tensor]] = []  # (t, block), where in out, values
         with torch.inference_mode(), autocast(device, cfg.autocast):
             tic = time.perf_counter()
             pixels = torch.from_numpy(chunk.pixels[batch]).to(device)
@@ -496,19 +506,23 @@ def compute_chunk(
             for t, draws in model_inputs(job, prepared, [ids[i] for i in batch]):
                 t_batch = None if t is None else torch.full((len(batch),), t, device=device, dtype=torch.long)
                 sums: dict[str, torch.Tensor] = {}
-                for x_t in draws:
+                for d, x_t in enumerate(draws):
                     for block, h in backbone.forward_blocks(x_t, t_batch, job.blocks, prepared.cond).items():
                         if block in job.pool:
                             h = F.adaptive_avg_pool2d(h, job.pool[block])  # on the device, before the copy
-                        sums[block] = h.float() if block not in sums else sums[block] + h.float()
+                        if per_row:  # stored draw by draw
+                            nonfinite[(t, block)] = nonfinite.get((t, block), 0) + h.numel() - torch.isfinite(h).sum()
+                            copies.append(((t, block), (batch, d), to_host(h.to(DTYPES[cfg.dtype]))))
+                        else:
+                            sums[block] = h.float() if block not in sums else sums[block] + h.float()
                 for block, total in sums.items():
                     h = total / len(draws)  # exact for one draw: the block as computed
                     nonfinite[(t, block)] = nonfinite.get((t, block), 0) + h.numel() - torch.isfinite(h).sum()
-                    copies.append(((t, block), to_host(h.to(DTYPES[cfg.dtype]))))
+                    copies.append(((t, block), (batch,), to_host(h.to(DTYPES[cfg.dtype]))))
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the copies ran while later forwards did
-        for key, host in copies:
-            out[key][batch] = host.numpy()
+        for key, where, host in copies:
+            out[key][where] = host.numpy()
         on_batch(len(batch))
     return out, {key: int(count) for key, count in nonfinite.items()}
 
@@ -532,7 +546,7 @@ def autocast(device: torch.device, precision: str):
 
 def model_inputs(job: Job, prepared, ids: list[str]):
     """(t, model inputs) for every timestep of the job: the backbone's `add_noise` of each noise draw
-    0..ensemble-1, or the one DDIM inversion or clean input."""
+    0..K-1 (K: --ensemble or --noise-draws), or the one DDIM inversion or clean input."""
     cfg, backbone = job.cfg, job.backbone
     if backbone.timestep_free:
         yield None, [prepared.x0]
@@ -547,7 +561,7 @@ def model_inputs(job: Job, prepared, ids: list[str]):
             yield t, [prepared.x0]
         else:
             yield t, [backbone.add_noise(prepared.x0, batch_eps(ids, t, cfg.seed, prepared.x0.shape[1:], draw), t)
-                      for draw in range(cfg.ensemble)]
+                      for draw in range(max(cfg.ensemble, cfg.noise_draws))]
 
 
 def guided_eps(backbone: Backbone, cond: torch.Tensor | None, scale: float):
@@ -681,6 +695,15 @@ def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource)
         what = f"{backbone.name} takes no noise" if backbone.timestep_free else f"--noise {cfg.noise} is deterministic"
         raise ValueError(f"--ensemble averages random noise draws, but {what}: every draw would be the same; "
                          "drop --ensemble")
+    if cfg.noise_draws < 1:
+        raise ValueError(f"--noise-draws must be at least 1, not {cfg.noise_draws}")
+    if cfg.noise_draws > 1 and cfg.ensemble > 1:
+        raise ValueError("--noise-draws stores every draw and --ensemble their mean: give one of them (the mean of "
+                         "--noise-draws K is read with --draws mean)")
+    if cfg.noise_draws > 1 and (backbone.timestep_free or cfg.noise != "ddpm"):
+        what = f"{backbone.name} takes no noise" if backbone.timestep_free else f"--noise {cfg.noise} is deterministic"
+        raise ValueError(f"--noise-draws stores random noise draws, but {what}: every draw would be the same; "
+                         "drop --noise-draws")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
     feature_codec(cfg.codec, cfg.dtype)  # ValueError for an unknown codec or a K out of range
