@@ -171,8 +171,8 @@ def create_backbone(
     _import_backbones()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    if weights is not None and str(weights) not in (RANDOM, META):
-        weights = Path(weights)
+    if weights is not None:  # the CLI passes Path("meta") for --weights meta
+        weights = str(weights) if str(weights) in (RANDOM, META) else Path(weights)
     backbone = _REGISTRY[name].factory(weights=weights, config=config, device=device)
     backbone.module.eval().requires_grad_(False)
     return backbone

@@ -121,15 +121,16 @@ def local_model_folder(weights: str | Path | None, hub_ids: Sequence[str], marke
     wanted = str(weights) if weights is not None else " or ".join(hub_ids)
     raise WeightsError(
         f"{wanted} is neither a model folder nor in the local Hugging Face cache (nothing is downloaded here). "
-        f"Pass --weights FOLDER pointing at a model folder, or fill the cache first (e.g. `hf download {hub_ids[0]}`)."
+        f"Pass --weights FOLDER pointing at a model folder, or fill the cache first (e.g. `hf download {(hub_ids or [wanted])[0]}`)."
     )
 
 
 def folder_digest(folder: Path, subfolders: Sequence[str] | None = None) -> str:
     """sha256 over the sorted (relative path, file digest) of the weights (*.safetensors, *.bin),
-    configs and tokenizer files (*.json, *.txt) under `subfolders` of `folder` (default: all)."""
+    configs and tokenizer files (*.json, *.txt) under `subfolders` of `folder` (default: all); an
+    entry of `subfolders` may also name one file (e.g. model_index.json)."""
     roots = [folder / s for s in subfolders] if subfolders is not None else [folder]
-    files = sorted(p for root in roots for p in root.rglob("*")
+    files = sorted(p for root in roots for p in ([root] if root.is_file() else root.rglob("*"))
                    if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt"))
     h = hashlib.sha256()
     for path in files:
