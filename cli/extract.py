@@ -28,7 +28,9 @@ def extract(
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images of the manifest.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward (does not change the values).")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the per-(image, t) noise.")] = 0,
-    prompt: Annotated[str, typer.Option(help="null|blip|classnames|fixed:TEXT|file:PATH (conditional backbones).")] = "null",
+    prompt: Annotated[str, typer.Option(
+        help="null|blip|classnames|fixed:TEXT|file:PATH|tags[:TEMPLATE]|tags:FILE (conditional backbones; tags: the "
+             "classes in each image's mask, or predicted tags from a CSV of id,tags).")] = "null",
     noise: Annotated[str, typer.Option(help="ddpm (q_sample), ddim-inversion, or none (the clean input at t).")] = "ddpm",
     ensemble: Annotated[int, typer.Option(
         help="Store the mean of every block over K noise draws (--noise ddpm; K forwards per t; part of the run spec).")] = 1,
@@ -41,6 +43,8 @@ def extract(
     caption_max_tokens: Annotated[int, typer.Option(help="Longest BLIP caption, in tokens.")] = 30,
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     pool: Annotated[Optional[str], typer.Option(help="Adaptive average pool: SIZE for all, or BLOCK=SIZE,...")] = None,
+    resize: Annotated[str, typer.Option(
+        help="How images reach the square input: crop (short side, centre crop) or squash (both sides, DIFT's).")] = "crop",
     dtype: Annotated[str, typer.Option(help="Stored precision: float16 or float32.")] = "float16",
     codec: Annotated[str, typer.Option(
         help="How features are stored (part of the run spec): zstd (lossless), bitround:K (K mantissa bits "
@@ -71,7 +75,7 @@ def extract(
         blocks=parse_blocks(blocks), attention_maps=attention_maps, limit=limit, batch_size=batch_size,
         seed=seed, noise=noise, ensemble=ensemble, noise_draws=noise_draws, ddim_steps=ddim_steps,
         guidance_scale=guidance_scale, prompt=prompt,
-        captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), dtype=dtype, codec=codec,
+        captioner=captioner, caption_max_tokens=caption_max_tokens, pool=parse_pool(pool), resize=resize, dtype=dtype, codec=codec,
         device=device, autocast=autocast, chunk_rows=chunk_rows, workers=workers, scheduler=scheduler,
         progress=not json_out and sys.stderr.isatty(), retry_failed=retry_failed, allow_mismatch=allow_mismatch,
         ignore_free_space=ignore_free_space, warmup_images=warmup_images,

@@ -43,8 +43,8 @@ from pipelines.extract.plan import (
     sample_rows,
     stored_bytes,
 )
-from pipelines.extract.prompts import PromptSource, parse_prompt, prompts_for
-from pipelines.extract.reader import Chunk, read_chunk
+from pipelines.extract.prompts import PromptSource, image_tags, parse_prompt, prompts_for
+from pipelines.extract.reader import RESIZES, Chunk, read_chunk, write_manifest_targets
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 AUTOCAST = ("none", "bf16", "fp16")
@@ -78,6 +78,7 @@ class ExtractConfig:
     captioner: str | None = None  # BLIP folder or hub id (local cache) for --prompt blip
     caption_max_tokens: int = 30
     pool: dict[str, int] = field(default_factory=dict)  # block -> output size; "*" for every block
+    resize: str = "crop"  # crop | squash: how images reach the square input (reader.geometry_of)
     dtype: str = "float16"
     codec: str = "zstd"  # zstd (lossless), bitround:K or int8 (featurestore.store.feature_codec)
     device: str = "cpu"
@@ -158,6 +159,7 @@ def _extract(job: Job) -> ExtractResult:
         "id": manifest.ids, "label": manifest.labels, "class_name": manifest.class_names,
         "split": manifest.splits, "domain": manifest.domains, "source": manifest.sources,
     })
+    write_manifest_targets(store, manifest, rows, job.backbone.input.size, cfg.resize, cfg.progress)
     caption_key = ensure_captions(store, job, rows) if job.prompt.kind == "blip" else None
     job.prompts = job_prompts(job, store, rows, caption_key)
     provenance = {
@@ -257,6 +259,7 @@ def run_spec(job: Job, caption_key: str | None) -> dict:
         # that lossless runs keep the ids they had before the codec could be chosen
         **({} if cfg.codec == "zstd" else {"codec": cfg.codec}),
         **({} if cfg.ensemble == 1 else {"ensemble": cfg.ensemble}),  # likewise (SPEC_DEFAULTS: 1)
+        **({} if cfg.resize == "crop" else {"resize": cfg.resize}),  # likewise: crop runs keep their ids
         **({} if cfg.noise_draws == 1 else {"noise_draws": cfg.noise_draws}),  # likewise (SPEC_DEFAULTS: 1)
     }
 
@@ -456,7 +459,8 @@ def job_prompts(job: Job, store: FeatureStore, rows: np.ndarray, caption_key: st
         if not done[rows].all():
             raise ValueError(f"captions {caption_key} are missing for {int((~done[rows]).sum())} images of this run")
         captions = text[rows].tolist()
-    return prompts_for(job.prompt, job.manifest.ids, job.manifest.class_names, captions)
+    tags = image_tags(job.prompt, job.manifest) if job.prompt.kind == "tags" else None
+    return prompts_for(job.prompt, job.manifest.ids, job.manifest.class_names, captions, tags)
 
 
 def prompt_provenance(backbone: Backbone, prompts: list[str]) -> dict[str, int]:
@@ -617,7 +621,7 @@ def run_chunks(job: Job, run: WritableRun, todo: Sequence[int],
         if not claims.take(c, wait=wait_for_claims):
             return None  # another process extracting this spec has it, or has written it
         s = run.chunk_slice(c)
-        return read_chunk(job.manifest, range(s.start, s.stop), job.backbone.input, decoders)
+        return read_chunk(job.manifest, range(s.start, s.stop), job.backbone.input, decoders, job.cfg.resize)
 
     with (run.claims() as claims, ThreadPoolExecutor(4) as decoders, ThreadPoolExecutor(1) as reader,
           ThreadPoolExecutor(1) as writer, progress):
@@ -707,6 +711,8 @@ def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
     feature_codec(cfg.codec, cfg.dtype)  # ValueError for an unknown codec or a K out of range
+    if cfg.resize not in RESIZES:
+        raise ValueError(f"--resize must be one of {', '.join(RESIZES)}, not {cfg.resize!r}")
     if prompt.kind != "null" and not backbone.conditional:
         raise ValueError(f"{backbone.name} is unconditional: it takes no prompt (use --prompt null)")
     if cfg.batch_size < 1:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
 
+import pipelines.extract.runner as runner
+from cli.main import app
+from data_manifests.manifest import Manifest
 from featurestore.store import FeatureStore, StoreError
 from featurestore.targets import RowTargets, describe_targets, run_targets, write_pairs, write_targets
+from pipelines.extract.runner import ExtractConfig, extract
 
 S = 4
 MASK_INFO = {"mask": {"decode": "png-index", "classes": ["background", "digit"], "ignore_index": 255}}
@@ -125,3 +134,68 @@ def test_keypoints_boxes_and_pairs(tmp_path):
     assert write_pairs(store, "toy", [(rows[0], rows[1], "cat", "test")]) == 0  # already there
     assert write_pairs(store, "other", [(rows[0], rows[1], "cat", "test")]) == 1  # another dataset's: not this run's
     assert run_targets(run).pairs() == [(0, 1, "cat", "test"), (3, 0, "dog", "test")]
+
+
+# -- through `extract` ---------------------------------------------------------------------------
+
+def toy_manifest(root, n=4, w=40, h=30, broken=()):
+    """Grey w x h images with VOC-style index masks (classes 0..2, 255 on a border), a bbox
+    inline, and one pair; rows in `broken` name a mask file that does not exist."""
+    rng = np.random.default_rng(0)
+    masks = {}
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), mode="L").save(root / f"im{i}.png")
+        mask = rng.integers(0, 3, (h, w), dtype=np.uint8)
+        mask[0] = 255
+        masks[i] = mask
+        Image.fromarray(mask, mode="L").save(root / f"m{i}.png")
+    ids = tuple(f"im{i}.png" for i in range(n))
+    manifest = Manifest(
+        name="toy-seg", root=root, classes=("a",), ids=ids, sources=ids, labels=(0,) * n, splits=("test",) * n,
+        domains=("photo",) * n,
+        targets={"mask": tuple("missing.png" if i in broken else f"m{i}.png" for i in range(n)),
+                 "bbox": tuple(f"inline:[{i}, 1, {i + 20}, 25]" for i in range(n))},
+        target_info={"mask": {"decode": "voc-palette", "classes": ["bg", "x", "y"], "ignore_index": 255},
+                     "bbox": {"decode": None}},
+        pairs=(("im0.png", "im2.png", "x", "test"),),
+    )
+    return manifest, masks
+
+
+def test_extract_stores_the_masks_at_the_images_geometry(tmp_path, monkeypatch):
+    manifest, masks = toy_manifest(tmp_path, broken=(1,))
+    monkeypatch.setattr(runner, "_load_manifest", lambda cfg: manifest)
+    store = tmp_path / "s.zarr"
+    cfg = ExtractConfig(store=str(store), backbone="ddpm-mnist", manifest=tmp_path / "unused.csv", timesteps=[10],
+                        blocks=["block0"], progress=False, chunk_rows=2)
+    result = extract(cfg)
+    assert result.failed == {}  # a target that cannot be read fails the targets, not the image
+    run = FeatureStore.open(str(store)).run(result.run_id)
+    assert "resize" not in run.spec  # crop, the default, leaves the spec (and old run ids) as they were
+    tg = run_targets(run)
+    assert tg.key == "crop-28" and tg.usable_rows().tolist() == [0, 2, 3]
+    assert "missing.png" in tg.errors["im1.png"]
+    # 40 x 30 to 28: 37 x 28 (round(40 * 28 / 30)), crop from x = (37 - 28) // 2 = 4; each input
+    # pixel centre traced back to the original pixel that holds it
+    cols = np.floor((np.arange(28) + 0.5 + 4) * 40 / 37).astype(int)
+    rows = np.floor((np.arange(28) + 0.5) * 30 / 28).astype(int)
+    for got, k in zip(tg.masks(np.array([3, 0])), [3, 0]):
+        assert np.array_equal(got, masks[k][np.ix_(rows, cols)])
+    assert np.allclose(tg.geometry(np.array([0])), [[37 / 40, -4, 28 / 30, 0]])
+    assert tg.image_size(np.array([2])).tolist() == [[40, 30]]
+    assert tg.bbox(np.array([2])).tolist() == [[2, 1, 22, 25]]
+    assert tg.pairs() == [(0, 2, "x", "test")]
+
+    squash = extract(replace(cfg, resize="squash"))
+    run = FeatureStore.open(str(store)).run(squash.run_id)
+    assert run.spec["resize"] == "squash" and squash.run_id != result.run_id
+    tg = run_targets(run)
+    assert tg.key == "squash-28"
+    cols = np.floor((np.arange(28) + 0.5) * 40 / 28).astype(int)
+    assert np.array_equal(tg.masks(np.array([2]))[0], masks[2][np.ix_(rows, cols)])
+
+    doc = CliRunner().invoke(app, ["inspect", str(store), "--json"])
+    listed = {a["path"]: a for a in json.loads(doc.stdout)["targets"]}
+    assert listed["targets/crop-28/mask"]["shape"] == [4, 28, 28] and listed["targets/crop-28/mask"]["dtype"] == "uint8"
+    assert listed["targets/squash-28/geometry"]["shape"] == [4, 4] and listed["targets/bbox"]["shape"] == [4, 4]
+
