@@ -192,3 +192,4 @@ EMBEDDED_ROOTS = {"demo": DEMO_DIR}
 import data_manifests.zs_sbir  # noqa: E402,F401  (registers sketch_photo and quickdraw_photos in BUILDERS)
 import data_manifests.coop  # noqa: E402,F401  (registers coop_split, coop_fgvc_aircraft and coop_imagenet in BUILDERS)
 import data_manifests.dense  # noqa: E402,F401  (registers the dense-prediction builders: voc2012, ade20k, cityscapes, ...)
+import data_manifests.pairs  # noqa: E402,F401  (registers the image-pair builders: spair, pf_willow, pf_pascal, cub_parts, warps)

@@ -15,6 +15,11 @@ Image files are decoded to mode "L" (grey sources) or "RGB" by these rules:
 - transparency (LA, RGBA, PA, P or RGB with a transparent colour) is put on white; "1" is 0/255;
   CMYK and other colour modes use Pillow's conversion to RGB;
 - an image over Pillow's MAX_IMAGE_PIXELS (its decompression-bomb limit, ~89M pixels) fails.
+
+An image file may take one fragment, a known warp: `photo/dog/x.jpg#warp=rot:R,scale:S,tx:X,ty:Y,flip:F`
+is x.jpg warped by `warp_matrix` (R degrees, S, X and Y pixels, F 0 or 1; all five, in this order,
+as `warp_fragment` writes them), the same size as x.jpg, bilinear, black outside the source
+(`warp_image`). Points map through it exactly with `warp_points`.
 """
 
 from __future__ import annotations
@@ -121,8 +126,12 @@ def load_image(path: Path, fragment: str | None) -> Image.Image:
     path = Path(path)
     kind = _kind(path)
     if kind == "image":
+        if fragment is not None and fragment.startswith(WARP_PREFIX):
+            image = _open_image_file(path)
+            return warp_image(image, parse_warp(fragment, f"{path}#{fragment}"))
         if fragment is not None:
-            raise ValueError(f"{path}#{fragment}: an image file takes no '#fragment'")
+            raise ValueError(f"{path}#{fragment}: an image file takes no '#fragment' but "
+                             f"'#{WARP_PREFIX}{','.join(f'{k}:...' for k in WARP_KEYS)}'")
         return _open_image_file(path)
     if fragment is None:
         raise ValueError(f"{path}: a {kind} file holds many images; name one with '#<index>'")
@@ -224,3 +233,64 @@ def rasterise_strokes(strokes: list) -> Image.Image:
         elif xy:
             draw.line(xy, fill=0, width=SKETCH_LINE_WIDTH, joint="curve")
     return image
+
+
+# -- known warps ------------------------------------------------------------------------------------
+WARP_PREFIX = "warp="
+WARP_KEYS = ("rot", "scale", "tx", "ty", "flip")
+
+
+def warp_fragment(rot: float, scale: float, tx: float, ty: float, flip: bool) -> str:
+    """The fragment naming a warp, `warp=rot:R,scale:S,tx:X,ty:Y,flip:F`, its numbers written with
+    repr (so `parse_warp` reads back exactly these floats)."""
+    return WARP_PREFIX + f"rot:{float(rot)!r},scale:{float(scale)!r},tx:{float(tx)!r},ty:{float(ty)!r},flip:{int(flip)}"
+
+
+def parse_warp(fragment: str, where: str) -> dict[str, float]:
+    """{"rot", "scale", "tx", "ty", "flip"} of a warp fragment; ValueError naming `where` when a key
+    is missing, unknown, out of order or not a finite number, the scale is not positive or flip is
+    not 0 or 1."""
+    items = [item.partition(":") for item in fragment.removeprefix(WARP_PREFIX).split(",")]
+    if tuple(key for key, _, _ in items) != WARP_KEYS:
+        raise ValueError(f"{where}: a warp is '{WARP_PREFIX}" + ",".join(f"{k}:..." for k in WARP_KEYS) + "' "
+                         "with all five keys in this order")
+    try:
+        params = {key: float(value) for key, _, value in items}
+    except ValueError:
+        raise ValueError(f"{where}: warp values must be numbers") from None
+    if not all(np.isfinite(list(params.values()))) or params["scale"] <= 0 or params["flip"] not in (0, 1):
+        raise ValueError(f"{where}: a warp needs finite numbers, scale > 0 and flip 0 or 1")
+    return params
+
+
+def warp_matrix(params: dict[str, float], w: int, h: int) -> np.ndarray:
+    """(2, 3) float64 affine map A of a w x h image's continuous pixel coordinates (the centre of
+    the top-left pixel at (0.5, 0.5)) onto the warped image's: p' = A[:, :2] @ p + A[:, 2] with
+
+        p' = c + (tx, ty) + scale * R(rot) @ M @ (p - c),  c = (w / 2, h / 2)
+
+    M mirrors x about the vertical centre line when flip is 1 (the flip comes first: content on the
+    left ends up on the right, and a keypoint moves with the content under it); R(rot) turns by rot
+    degrees counter-clockwise as seen on screen (y points down): [[cos, sin], [-sin, cos]]."""
+    angle = np.deg2rad(params["rot"])
+    # rounded to 1e-12 so that quarter turns are exact (cos 90 degrees is 6e-17 in floating point)
+    rotate = np.round(np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]]), 12)
+    linear = params["scale"] * rotate @ np.diag([-1.0 if params["flip"] else 1.0, 1.0])
+    centre = np.array([w / 2, h / 2])
+    shift = centre + np.array([params["tx"], params["ty"]]) - linear @ centre
+    return np.column_stack([linear, shift])
+
+
+def warp_points(points: np.ndarray, params: dict[str, float], w: int, h: int) -> np.ndarray:
+    """(n, 2) float64: original points (n, 2) of a w x h image mapped by `warp_matrix`."""
+    a = warp_matrix(params, w, h)
+    return np.asarray(points, dtype=np.float64) @ a[:, :2].T + a[:, 2]
+
+
+def warp_image(image: Image.Image, params: dict[str, float]) -> Image.Image:
+    """The image warped by `warp_matrix`, same size and mode, bilinear, black (0) outside the source.
+    Pillow's AFFINE transform takes the inverse map and samples in the same continuous coordinates."""
+    a = warp_matrix(params, *image.size)
+    inverse = np.linalg.inv(np.vstack([a, [0.0, 0.0, 1.0]]))[:2]
+    return image.transform(image.size, Image.Transform.AFFINE, tuple(inverse.ravel()),
+                           resample=Image.Resampling.BILINEAR, fillcolor=0)
