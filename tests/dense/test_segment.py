@@ -1,0 +1,151 @@
+"""`featurestore segment` and `depth` end to end on a tiny store, re-scored independently."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+from pipelines.dense.heads import load_dense_head
+from pipelines.dense.runner import prediction_file
+
+FAST = ["--epochs", "12", "--lr", "0.05", "--batch-size", "8", "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def independent_miou(truth: np.ndarray, pred: np.ndarray, k: int) -> tuple[float, list]:
+    keep = truth != 255
+    ious = []
+    for c in range(k):
+        t, p = (truth == c) & keep, (pred == c) & keep
+        union = (t | p).sum()
+        ious.append((t & p).sum() / union if union else None)
+    return float(np.mean([v for v in ious if v is not None])), ious
+
+
+def test_segment_saves_predictions_that_rescore_to_the_reported_miou(toy, tmp_path, one_torch_thread):
+    path, run, data = toy
+    result = invoke("segment", path, "--block", "fine", "--timestep", "0", *FAST, "--out", tmp_path / "r",
+                    "--save-predictions", tmp_path / "pred", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (head,) = doc["heads"]
+    assert head["miou"] > 0.8, head  # the classes are the largest of three channels
+    test = [i for i in range(len(data["ids"])) if i % 2 == 0]
+    with open(tmp_path / "pred" / "index.csv") as f:
+        index = {row["id"]: row["file"] for row in csv.DictReader(f)}
+    assert sorted(index) == sorted(data["ids"][i] for i in test)
+    pred = np.stack([np.asarray(Image.open(tmp_path / "pred" / index[data["ids"][i]])) for i in test])
+    truth = data["masks"][test]
+    assert pred.dtype == np.uint8 and pred.shape == truth.shape
+    assert np.array_equal(pred == 255, truth == 255)  # 255 exactly where the ground truth is ignored
+    miou, ious = independent_miou(truth, pred, 3)
+    assert head["miou"] == pytest.approx(miou)
+    assert [head["per_class_iou"][c] for c in doc["classes"]] == pytest.approx(ious)
+    assert head["pixel_accuracy"] == pytest.approx((pred == truth)[truth != 255].mean())
+    assert "left out" in head["variant"]["miou"]
+    saved = json.loads((tmp_path / "r" / doc["out"].rsplit("/", 1)[1] / "results.json").read_text())
+    assert saved == doc
+    again = invoke("segment", path, "--block", "fine", "--timestep", "0", *FAST, "--out", tmp_path / "r", "--json")
+    assert json.loads(again.stdout)["heads"][0]["miou"] == head["miou"]  # deterministic
+    other = invoke("segment", path, "--block", "fine", "--timestep", "0", *FAST, "--seed", "1", "--out",
+                   tmp_path / "r", "--json")
+    assert other.exit_code == 0 and len(list((tmp_path / "r").glob("segment-*"))) == 2  # never overwritten
+
+
+def test_grid_trains_one_head_per_block_and_hypercolumn_fuses_them(toy, tmp_path, one_torch_thread):
+    path, _, _ = toy
+    doc = json.loads(invoke("segment", path, "--blocks", "fine,coarse", "--timesteps", "0", "--grid", *FAST,
+                            "--out", tmp_path, "--json").stdout)
+    assert [h["name"] for h in doc["heads"]] == ["linear_t0_fine", "linear_t0_coarse"]
+    fine, coarse = (h["miou"] for h in doc["heads"])
+    assert fine > 0.8 and coarse < 0.5  # the coarse block is noise
+    fused = json.loads(invoke("segment", path, "--block", "fine", "--block", "coarse", "--timestep", "0", "--head",
+                              "hypercolumn", *FAST, "--out", tmp_path, "--json").stdout)
+    assert [h["keys"] for h in fused["heads"]] == [[[0, "fine"], [0, "coarse"]]]
+    text = invoke("segment", path, "--block", "fine", "--timestep", "0", "--head", "uhead", "--block", "coarse",
+                  "--width", "8", "--epochs", "1", "--quiet", "--out", tmp_path)
+    assert text.exit_code == 0 and text.stdout.startswith("uhead_t0_fine+coarse: mIoU "), text.output
+
+
+def test_depth_metrics_equal_an_independent_computation_from_the_saved_head(toy, tmp_path, one_torch_thread):
+    path, _, data = toy
+    result = invoke("depth", path, "--block", "fine", "--timestep", "0", "--epochs", "20", "--lr", "0.05",
+                    "--batch-size", "2", "--quiet", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (head,) = doc["heads"]
+    model = load_dense_head(tmp_path / doc["out"].rsplit("/", 1)[1] / head["weights"])
+    test = np.arange(0, len(data["ids"]), 2)
+    with torch.no_grad():
+        pred = model({(0, "fine"): torch.from_numpy(data["fine"][test])})[:, 0].numpy().astype(np.float64)
+    g = data["depth"][test].astype(np.float64)
+    keep = (g > 1e-3) & (g < 10)
+    d, g = np.clip(pred[keep], 1e-3, 10), g[keep]
+    assert head["abs_rel"] == pytest.approx(np.mean(np.abs(d - g) / g), rel=1e-5)
+    assert head["rmse"] == pytest.approx(np.sqrt(np.mean((d - g) ** 2)), rel=1e-5)
+    assert head["delta1"] == pytest.approx(np.mean(np.maximum(d / g, g / d) < 1.25))
+    constant = np.median(data["depth"][1::2][data["depth"][1::2] > 0])  # the train images' median depth
+    assert head["abs_rel"] < 0.8 * np.mean(np.abs(constant - g) / g)  # it learned something
+    assert doc["depth_info"]["max_depth"] == 10.0
+    assert "Eigen" in head["variant"] and head["max_depth"] == 10.0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--head", "linear", "--blocks", "fine,coarse"], "reads one (timestep, block)"),
+    (["--head", "conv"], "unknown dense head 'conv'"),
+    (["--block", "nope"], "no block 'nope'"),
+    (["--grid", "--blocks", "fine,coarse", "--save-predictions", "P"], "one segmentation head: this grid has 2"),
+    (["--unseen", "ring"], "needs both --text-embeddings and --unseen"),
+    (["--epochs", "0"], "--epochs and --batch-size must be positive"),
+])
+def test_bad_options_give_one_line(toy, tmp_path, args, message):
+    path, _, _ = toy
+    base = ["--block", "fine", "--timestep", "0"]
+    result = invoke("segment", path, *base, *[a.replace("P", str(tmp_path / "p")) for a in args], "--out", tmp_path,
+                    "--quiet")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert message in result.output
+
+
+def test_a_run_without_targets_is_refused_in_one_line(tmp_path, build_dense_store):
+    from featurestore.store import FeatureStore
+
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), mode="a")
+    rows = store.add_images("plain", {"id": ["a", "b"], "label": [0, 1], "class_name": ["x", "y"],
+                                      "split": ["train", "test"], "domain": ["x", "x"], "source": ["a", "b"]})
+    run = store.create_run({"dataset": "plain"}, arrays={"m": (2, 2, 2)}, timesteps=[0], rows=rows, chunk_rows=2,
+                           dtype="float32", provenance={"backbone": {"input": {"size": 2}}})
+    run.write_chunk(0, {(0, "m"): np.zeros((2, 2, 2, 2), np.float32)}, np.zeros(2, bool), ["", ""])
+    result = invoke("segment", tmp_path / "s.zarr", "--block", "m", "--timestep", "0", "--out", tmp_path)
+    assert result.exit_code == 1 and "has no targets" in result.output and result.output.count("\n") == 1
+
+
+def test_prediction_file_names_are_safe_and_distinct():
+    assert prediction_file("img_01.v2-a") == "img_01.v2-a.png"
+    odd = ["a/b#1", "a_b_1", "a#b/1", ".hidden", "../up"]
+    names = [prediction_file(i) for i in odd]
+    assert len(set(names)) == len(names) and all("/" not in n and "#" not in n and not n.startswith(".") for n in names)
+    assert names[0].startswith("a_b_1-") and names[1] == "a_b_1.png"
+
+
+def test_ids_with_slashes_and_hashes_get_their_files(tmp_path, build_dense_store, one_torch_thread):
+    ids = [f"dir/{i}.png#{i % 3}" for i in range(16)]
+    build_dense_store(tmp_path / "s.zarr", n=16, ids=ids)
+    result = invoke("segment", tmp_path / "s.zarr", "--block", "fine", "--timestep", "0", "--epochs", "1", "--quiet",
+                    "--out", tmp_path / "r", "--save-predictions", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "p" / "index.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ids[::2]
+    assert all((tmp_path / "p" / r["file"]).is_file() and r["file"] == prediction_file(r["id"]) for r in rows)
+    again = invoke("segment", tmp_path / "s.zarr", "--block", "fine", "--timestep", "0", "--epochs", "1", "--quiet",
+                   "--out", tmp_path / "r", "--save-predictions", tmp_path / "p")
+    assert again.exit_code == 1 and "is not empty" in again.output
