@@ -230,15 +230,17 @@ class Manifest:
                 raise ManifestError(f"{where}: pair {k} names unknown id(s) {', '.join(map(repr, absent))}")
 
     def outside_root(self) -> list[str]:
-        """Ids whose file, once symbolic links are resolved, is not under the resolved root: a link
-        inside the root that points out of it is refused like a '..' path."""
+        """Ids whose file (the image's or a target's), once symbolic links are resolved, is not under
+        the resolved root: a link inside the root that points out of it is refused like a '..' path."""
         inside: dict[str, bool] = {}
         result = []
-        for id_, source in zip(self.ids, self.sources):
-            file = source.split("#", 1)[0]
-            if file not in inside:
-                inside[file] = (self.root / file).resolve().is_relative_to(self.root)
-            if not inside[file]:
+        columns = list(self.targets.values())
+        for i, (id_, source) in enumerate(zip(self.ids, self.sources)):
+            files = [source] + [v[i] for v in columns if v[i] and not v[i].startswith(INLINE)]
+            for file in (f.split("#", 1)[0] for f in files):
+                if file not in inside:
+                    inside[file] = (self.root / file).resolve().is_relative_to(self.root)
+            if not all(inside[f.split("#", 1)[0]] for f in files):
                 result.append(id_)
         return result
 

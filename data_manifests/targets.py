@@ -92,7 +92,7 @@ def load_target(manifest: Manifest, column: str, i: int) -> np.ndarray | None:
                                 f"known: {', '.join(sorted(DECODERS))}")
         try:
             value = decode(path, fragment or None)
-        except (OSError, ValueError, IndexError, KeyError) as e:
+        except (OSError, ValueError, IndexError, KeyError, SyntaxError, Image.DecompressionBombError) as e:
             message = " ".join(str(e).split())
             raise ManifestError(f"{where}: cannot read the {column}: {message}") from e
     _check(value, column, info, where)

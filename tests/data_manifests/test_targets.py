@@ -233,3 +233,20 @@ def test_register_decoder_adds_a_decoder_and_refuses_a_taken_name(tmp_path):
             register_decoder("test-ones")(ones)
     finally:
         del DECODERS["test-ones"]
+
+
+def test_a_target_file_linked_outside_the_root_marks_its_row(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir(), outside.mkdir()
+    save_index_png(outside / "m.png", np.zeros((2, 2)))
+    (root / "linked.png").symlink_to(outside / "m.png")
+    m = manifest(root, targets={"mask": ("", "linked.png", "inline-free.png")}, target_info={"mask": MASK_INFO})
+    assert m.outside_root() == ["img1.png"]
+
+
+def test_a_corrupt_label_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "m.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    m = masked(tmp_path, "voc-palette", ("m.png",), ["a", "b"])
+    with pytest.raises(ManifestError) as e:
+        load_target(m, "mask", 0)
+    assert str(e.value).startswith(f"{tmp_path / 'm.png'}: cannot read the mask") and "\n" not in str(e.value)
