@@ -21,11 +21,13 @@ class _StopForward(Exception):
 
 @contextmanager
 def capture(
-    model: nn.Module, modules: Mapping[str, str], stop_after: str | None = None
+    model: nn.Module, modules: Mapping[str, str], stop_after: str | None = None,
+    element: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield a dict that fills with `name -> detached output` of `model.get_submodule(path)` for
     every `name: path` in `modules`. A module returning a tuple (diffusers down blocks return
-    (hidden_states, residuals)) is recorded as its first element. With `stop_after`, the forward
+    (hidden_states, residuals)) is recorded as its first element, or as element `element[name]`
+    (joint-attention blocks return (text tokens, image tokens)). With `stop_after`, the forward
     ends right after that module runs and the rest of the with-block is skipped."""
     if stop_after is not None and stop_after not in modules:
         raise ValueError(f"stop_after={stop_after!r} is not one of the captured modules {list(modules)}")
@@ -34,7 +36,7 @@ def capture(
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
-            outputs[name] = (output[0] if isinstance(output, tuple) else output).detach()
+            outputs[name] = (output[(element or {}).get(name, 0)] if isinstance(output, tuple) else output).detach()
             if name == stop_after:
                 raise _StopForward
 
