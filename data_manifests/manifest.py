@@ -190,6 +190,10 @@ class Manifest:
             raise ManifestError(f"{where}: target_info must describe exactly the target columns "
                                 f"({', '.join(sorted(self.targets)) or 'none'}), it describes "
                                 f"{', '.join(sorted(self.target_info)) or 'none'}")
+        try:
+            json.dumps(self.target_info)
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: target_info must hold JSON values only (it is part of the digest): {e}") from None
         for column, sources in self.targets.items():
             at = f"{where}: target column {column!r}"
             if not isinstance(sources, tuple):

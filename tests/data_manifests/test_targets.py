@@ -81,6 +81,8 @@ def test_head_keeps_targets_and_the_pairs_of_surviving_images(tmp_path):
     ({"targets": {"bbox": ("b.json", "", "")}, "target_info": {"bbox": {"decode": None}}}, "gives no 'decode'"),
     ({"targets": {"depth": ("d.png", "", "")}, "target_info": {"depth": {"decode": "nyu-depth-mm", "unit": "mm"}}},
      "'unit' must be 'm'"),
+    ({"targets": {"mask": ("m0.png", "", "")}, "target_info": {"mask": {**MASK_INFO, "max": np.float32(1)}}},
+     "target_info must hold JSON values only"),
     ({"pairs": (("img0.png", "gone.png", "a", "test"),)}, "pair 0 names unknown id(s) 'gone.png'"),
     ({"pairs": (("img0.png", "img1.png"),)}, "expected (source id, target id, category, split)"),
 ])
