@@ -30,9 +30,10 @@ def inspect(
         ensemble = f"ensemble={run['ensemble']}  " if run["ensemble"] > 1 else ""
         draws = spec.get("noise_draws", 1)  # draws stored per (image, t) along the "draw" axis
         ensemble += f"noise_draws={draws}  " if draws > 1 else ""
+        resize = f"resize={spec['resize']}  " if "resize" in spec else ""  # absent: crop
         typer.echo(
             f"  {run['run_id']}  {spec['backbone']} on {spec['dataset']}  t={spec['timesteps']}  "
-            f"blocks={','.join(spec['blocks'])}  {spec.get('dtype', '')} {run['codec']}  {ensemble}"
+            f"blocks={','.join(spec['blocks'])}  {spec.get('dtype', '')} {run['codec']}  {ensemble}{resize}"
             f"done {run['done']}/{run['images']}, "
             f"failed {run['failed']}, pending {run['pending']}"
         )
@@ -42,3 +43,7 @@ def inspect(
             typer.echo(f"    non-finite values stored (reading refused): {', '.join(bad)}")
     for run_id, error in doc["broken_runs"].items():
         typer.echo(f"  {run_id}  broken: {error}")
+    if "targets" in doc:
+        typer.echo("targets:")
+    for array in doc.get("targets", []):
+        typer.echo(f"  {array['path']}  {' x '.join(map(str, array['shape']))}  {array['dtype']}")

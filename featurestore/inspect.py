@@ -13,7 +13,8 @@ FAILED_IDS_SHOWN = 50
 def inspect_store(url: str) -> dict[str, Any]:
     """Per run: run_id, spec, (timestep, block) -> array path, shape and non-finite counts, image
     counts. Runs whose metadata cannot be read are listed under `broken_runs` with the error.
-    `targets`: every target array of the store (featurestore/targets.py) with path, shape, dtype."""
+    `targets` (only in a store that has targets): every target array (featurestore/targets.py) with
+    path, shape and dtype."""
     store = FeatureStore.open(url, mode="r")
     runs = []
     broken = store.broken_runs()
@@ -27,7 +28,7 @@ def inspect_store(url: str) -> dict[str, Any]:
         "format_version": store.group.attrs["format_version"],
         "images": len(store.images),
         "runs": runs,
-        "targets": describe_targets(store),
+        **({"targets": targets} if (targets := describe_targets(store)) else {}),  # absent: the store has none
         "incomplete_runs": store.incomplete_run_ids(),  # killed while being created; rebuilt by a re-run
         "broken_runs": broken,  # run id -> error (corrupt metadata); `featurestore verify` checks the rest
     }

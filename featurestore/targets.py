@@ -401,5 +401,6 @@ def describe_targets(store: FeatureStore) -> list[dict[str, Any]]:
     out = []
     for path, node in sorted(root.members(max_depth=None), key=lambda m: m[0]):
         if isinstance(node, zarr.Array):
-            out.append({"path": f"{TARGETS}/{path}", "shape": list(node.shape), "dtype": str(node.dtype)})
+            dtype = "str" if node.dtype.kind in "TUO" else str(node.dtype)  # zarr's strings read as StringDType
+            out.append({"path": f"{TARGETS}/{path}", "shape": list(node.shape), "dtype": dtype})
     return out
