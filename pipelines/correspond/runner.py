@@ -1,0 +1,236 @@
+"""`featurestore correspond` on a store: the run's image pairs, keypoints, boxes and geometry from its
+targets (featurestore/targets.py), every (t, block) of a grid matched in one pass over the pairs,
+PCK per map (pipelines/correspond/compute.py for the protocol).
+
+A pair is scored on its keypoints visible in both images whose source point lies inside the
+backbone input (a point cropped off by `resize=crop` has no feature; they are counted, never
+scored). Pairs with an image whose features or targets are missing or failed are left out and
+counted; so are pairs without a common visible keypoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurestore.store import FeatureStore, StoreError, timestep_key
+from featurestore.targets import run_targets
+from pipelines.analysis import results_path, run_images, write_json
+from pipelines.correspond.compute import (
+    ALPHAS, AVERAGES, CORRECT, THRESHOLDS, Matches, inside_input, match_soft_argmax, match_upsampled, pck,
+    sample_features
+)
+from pipelines.heads.logistic import resolve_run
+from pipelines.progress import bar
+
+UPSAMPLES = {
+    "input": "DIFT: the target map bilinearly upsampled (align_corners=False) onto the target's original pixel "
+             "grid through the reader's geometry (nn.Upsample to the image size for --resize squash), cosine "
+             "with every pixel inside the input, the best pixel's centre",
+    "feature": "cosine with every cell of the target map at feature resolution, soft-argmax (softmax(cos / T) "
+               "over the cells within R of the best cell) of the cell centres, mapped back to original pixels",
+}
+MATCHES_COLUMNS = ("pair", "category", "kp", "src_x", "src_y", "true_x", "true_y", "pred_x", "pred_y",
+                   "bbox_w", "bbox_h", "img_w", "img_h")
+PAIRS_PER_READ = 256  # pairs whose features are read at a time (one map each)
+
+
+@dataclass
+class MapPck:
+    timestep: int | None
+    block: str
+    pck: dict  # compute.pck: overall and per category, per threshold and average, per alpha
+
+
+@dataclass
+class CorrespondResult:
+    run_id: str
+    dataset: str
+    geometry: str  # the targets' geometry key, e.g. "squash-768"
+    upsample: str
+    method: str  # UPSAMPLES[upsample], with R and T for "feature"
+    alphas: list[float]
+    pairs: dict[str, int]  # listed, scored, and why the others were left out
+    points: dict[str, int]  # scored, outside the source input
+    maps: list[MapPck]
+    runs: dict[str, dict[str, int]]
+    settings: dict[str, Any]
+    variants: dict[str, Any] = field(default_factory=lambda: {
+        "thresholds": THRESHOLDS, "averages": AVERAGES, "correct": CORRECT})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Pairs:
+    """The scored pairs: run positions, categories, and per pair its scored keypoint indices."""
+
+    index: list[int]  # position in the run's pair list
+    source: np.ndarray
+    target: np.ndarray
+    category: list[str]
+    kps: list[np.ndarray]
+
+
+def correspond_run(
+    store: FeatureStore, run_id: str | None, timesteps: Sequence[int | None] | None, blocks: Sequence[str] | None,
+    upsample: str = "input", soft_radius: int | None = None, soft_temperature: float | None = None,
+    alphas: Sequence[float] = ALPHAS, split: str | None = None, allow_incomplete: bool = False,
+) -> tuple[CorrespondResult, dict[tuple[int | None, str], Matches]]:
+    """PCK of every (t, block) of `timesteps` x `blocks` (None: all of the run) over the run's pairs
+    (of `split` when given), and the matches of each map. `soft_radius` (cells, default 1) and
+    `soft_temperature` (default 0.05) are for upsample="feature" only.
+
+    Raises ValueError (StoreError included) in one line for an unknown upsample, soft options with
+    upsample="input", a run without keypoint targets or pairs, an unknown t or block, or no pair left."""
+    if upsample not in UPSAMPLES:
+        raise ValueError(f"--upsample must be one of {', '.join(UPSAMPLES)}, got {upsample!r}")
+    if upsample == "input" and (soft_radius is not None or soft_temperature is not None):
+        raise ValueError("--soft-radius and --soft-temperature refine --upsample feature only; "
+                         "--upsample input takes the best pixel")
+    radius = 1 if soft_radius is None else soft_radius
+    temperature = 0.05 if soft_temperature is None else soft_temperature
+    if not alphas or min(alphas) <= 0:
+        raise ValueError(f"--alpha takes positive numbers, got {list(alphas)}")
+    run = resolve_run(store, run_id)
+    timesteps = list(run.timesteps) if timesteps is None else list(timesteps)
+    blocks = list(run.blocks) if blocks is None else list(blocks)
+    for t in timesteps:
+        if t not in run.timesteps:
+            raise StoreError(f"run {run.run_id} has no timestep {t!r}; timesteps: {run.timesteps}")
+    for b in blocks:
+        if b not in run.blocks:
+            raise StoreError(f"run {run.run_id} has no block {b!r}; blocks: {', '.join(run.blocks)}")
+    targets = run_targets(run)
+    listed = [p for p in targets.pairs() if split is None or p[3] == split]
+    if not listed:
+        raise ValueError(f"run {run.run_id} ({run.spec.get('dataset')!r}) has no image pairs"
+                         + (f" of split {split!r}" if split is not None else "")
+                         + ": its manifest declares none (correspondence needs a pair dataset, e.g. warps-cifar10)")
+
+    usable = np.zeros(len(run), dtype=bool)
+    usable[np.intersect1d(run.usable_rows(allow_incomplete), targets.usable_rows())] = True
+    kept = [(k, p) for k, p in enumerate(listed) if usable[p[0]] and usable[p[1]]]
+    rows = np.unique([r for _, p in kept for r in p[:2]]).astype(np.int64)
+    at = {int(r): i for i, r in enumerate(rows)}
+    keypoints = targets.keypoints(rows) if len(rows) else np.zeros((0, 0, 3), np.float32)
+    geometry, image_size = targets.geometry(rows), targets.image_size(rows)
+    try:
+        boxes = targets.bbox(rows).astype(np.float64)
+    except StoreError:  # no boxes (or not for every image): the bbox threshold is undefined
+        boxes = np.full((len(rows), 4), np.nan)
+
+    chosen = _Pairs([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], [])
+    outside = without_points = 0
+    sources, targets_ = [], []
+    for k, (s, t, category, _) in kept:
+        ks, kt = keypoints[at[s]], keypoints[at[t]]
+        common = np.flatnonzero((ks[:, 2] == 1) & (kt[:, 2] == 1))
+        seen = inside_input(ks[common, :2], geometry[at[s]], targets.size)
+        outside += int((~seen).sum())
+        if not seen.any():
+            without_points += 1
+            continue
+        chosen.index.append(k)
+        sources.append(s)
+        targets_.append(t)
+        chosen.category.append(category)
+        chosen.kps.append(common[seen])
+    chosen.source, chosen.target = np.asarray(sources, np.int64), np.asarray(targets_, np.int64)
+    if not chosen.index:
+        raise ValueError(f"none of the {len(listed)} pairs can be scored: {len(listed) - len(kept)} have an image "
+                         f"without usable features or targets, {without_points} no common visible keypoint "
+                         "inside the input")
+
+    matches = {}
+    total = len(chosen.index) * len(timesteps) * len(blocks)
+    with bar("correspond", "pairs", total) as advance:
+        for t in timesteps:
+            for b in blocks:
+                advance(0, description=f"t={t} {b}")
+                matches[(t, b)] = _match_map(run, t, b, chosen, keypoints, geometry, image_size, boxes, at,
+                                             targets.size, upsample, radius, temperature, advance)
+    maps = [MapPck(t, b, pck(matches[(t, b)], alphas)) for t in timesteps for b in blocks]
+    method = UPSAMPLES[upsample] + (f" (R = {radius} cells, T = {temperature})" if upsample == "feature" else "")
+    settings = {"run_id": run.run_id, "timesteps": timesteps, "blocks": blocks, "upsample": upsample,
+                "soft_radius": radius if upsample == "feature" else None,
+                "soft_temperature": temperature if upsample == "feature" else None,
+                "alphas": list(alphas), "split": split, "allow_incomplete": allow_incomplete}
+    result = CorrespondResult(
+        run.run_id, str(run.spec.get("dataset")), targets.key, upsample, method, list(alphas),
+        pairs={"listed": len(listed), "scored": len(chosen.index), "image_unusable": len(listed) - len(kept),
+               "no_common_point": without_points},
+        points={"scored": int(sum(len(k) for k in chosen.kps)), "outside_source_input": outside},
+        maps=maps, runs=run_images([run]), settings=settings,
+    )
+    return result, matches
+
+
+def _match_map(run, t, block, chosen: _Pairs, keypoints, geometry, image_size, boxes, at, size, upsample,
+               radius, temperature, advance) -> Matches:
+    """The Matches of one (t, block) over the chosen pairs, features read PAIRS_PER_READ pairs at a time."""
+    out: dict[str, list] = {name: [] for name in ("pair", "category", "kp", "source", "true", "pred", "bbox_wh",
+                                                  "image_wh")}
+    for start in range(0, len(chosen.index), PAIRS_PER_READ):
+        batch = range(start, min(start + PAIRS_PER_READ, len(chosen.index)))
+        rows = np.unique(np.concatenate([chosen.source[batch], chosen.target[batch]]))
+        features = run.read_rows(t, block, rows, lambda x: x.astype(np.float32, copy=False))
+        local = {int(r): i for i, r in enumerate(rows)}
+        for j in batch:
+            s, g = at[int(chosen.source[j])], at[int(chosen.target[j])]
+            kps = chosen.kps[j]
+            src_points = keypoints[s][kps, :2].astype(np.float64)
+            queries = sample_features(features[local[int(chosen.source[j])]], src_points, geometry[s], size)
+            trg_map = features[local[int(chosen.target[j])]]
+            if upsample == "input":
+                pred = match_upsampled(queries, trg_map, geometry[g], image_size[g], size)
+            else:
+                pred = match_soft_argmax(queries, trg_map, geometry[g], size, radius, temperature)
+            n = len(kps)
+            out["pair"].append(np.full(n, chosen.index[j]))
+            out["category"].append(np.full(n, chosen.category[j], dtype=object))
+            out["kp"].append(kps)
+            out["source"].append(src_points)
+            out["true"].append(keypoints[g][kps, :2].astype(np.float64))
+            out["pred"].append(pred)
+            out["bbox_wh"].append(np.tile(boxes[g, 2:] - boxes[g, :2], (n, 1)))
+            out["image_wh"].append(np.tile(image_size[g].astype(np.float64), (n, 1)))
+            advance(1)
+    return Matches(**{name: np.concatenate(values) for name, values in out.items()})
+
+
+def save_matches(matches: Matches, path: str | Path) -> Path:
+    """One CSV row per scored source keypoint, columns MATCHES_COLUMNS (target keypoint, prediction,
+    target bbox and image size in original target pixels; bbox_w/bbox_h empty for a target without
+    a box). Refuses (ValueError) to overwrite an existing file."""
+    path = Path(path)
+    if path.exists():
+        raise ValueError(f"{path} exists; --save-matches never overwrites a file (remove it or name another)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def number(v: float) -> str:
+        return "" if math.isnan(v) else repr(float(v))
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(MATCHES_COLUMNS)
+        for i in range(len(matches)):
+            writer.writerow([int(matches.pair[i]), matches.category[i], int(matches.kp[i]),
+                             *(number(v) for v in (*matches.source[i], *matches.true[i], *matches.pred[i],
+                                                   *matches.bbox_wh[i], *matches.image_wh[i]))])
+    return path
+
+
+def save_correspond(result: CorrespondResult, folder: Path) -> Path:
+    """The result as `correspond-<run>-<maps>-<digest>.json` in `folder` (the digest covers every setting)."""
+    maps = result.maps
+    label = (f"{timestep_key(maps[0].timestep)}-{maps[0].block}" if len(maps) == 1 else f"{len(maps)}maps")
+    return write_json(result.to_dict(), results_path(folder, "correspond", result.settings,
+                                                     f"{result.run_id}-{label}"))

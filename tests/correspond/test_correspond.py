@@ -1,0 +1,233 @@
+"""`featurestore correspond` on stores: every map's PCK against an independent DIFT evaluation written
+here (torch's nn.Upsample to the original size, F.normalize, argmax, as eval_spair.py), PCK computed
+from the saved matches CSV by a separate implementation, one-line refusals, and an --ensemble run
+extracted from a warps set (the `#warp=` images go through the reader)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+import pipelines.extract.runner as runner
+from cli.main import app
+from data_manifests.pairs import warps
+from featurestore.store import FeatureStore
+from featurestore.targets import RowTargets, write_pairs, write_targets
+from pipelines.extract.runner import ExtractConfig, extract
+
+S = 16  # input size
+N = 10
+BLOCKS = {"a": (5, 4, 4), "b": (3, 8, 8)}
+TIMESTEPS = [10, 20]
+ALPHAS = ("0.05", "0.1", "0.15")
+PAIRS = [(0, 1, "cat"), (2, 3, "cat"), (4, 5, "dog"), (6, 7, "dog"), (8, 9, "dog"), (1, 0, "cat"), (3, 8, "dog")]
+
+
+def toy_data():
+    """Images of assorted sizes squashed to S x S, 6 keypoints each (some invisible), boxes, random maps."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(20, 60, (N, 2))
+    keypoints = np.zeros((N, 6, 3), np.float32)
+    for i, (w, h) in enumerate(sizes):
+        keypoints[i, :, 0] = rng.uniform(0, w, 6)
+        keypoints[i, :, 1] = rng.uniform(0, h, 6)
+        keypoints[i, :, 2] = rng.random(6) < 0.8
+    boxes = np.column_stack([sizes * 0.1, sizes * rng.uniform(0.5, 0.9, (N, 2))]).astype(np.float32)
+    features = {(t, b): rng.standard_normal((N, *shape)).astype(np.float32) for t in TIMESTEPS for b, shape in BLOCKS.items()}
+    return sizes, keypoints, boxes, features
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("correspond") / "s.zarr"
+    sizes, keypoints, boxes, features = toy_data()
+    store = FeatureStore.open(str(path), mode="a")
+    ids = [f"img{i}" for i in range(N)]
+    rows = store.add_images("toypairs", {"id": ids, "label": [0] * N, "class_name": ["x"] * N, "split": ["test"] * N,
+                                         "domain": ["photo"] * N, "source": ids})
+    run = store.create_run({"dataset": "toypairs", "name": "correspond", "resize": "squash"}, arrays=BLOCKS, timesteps=TIMESTEPS, rows=rows,
+                           chunk_rows=4, dtype="float32", provenance={"backbone": {"input": {"size": S}}})
+    for c in range(run.n_chunks):
+        s = run.chunk_slice(c)
+        run.write_chunk(c, {key: f[s] for key, f in features.items()}, np.zeros(s.stop - s.start, bool),
+                        [""] * (s.stop - s.start))
+    info = {"keypoints": {"names": None}, "bbox": {}}
+    write_targets(store, "toypairs", rows, resize="squash", size=S, info=info, load=lambda k: RowTargets(
+        tuple(sizes[k]), np.array([S / sizes[k][0], 0.0, S / sizes[k][1], 0.0]), keypoints=keypoints[k], bbox=boxes[k]))
+    write_pairs(store, "toypairs", [(rows[s], rows[t], c, "test") for s, t, c in PAIRS])
+    return str(path), {"sizes": sizes, "keypoints": keypoints, "boxes": boxes, "features": features}
+
+
+def dift_matches(data, t, block):
+    """Per pair: (category, [(kp, true xy, predicted xy)]) by DIFT's eval_spair.py steps, written
+    with torch: the maps upsampled to each image's (h, w), the source vector at the keypoint's
+    pixel (continuous coordinates: pixel = floor), target pixels normalised, argmax, pixel centre."""
+    out = []
+    for s, t_, category in PAIRS:
+        fs, ft = (torch.from_numpy(data["features"][(t, block)][i])[None] for i in (s, t_))
+        (ws, hs), (wt, ht) = data["sizes"][s], data["sizes"][t_]
+        up_s = F.interpolate(fs, size=(int(hs), int(ws)), mode="bilinear", align_corners=False)[0]
+        up_t = F.interpolate(ft, size=(int(ht), int(wt)), mode="bilinear", align_corners=False)[0]
+        trg = F.normalize(up_t.reshape(up_t.shape[0], -1), dim=0)
+        found = []
+        for k in range(6):
+            (xs, ys, vs), (xt, yt, vt) = data["keypoints"][s, k], data["keypoints"][t_, k]
+            if not (vs and vt):
+                continue
+            # the toy keypoints are not pixel centres: sample the source map bilinearly at the point instead
+            grid = torch.tensor([[[[xs / ws * 2 - 1, ys / hs * 2 - 1]]]], dtype=torch.float32)
+            vec = F.grid_sample(fs, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0, 0]
+            flat = int((F.normalize(vec, dim=0) @ trg).argmax())
+            found.append((k, (xt, yt), (flat % int(wt) + 0.5, flat // int(wt) + 0.5)))
+        out.append((category, found))
+    return out
+
+
+def pck_of(pairs, data_targets, alpha, threshold):
+    """(per image, per point, per category {cat: (per image, per point)}) from [(category, target
+    index, [(kp, true, pred)])] with sides from the target's bbox or image size."""
+    per_pair, per_cat, points = [], defaultdict(list), []
+    for category, side, found in ((c, s, f) for c, s, f in pairs):
+        correct = [np.hypot(p[0] - q[0], p[1] - q[1]) <= alpha * side for _, q, p in found]
+        per_pair.append(np.mean(correct))
+        per_cat[category].append(correct)
+        points += correct
+    cats = {c: (np.mean([np.mean(x) for x in v]), np.mean(sum(v, []))) for c, v in per_cat.items()}
+    return np.mean(per_pair), np.mean(points), cats
+
+
+def sides(data, target, threshold):
+    if threshold == "bbox":
+        x0, y0, x1, y1 = data["boxes"][target]
+        return max(x1 - x0, y1 - y0)
+    return max(data["sizes"][target])
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["correspond", *map(str, args)])
+
+
+def test_every_map_of_a_grid_is_difts_pck(toy, tmp_path):
+    path, data = toy
+    result = invoke(path, "--out", tmp_path, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [(m["timestep"], m["block"]) for m in doc["maps"]] == [(t, b) for t in TIMESTEPS for b in BLOCKS]
+    assert doc["geometry"] == "squash-16" and doc["upsample"] == "input" and "DIFT" in doc["method"]
+    assert set(doc["variants"]) == {"thresholds", "averages", "correct"}
+    assert doc["pairs"]["scored"] == len(PAIRS)
+    for m in doc["maps"]:
+        matched = dift_matches(data, m["timestep"], m["block"])
+        for threshold in ("bbox", "image"):
+            scored = [(c, sides(data, PAIRS[k][1], threshold), f) for k, (c, f) in enumerate(matched)]
+            for alpha in ALPHAS:
+                per_image, per_point, cats = pck_of(scored, data, float(alpha), threshold)
+                got = m["pck"]["overall"][threshold]
+                assert got["per_image"][alpha] == pytest.approx(per_image)
+                assert got["per_point"][alpha] == pytest.approx(per_point)
+                for c, (ci, cp) in cats.items():
+                    assert m["pck"]["per_category"][c][threshold]["per_image"][alpha] == pytest.approx(ci)
+                    assert m["pck"]["per_category"][c][threshold]["per_point"][alpha] == pytest.approx(cp)
+    values = [m["pck"]["overall"]["image"]["per_point"]["0.15"] for m in doc["maps"]]
+    assert 0 < max(values) and max(values) < 1  # not degenerate
+    saved = list(tmp_path.glob("correspond-*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["maps"] == doc["maps"]
+
+
+def test_pck_from_the_saved_matches_equals_the_commands(toy, tmp_path):
+    """An independent PCK from the CSV alone: per image = mean over pairs, per point = pooled."""
+    path, data = toy
+    matches = tmp_path / "m.csv"
+    result = invoke(path, "--block", "b", "--timestep", "20", "--save-matches", matches, "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)["maps"][0]["pck"]
+    with open(matches, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["pair", "category", "kp", "src_x", "src_y", "true_x", "true_y", "pred_x",
+                                     "pred_y", "bbox_w", "bbox_h", "img_w", "img_h"]
+        rows = list(reader)
+    for row in rows:  # the CSV holds the stored targets, in original target pixels
+        s, t, _ = PAIRS[int(row["pair"])]
+        assert float(row["true_x"]) == pytest.approx(data["keypoints"][t, int(row["kp"]), 0])
+        assert float(row["src_y"]) == pytest.approx(data["keypoints"][s, int(row["kp"]), 1])
+        assert float(row["img_w"]) == data["sizes"][t][0]
+    for threshold, (wcol, hcol) in (("bbox", ("bbox_w", "bbox_h")), ("image", ("img_w", "img_h"))):
+        for alpha in ALPHAS:
+            by_pair, by_cat, pooled = defaultdict(list), defaultdict(lambda: defaultdict(list)), []
+            for row in rows:
+                d = ((float(row["pred_x"]) - float(row["true_x"])) ** 2
+                     + (float(row["pred_y"]) - float(row["true_y"])) ** 2) ** 0.5
+                ok = d <= float(alpha) * max(float(row[wcol]), float(row[hcol]))
+                by_pair[row["pair"]].append(ok)
+                by_cat[row["category"]][row["pair"]].append(ok)
+                pooled.append(ok)
+            assert doc["overall"][threshold]["per_image"][alpha] == pytest.approx(
+                sum(sum(v) / len(v) for v in by_pair.values()) / len(by_pair))
+            assert doc["overall"][threshold]["per_point"][alpha] == pytest.approx(sum(pooled) / len(pooled))
+            for c, pairs in by_cat.items():
+                assert doc["per_category"][c][threshold]["per_image"][alpha] == pytest.approx(
+                    sum(sum(v) / len(v) for v in pairs.values()) / len(pairs))
+    again = invoke(path, "--block", "b", "--timestep", "20", "--save-matches", matches, "--out", tmp_path)
+    assert again.exit_code == 1 and "never overwrites" in again.output and again.output.count("\n") == 1
+
+
+def test_feature_resolution_soft_argmax_names_its_settings(toy, tmp_path):
+    path, _ = toy
+    result = invoke(path, "--block", "a", "--timesteps", "10", "--upsample", "feature", "--soft-radius", "2",
+                    "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert "R = 2 cells, T = 0.05" in doc["method"] and doc["settings"]["soft_radius"] == 2
+    # the input variant's results file is another file: settings are in the digest
+    assert invoke(path, "--block", "a", "--timesteps", "10", "--out", tmp_path).exit_code == 0
+    assert len(list(tmp_path.glob("correspond-*.json"))) == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--save-matches", "x.csv"], "--save-matches writes the matches of one map"),
+    (["--block", "a,b", "--timestep", "10", "--save-matches", "x.csv"], "one map"),
+    (["--soft-radius", "2"], "refine --upsample feature only"),
+    (["--upsample", "pixel"], "--upsample must be one of input, feature"),
+    (["--block", "zzz"], "has no block 'zzz'"),
+    (["--alpha", "0.1,x"], "--alpha takes numbers"),
+    (["--alpha", "0"], "--alpha takes positive numbers"),
+    (["--split", "train"], "no image pairs of split 'train'"),
+])
+def test_bad_options_are_refused_in_one_line(toy, tmp_path, args, message):
+    result = invoke(toy[0], *args, "--out", tmp_path)
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert message in result.output
+
+
+def test_an_ensemble_run_of_a_warps_set_through_extract(tmp_path, monkeypatch):
+    """Warped images are made by the image loader during extraction; the matches on the ensemble's
+    mean maps are scored like any other (and mean-of-2 maps differ from one draw)."""
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b"):
+        for i in range(2):
+            (tmp_path / "photos" / cls).mkdir(parents=True, exist_ok=True)
+            y, x = np.mgrid[0:28, 0:28]
+            Image.fromarray((127 + 100 * np.sin(x / 4 + rng.uniform(0, 6)) * np.cos(y / 5)).astype(np.uint8)).save(
+                tmp_path / "photos" / cls / f"{i}.png")
+    manifest = warps(tmp_path, "warps-toy", folder="photos", per_class=2, grid=3)
+    monkeypatch.setattr(runner, "_load_manifest", lambda cfg: manifest)
+    cfg = ExtractConfig(store=str(tmp_path / "s.zarr"), backbone="ddpm-mnist", manifest=tmp_path / "unused.csv",
+                        timesteps=[50], blocks=["block3"], progress=False, chunk_rows=4, ensemble=2)
+    run_id = extract(cfg).run_id
+    result = invoke(tmp_path / "s.zarr", "--run", run_id, "--json", "--out", tmp_path,
+                    "--save-matches", tmp_path / "m.csv", "--block", "block3", "--timestep", "50")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["pairs"]["scored"] == 4 and doc["geometry"] == "crop-28"
+    with open(tmp_path / "m.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == doc["points"]["scored"] and {r["category"] for r in rows} == {"a", "b"}
+    assert FeatureStore.open(str(tmp_path / "s.zarr")).run(run_id).spec["ensemble"] == 2
