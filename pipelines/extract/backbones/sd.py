@@ -419,6 +419,9 @@ def _load_folder(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, Any]:
 
     require_components(folder, COMPONENTS, "a Stable Diffusion")
     unet = load_pretrained(UNet2DConditionModel, folder / "unet", "UNet")
+    if unet.config.addition_embed_type is not None:
+        raise WeightsError(f"the UNet in {folder} takes added conditioning ({unet.config.addition_embed_type}): "
+                           "not an SD 1.x/2.x text-to-image UNet (use sdxl for SDXL)")
     vae = load_pretrained(AutoencoderKL, folder / "vae", "VAE")
     text_encoder = load_pretrained(CLIPTextModel, folder / "text_encoder", "text encoder")
     tokenizer = load_tokenizer(folder / "tokenizer")
@@ -428,9 +431,6 @@ def _load_folder(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, Any]:
         ("unet in_channels", unet.config.in_channels, "vae latent_channels", vae.config.latent_channels),
         *text_pairs("text_encoder", text_encoder, tokenizer),
     ])
-    if unet.config.addition_embed_type is not None:
-        raise WeightsError(f"the UNet in {folder} takes added conditioning ({unet.config.addition_embed_type}): "
-                           "not an SD 1.x/2.x text-to-image UNet (use sdxl for SDXL)")
     return unet, vae, text_encoder, tokenizer
 
 
