@@ -372,9 +372,46 @@ def render_other(data: ReportData, item: Loaded) -> Html:
                  figures(item.figures)])
 
 
+def render_dense(data: ReportData, item: Loaded) -> Html:
+    """A dense result: a row per head with its metrics, the metric per (t, block) as a table when
+    the heads read one map each, per-class IoU (segmentation), the heatmap and the examples."""
+    d = item.value
+    if d["task"] == "depth":
+        metrics = {"abs_rel": "AbsRel", "rmse": "RMSE", "log10": "log10", "delta1": "δ<1.25", "delta2": "δ<1.25²",
+                   "delta3": "δ<1.25³"}
+    elif d["task"] == "openvocab":
+        metrics = {"miou_seen": "mIoU seen", "miou_unseen": "mIoU unseen", "harmonic": "harmonic mean", "miou": "mIoU"}
+    else:
+        metrics = {"miou": "mIoU", "pixel_accuracy": "pixel accuracy"}
+    rows = [[h["name"], joined(f"t={label_t(t)} {b}" for t, b in h["keys"]), *(h[k] for k in metrics)]
+            for h in d["heads"]]
+    images = d["images"]
+    parts = [heading(data, item),
+             tag("p", f"{images['train']} train / {images['test']} test images; {d['training']}; "
+                      f"targets at {d['target_size']} x {d['target_size']}", class_="small"),
+             table(["head", "maps", *metrics.values()], rows, "test metrics")]
+    key = next(iter(metrics)) if d["task"] != "openvocab" else "harmonic"
+    single = {(h["keys"][0][0], h["keys"][0][1]): h[key] for h in d["heads"] if len(h["keys"]) == 1 and h[key] is not None}
+    if len(single) > 1:
+        parts.append(pivot(single, f"{metrics[key]} per (t, block)"))
+    first = d["heads"][0]
+    parts.append(tag("p", f"variant: {variant_of(first)}", class_="small"))
+    if d["task"] != "depth":
+        per_class = [[c, *(h["per_class_iou"].get(c) for h in d["heads"])] for c in d["classes"]]
+        parts.append(table(["class", *(h["name"] for h in d["heads"])], per_class,
+                           "per-class IoU (test; — where undefined: the class is in neither prediction nor "
+                           "ground truth, and left out of the mean)", grid=True))
+    return join([*parts, figures(item.figures)])
+
+
+def variant_of(head: Mapping[str, Any]) -> str:
+    variant = head.get("variant")
+    return "; ".join(f"{k}: {v}" for k, v in variant.items()) if isinstance(variant, dict) else str(variant)
+
+
 RENDERERS: dict[str, Callable[[ReportData, Loaded], Html]] = {
     "sweep": render_sweep, "cka": render_cka, "probe": render_probe, "heads": render_heads, "knn": render_knn,
-    "fewshot": render_fewshot, "retrieve": render_retrieve, "other": render_other,
+    "fewshot": render_fewshot, "retrieve": render_retrieve, "dense": render_dense, "other": render_other,
 }
 
 

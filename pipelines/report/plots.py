@@ -169,3 +169,36 @@ def png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
+
+
+def dense_examples_figure(title: str, ids: Sequence[str], truth: np.ndarray, predictions: Mapping[str, np.ndarray],
+                          ignore_index: int | None) -> Figure:
+    """A row per test image: its ground truth, then each head's prediction, side by side. Masks
+    (uint8 class indices, `ignore_index` set) share one categorical colour scale, ignored pixels
+    grey; depth maps (ignore_index None; 0 = invalid, grey) share one viridis scale in metres."""
+    columns = {"ground truth": truth, **predictions}
+    fig = Figure(figsize=(1.5 * len(columns) + 0.6, 1.5 * len(ids) + 0.8), dpi=DPI)
+    axes = fig.subplots(len(ids), len(columns), squeeze=False)
+    if ignore_index is not None:
+        valid = [m[m != ignore_index] for m in columns.values()]
+        lo, hi, cmap = 0, max([int(v.max()) for v in valid if v.size] + [1]), "tab20"
+    else:
+        finite = truth[truth > 0]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        cmap = "viridis"
+    for i, image_id in enumerate(ids):
+        for j, (name, maps) in enumerate(columns.items()):
+            ax = axes[i, j]
+            m = maps[i].astype(float)
+            hidden = m == ignore_index if ignore_index is not None else (truth[i] <= 0)
+            ax.set_facecolor(NA_COLOUR)
+            ax.imshow(np.ma.masked_where(hidden, m), vmin=lo, vmax=hi, cmap=cmap, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(str(image_id)[-18:], fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -31,7 +31,9 @@ from pipelines.analysis import results_dir
 from pipelines.analysis.cka import CkaResult
 from pipelines.analysis.sweep import SweepResult, SweepRow
 from pipelines.progress import bar
-from pipelines.report.plots import T_AXES, Curve, Panel, accuracy_figure, best_point, heatmap_figure, png
+from pipelines.report.plots import (
+    T_AXES, Curve, Panel, accuracy_figure, best_point, dense_examples_figure, heatmap_figure, png,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HEADLINE_KEYS = ("task", "run_id", "timestep", "block", "best_head", "top1", "top5", "train_top1")
@@ -117,6 +119,7 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "knn": ("kNN", "kNN", ("knn",)),
     "fewshot": ("Few-shot", "Few-shot", ("fewshot",)),
     "retrieval": ("Retrieval", "Retrieval", ("retrieve",)),
+    "dense": ("Dense prediction: segmentation and depth", "Dense", ("dense",)),
     "results": ("Other results", "Other results", ("other",)),
 }
 
@@ -240,6 +243,8 @@ def kind_of(doc: Mapping[str, Any]) -> str:
         return "cka"
     if doc.get("task") == "probe" and isinstance(doc.get("heads"), list):
         return "heads"
+    if doc.get("task") in DENSE_METRICS and isinstance(doc.get("heads"), list):
+        return "dense"
     if {"query", "gallery", "metrics"} <= keys:
         return "retrieve"
     if {"classifiers", "seeds", "std_ddof"} <= keys:
@@ -518,9 +523,50 @@ def parse_other(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     return Loaded(name, "other", doc, name, entry, pngs_of(path))
 
 
+# dense results (`featurestore segment` / `depth`): the metric each task's table and plot show, its label
+DENSE_METRICS = {"segment": ("miou", "mIoU (test)"), "openvocab": ("harmonic", "harmonic mean of seen and unseen mIoU"),
+                 "depth": ("abs_rel", "AbsRel (test, lower is better)")}
+
+
+def parse_dense(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
+    """A `segment`/`depth` results.json: its heads' metric per (t, block), and the figures: the
+    metric per (t, block) as a heatmap (single-map heads) and the examples.npz beside it (ground
+    truth and every head's prediction of the first test images)."""
+    key, label = DENSE_METRICS[doc["task"]]
+    for h in doc["heads"]:
+        numbers([v for v in (h[key],) if v is not None], f"{key} of head {h.get('name')}")
+    info = data.runs[doc["run_id"]]
+    config = doc["config"]
+    title = f"{doc['task']} ({', '.join(sorted({h['kind'] for h in doc['heads']}))}): {run_text(data, doc['run_id'])}"
+    scored = [h for h in doc["heads"] if h[key] is not None]
+    best = (min if doc["task"] == "depth" else max)(scored, key=lambda h: h[key]) if scored else None
+    which = f"{label} of the best head ({best['name']})" if best else f"{label}: undefined for every head"
+    entry = Entry(doc["task"], list(doc["runs"]), joined(map(label_t, config["timesteps"])), joined(config["blocks"]),
+                  settings_text(config, ["train"]), which, best[key] if best else None)
+    figures = []
+    single = {(h["keys"][0][0], h["keys"][0][1]): h[key] for h in doc["heads"] if len(h["keys"]) == 1}
+    if len(single) > 1:
+        timesteps = list(dict.fromkeys(t for t, _ in single))
+        blocks = list(dict.fromkeys(b for _, b in single))
+        matrix = [[single.get((t, b)) for b in blocks] for t in timesteps]
+        fig = heatmap_figure(f"{info.backbone} on {info.dataset}\n{label} per (t, block)",
+                             {key: matrix}, [f"t={label_t(t)}" for t in timesteps], blocks, label)
+        figures.append(Figure(f"{label} per (t, block)", png(fig)))
+    examples = path.parent / "examples.npz"
+    if examples.is_file():
+        with np.load(examples) as ex:
+            heads = [h["name"] for h in doc["heads"] if h["name"] in ex.files][:6]
+            fig = dense_examples_figure(f"{info.backbone} on {info.dataset}: ground truth and predictions (test)",
+                                        [str(i) for i in ex["ids"]], ex["truth"], {h: ex[h] for h in heads},
+                                        doc.get("ignore_index") if doc["task"] != "depth" else None)
+        figures.append(Figure("ground truth and predictions of the first test images", png(fig),
+                              "grey: ignored or invalid pixels"))
+    return Loaded(name, "dense", doc, title, entry, figures)
+
+
 PARSERS: dict[str, Callable[[str, Path, dict, ReportData], Loaded]] = {
     "sweep": parse_sweep, "cka": parse_cka, "probe": parse_probe, "heads": parse_heads, "knn": parse_knn,
-    "fewshot": parse_fewshot, "retrieve": parse_retrieve, "other": parse_other,
+    "fewshot": parse_fewshot, "retrieve": parse_retrieve, "dense": parse_dense, "other": parse_other,
 }
 
 
