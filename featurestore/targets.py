@@ -31,6 +31,7 @@ are decoded or transformed (pipelines/extract/reader.py does that).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ PAIR_COLUMNS = ("dataset", "source", "target", "category", "split")
 _TARGET_BYTES = 8 << 20  # an (S, S) array's zarr chunk holds about this many bytes
 _TABLE_CHUNK = 65536
 _WRITE_BATCH = 256  # rows decoded between two writes (and two takes of the store lock)
+_LOAD_THREADS = 4
 
 
 def geometry_key(resize: str, size: int) -> str:
@@ -79,15 +81,19 @@ def write_targets(
     info: Mapping[str, Mapping[str, Any]],
     load: Callable[[int], RowTargets],
     advance: Callable[[int], None] | None = None,
+    retry_failed: bool = False,
 ) -> int:
     """Write the targets of images-table rows `rows` (row k is manifest row k, read by `load(k)`)
-    at geometry (resize, size), skipping rows already done; returns how many rows were written.
+    at geometry (resize, size), skipping rows already done (and, unless `retry_failed`, rows that
+    failed before); returns how many rows were written.
 
     `info`: per target column the dataset has ("mask", "depth", "keypoints", "bbox"), its
     attributes (a manifest's `target_info`), of which the store records STORED_INFO: mask
-    {"classes", "ignore_index"}, depth {"unit", "max_depth", "eval_crop"}, keypoints {"names"}. An exception from `load(k)` fails that row only: its message is stored
-    and the row is marked failed (like an image that cannot be decoded). Decoding happens outside
-    the store lock, each batch of rows is written under it, `done` last.
+    {"classes", "ignore_index"}, depth {"unit", "max_depth", "eval_crop"}, keypoints {"names"}.
+    An exception from `load(k)` fails that row only: its message is stored and the row is marked
+    failed (like an image that cannot be decoded). `load` runs in _LOAD_THREADS threads (image
+    decoders release the GIL), outside the store lock; each batch of rows is written under it,
+    `done` last.
 
     Raises StoreError (one line, before anything is written) when the store's targets at this
     geometry record other mask classes, another ignore index or other depth conventions than
@@ -105,19 +111,27 @@ def write_targets(
     key = geometry_key(resize, size)
     with store.lock.held():
         group = _prepare(store, dataset, key, resize, size, info)
-        todo = np.flatnonzero(group["done"].get_coordinate_selection(rows) == 0) if len(rows) else rows
-    for start in range(0, len(todo), _WRITE_BATCH):
-        batch = todo[start : start + _WRITE_BATCH]
-        loaded: list[RowTargets | str] = []
-        for k in batch.tolist():
-            try:
-                loaded.append(load(k))
-            except Exception as exc:  # noqa: BLE001 - an unreadable target fails its row only
-                loaded.append(f"{type(exc).__name__}: {exc}")
-        with store.lock.held():
-            _write_batch(store, key, rows[batch], loaded, size)
-        if advance is not None:
-            advance(len(batch))
+        redo = np.zeros(len(rows), dtype=bool)
+        if len(rows):
+            redo = group["done"].get_coordinate_selection(rows) == 0
+            if retry_failed:
+                redo |= group["failed"].get_coordinate_selection(rows) == 1
+        todo = np.flatnonzero(redo)
+
+    def one(k: int) -> RowTargets | str:
+        try:
+            return load(k)
+        except Exception as exc:  # noqa: BLE001 - an unreadable target fails its row only
+            return f"{type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(_LOAD_THREADS) as pool:
+        for start in range(0, len(todo), _WRITE_BATCH):
+            batch = todo[start : start + _WRITE_BATCH]
+            loaded = list(pool.map(one, batch.tolist()))
+            with store.lock.held():
+                _write_batch(store, key, rows[batch], loaded, size)
+            if advance is not None:
+                advance(len(batch))
     return len(todo)
 
 
@@ -178,6 +192,9 @@ def _prepare(store: WritableStore, dataset: str, key: str, resize: str, size: in
         _grown(root, "keypoints", (n, 1, 3), "float32", np.nan, (_TABLE_CHUNK, 1, 3), ("store_row", "keypoint", "xyv"))
     if "bbox" in info:
         _grown(root, "bbox", (n, 4), "float32", np.nan, (_TABLE_CHUNK, 4), ("store_row", "xyxy"))
+    for _, array in [*group.arrays(), *((name, root[name]) for name in ("keypoints", "bbox") if name in root)]:
+        if array.shape[0] < n:  # written for another dataset: rows of this one get the fill (none)
+            array.resize((n, *array.shape[1:]))
     if "keypoints" in info and "keypoint_names" not in root.attrs:
         root.attrs["keypoint_names"] = names
     group.attrs.update({
@@ -366,10 +383,10 @@ class RunTargets:
         if failed:
             raise StoreError(f"targets of {failed} of the {len(index)} images asked for could not be read "
                              "(RunTargets.errors says why); read rows=usable_rows()")
-        store_rows = self._store_rows[index]
-        unique, inverse = np.unique(store_rows, return_inverse=True)
-        values = group[name].get_orthogonal_selection((unique,)) if len(unique) else \
-            np.zeros((0, *group[name].shape[1:]), dtype=group[name].dtype)
+        array = group[name]  # every target array reaches every done row (`_prepare` grows them together)
+        unique, inverse = np.unique(self._store_rows[index], return_inverse=True)
+        values = array.get_orthogonal_selection((unique,)) if len(unique) else \
+            np.zeros((0, *array.shape[1:]), dtype=array.dtype)
         return values[inverse]
 
 

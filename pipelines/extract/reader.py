@@ -14,6 +14,7 @@ does); masks and depth maps are brought to the input through the same map by `wa
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -158,24 +159,23 @@ def row_targets(manifest: Manifest, i: int, size: int, resize: str) -> RowTarget
 
 
 def write_manifest_targets(store: WritableStore, manifest: Manifest, rows: np.ndarray, size: int, resize: str,
-                           progress: bool = False) -> int:
+                           progress: bool = False, retry_failed: bool = False) -> int:
     """Store the targets of a manifest that declares target columns (`manifest.targets`) at the
     geometry (resize, size), for its images at images-table rows `rows`, skipping rows already
-    written (`featurestore.targets.write_targets`), and its image pairs (`manifest.pairs`).
-    Returns how many rows' targets were written; a row whose targets cannot be read is recorded
-    as failed. Nothing happens for a manifest without targets or pairs."""
+    written (`featurestore.targets.write_targets`; rows that failed are read again with
+    `retry_failed`), and its image pairs (`manifest.pairs`). Returns how many rows' targets were
+    written; a row whose targets cannot be read is recorded as failed. Nothing happens for a
+    manifest without targets or pairs."""
+    from pipelines.progress import bar
+
     written = 0
     if manifest.targets:
         info = {column: manifest.target_info.get(column, {}) for column in manifest.targets}
-        load = lambda k: row_targets(manifest, k, size, resize)  # noqa: E731
-        if progress:
-            from pipelines.progress import bar
-
-            with bar("extract", f"targets {geometry_key(resize, size)}", len(rows)) as advance:
-                written = write_targets(store, manifest.name, rows, resize=resize, size=size, info=info, load=load,
-                                        advance=advance)
-        else:
-            written = write_targets(store, manifest.name, rows, resize=resize, size=size, info=info, load=load)
+        with (bar("extract", f"targets {geometry_key(resize, size)}", len(rows)) if progress
+              else contextlib.nullcontext(None)) as advance:
+            written = write_targets(store, manifest.name, rows, resize=resize, size=size, info=info,
+                                    load=lambda k: row_targets(manifest, k, size, resize), advance=advance,
+                                    retry_failed=retry_failed)
     if manifest.pairs:
         row_of = dict(zip(manifest.ids, np.asarray(rows).tolist()))
         write_pairs(store, manifest.name, [(row_of[s], row_of[t], category, split)

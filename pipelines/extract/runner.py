@@ -159,7 +159,7 @@ def _extract(job: Job) -> ExtractResult:
         "id": manifest.ids, "label": manifest.labels, "class_name": manifest.class_names,
         "split": manifest.splits, "domain": manifest.domains, "source": manifest.sources,
     })
-    write_manifest_targets(store, manifest, rows, job.backbone.input.size, cfg.resize, cfg.progress)
+    write_manifest_targets(store, manifest, rows, job.backbone.input.size, cfg.resize, cfg.progress, cfg.retry_failed)
     caption_key = ensure_captions(store, job, rows) if job.prompt.kind == "blip" else None
     job.prompts = job_prompts(job, store, rows, caption_key)
     provenance = {

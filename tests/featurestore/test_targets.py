@@ -62,6 +62,13 @@ def test_masks_round_trip_once_per_geometry(tmp_path):
     assert tg.geometry(np.array([0])).tolist() == [[0.5, -1.0, 0.5, 0.0]]
     with pytest.raises(StoreError, match="could not be read"):
         tg.masks(np.array([3]))
+    # once the file is fixed, --retry-failed reads that row again (only it)
+    calls.clear()
+    fixed = lambda k: RowTargets((10 + k, 8), np.array([0.5, -1.0, 0.5, 0.0]), mask=mask_of(k))  # noqa: E731
+    assert write_targets(store, "toy", rows, resize="crop", size=S, info=MASK_INFO, load=fixed, retry_failed=True) == 1
+    tg = run_targets(run)
+    assert tg.usable_rows().tolist() == [0, 1, 2, 3, 4] and tg.errors == {}
+    assert np.array_equal(tg.masks(np.array([3]))[0], mask_of(3))
     with pytest.raises(StoreError, match="holds no depth targets"):
         tg.depth(np.array([0]))
     assert [a["path"] for a in describe_targets(store)] == [
@@ -130,6 +137,17 @@ def test_keypoints_boxes_and_pairs(tmp_path):
         tg.bbox(np.array([2]))
 
     assert tg.pairs() == []
+    # images of another dataset added later, with masks only: no keypoints or boxes of theirs are read
+    n = 2
+    more = store.add_images("other", {"id": ["p", "q"], "label": [0] * n, "class_name": ["a"] * n,
+                                      "split": ["train"] * n, "domain": ["photo"] * n, "source": ["p", "q"]})
+    write_targets(store, "other", more, resize="crop", size=S, info=MASK_INFO,
+                  load=lambda k: RowTargets((S, S), np.array([1.0, 0, 1, 0]), mask=mask_of(k)))
+    other = store.create_run({"dataset": "other"}, arrays={"b": (1, 1, 1)}, timesteps=[0], rows=more, chunk_rows=2,
+                             dtype="float32", provenance={"backbone": {"input": {"size": S}}})
+    with pytest.raises(StoreError, match="2 of the 2 images asked for have no keypoints"):
+        run_targets(other).keypoints(np.array([0, 1]))
+    assert np.array_equal(run_targets(other).masks(np.array([1]))[0], mask_of(1))
     assert write_pairs(store, "toy", [(rows[0], rows[1], "cat", "test"), (rows[3], rows[0], "dog", "test")]) == 2
     assert write_pairs(store, "toy", [(rows[0], rows[1], "cat", "test")]) == 0  # already there
     assert write_pairs(store, "other", [(rows[0], rows[1], "cat", "test")]) == 1  # another dataset's: not this run's
