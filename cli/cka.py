@@ -10,6 +10,7 @@ from cli.app import (
     AllowIncompleteFlag, JsonFlag, QuietFlag, ResultsOption, RunOption, StoreArgument, app, parse_timestep, split_items,
     user_errors
 )
+from cli.knn import DrawsOption
 
 T = TypeVar("T")
 
@@ -59,6 +60,7 @@ def cka(
     slab_rows: Annotated[int, typer.Option(help="feature and minibatch: rows read at a time (rounded to whole "
                                                 "store chunks).")] = 4096,
     allow_incomplete: AllowIncompleteFlag = False,
+    draws: DrawsOption = "mean",
     out: ResultsOption = None,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -67,7 +69,7 @@ def cka(
     --block/--blocks and --timestep/--timesteps are two spellings of one option each.
     CKA with a view of constant features is undefined: n/a (null in JSON), named in one line; when
     no pair is defined, that line is the error."""
-    from featurestore.store import FeatureStore
+    from featurestore.store import FeatureStore, parse_draws
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.cka import cka_run, grid_views, save_cka
     from pipelines.progress import set_quiet
@@ -86,17 +88,17 @@ def cka(
             other_blocks=listed(other_blocks),
         )
     result = cka_run(rows, cols, grid, pool, method, max_features, batch_size, seed, slab_rows, allow_incomplete,
-                     gram_memory)
+                     gram_memory, parse_draws(draws))
     saved = save_cka(result, folder)
     if json_out:
         typer.echo(to_json(result.to_dict()))
         return
     width = max(len(label) for label in result.rows)
     for name, matrix in result.matrices.items():
-        typer.echo(f"linear CKA, {name} ({result.method}, {result.images} images)")
+        typer.echo(f"linear CKA, {name} ({result.method}, {result.images} {'rows' if draws == 'all' else 'images'})")
         typer.echo(" " * width + " " + " ".join(f"{c[-8:]:>8}" for c in result.cols))
         for label, values in zip(result.rows, matrix):
             typer.echo(f"{label:>{width}} " + " ".join("     n/a" if v is None else f"{v:8.3f}" for v in values))
-    for line in [*([result.undefined] if result.undefined else []), *images_note(result.runs)]:
+    for line in filter(None, [result.undefined, *images_note(result.runs), result.draws]):
         typer.echo(line)
     typer.echo("saved " + ", ".join(str(p) for p in saved))

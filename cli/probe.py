@@ -68,6 +68,11 @@ def probe(
     head_file: Annotated[Optional[Path], typer.Option(help="Test this saved head (probe's or `heads import`'s .safetensors) on the test split, without training; --block/--timestep: omit or give the head's.")] = None,
     device: Annotated[str, typer.Option(help="Torch device; never falls back silently.")] = "cpu",
     allow_incomplete: AllowIncompleteFlag = False,
+    draws: Annotated[Optional[str], typer.Option(
+        "--draws", help="Runs of several noise draws (extract --noise-draws): mean (float32 mean over the draws), "
+                        "<k> (draw k only) or all: logistic fits every draw as its own sample, trained heads take one "
+                        "draw per image per epoch; test images: the mean. Default: mean for logistic and --head-file, "
+                        "all for trained heads.")] = None,
     out: ResultsOption = None,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -75,7 +80,7 @@ def probe(
     """Probe blocks from the cache: logistic regression, or trained heads (a grid of blocks x
     timesteps x learning rates in one pass over the cache per epoch). Trained heads' weights and
     results.json go to a folder probe-<head>-<run>-<digest>/ in the results folder."""
-    from featurestore.store import FeatureStore
+    from featurestore.store import FeatureStore, parse_draws
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.heads.modules import DIFFORMER_BLOCKS, DIFFORMER_TIMESTEPS
     from pipelines.progress import set_quiet
@@ -92,13 +97,14 @@ def probe(
         doc = evaluate_head_file(FeatureStore.open(store), head_file, results_dir(store, out), run_id=run,
                                  keys=asked or None, train_split=train_split, test_split=test_split,
                                  holdout=holdout, seed=seed, allow_incomplete=allow_incomplete,
-                                 batch_size=batch_size or 64, device=device)
+                                 batch_size=batch_size or 64, device=device,
+                                 draws=parse_draws(draws or "mean"))
         if json_out:
             typer.echo(to_json(doc))
             return
         typer.echo(f"{doc['spec']['kind']} head {head_file} on {doc['tested_on']} ({doc['images']['test']} images): "
                    f"top-1 {doc['top1']:.4f}  top-5 {doc['top5']:.4f}")
-        for line in images_note(doc["runs"]):
+        for line in filter(None, [*images_note(doc["runs"]), doc["draws"]]):
             typer.echo(line)
         typer.echo(f"saved {doc['out']}")
         return
@@ -128,14 +134,14 @@ def probe(
             raise ValueError(f"{', '.join(given)}: options of the trained heads, not of the logistic probe "
                              "(it takes --pool, --c, the split options and --seed)")
         result = probe_run(fs, run, timesteps[0], blocks[0], pool, train_split, test_split, holdout, c, seed,
-                           allow_incomplete)
+                           allow_incomplete, parse_draws(draws or "mean"))
         saved = save_probe(result, folder)
         if json_out:
             typer.echo(to_json(result.to_dict()))
             return
         typer.echo(f"{result.block} t={result.timestep}: top-1 {result.top1:.4f} "
                    f"(train {result.train_top1:.4f}; {result.train} train / {result.test} test images)")
-        for line in images_note(result.runs):
+        for line in filter(None, [*images_note(result.runs), result.settings["draws_meaning"]]):
             typer.echo(line)
         typer.echo(f"saved {saved}")
         return
@@ -162,6 +168,7 @@ def probe(
         run_id=run, classifier=classifier, text_embeddings=text_embeddings, expert_run=expert_run,
         expert_blocks=split_items(expert_blocks) or None, head_options=options,
         train_split=train_split, test_split=test_split, holdout=holdout, allow_incomplete=allow_incomplete,
+        draws=parse_draws(draws or "all"),
         train=TrainConfig(epochs=defaults["epochs"] if epochs is None else epochs,
                           batch_size=defaults["batch_size"] if batch_size is None else batch_size,
                           weight_decay=defaults["weight_decay"] if weight_decay is None else weight_decay,
@@ -179,7 +186,7 @@ def probe(
     for h in doc["heads"]:
         typer.echo(f"{h['name']}: top-1 {h['top1']:.4f}  top-5 {h['top5']:.4f}  "
                    f"(val {h['val_top1']:.4f} after epoch {h['best_epoch']} of {h['epochs']})")
-    for line in images_note(doc["runs"]):
+    for line in filter(None, [*images_note(doc["runs"]), doc["draws"]]):
         typer.echo(line)
     typer.echo(f"best on validation: {doc['best_head']}; {doc['seconds_per_epoch']:.2f} s per epoch; "
                f"weights and results.json in {doc['out']}")

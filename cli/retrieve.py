@@ -9,6 +9,7 @@ import typer
 from cli.app import (
     AllowIncompleteFlag, JsonFlag, QuietFlag, ResultsOption, StoreArgument, app, one_value, parse_timestep, user_errors
 )
+from cli.knn import DrawsOption
 
 
 def _cutoffs(text: str, option: str, allow_all: bool) -> tuple[int | None, ...]:
@@ -69,12 +70,13 @@ def retrieve(
                                                           "(no grid without it).")] = None,
     query_data_root: Annotated[Optional[str], typer.Option(help="Folder of the query images [default: --data-root].")] = None,
     allow_incomplete: AllowIncompleteFlag = False,
+    draws: DrawsOption = "mean",
     out: ResultsOption = None,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
     """Zero-shot sketch-based image retrieval from the cache: exact cosine search (FAISS), mAP and P@K."""
-    from featurestore.store import FeatureStore
+    from featurestore.store import FeatureStore, parse_draws
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.projection import ProjectionConfig
     from pipelines.analysis.retrieval import (
@@ -101,7 +103,7 @@ def retrieve(
         split=split, pool=pool, map_at=_cutoffs(map_at, "--map-at", True),
         precision_at=_cutoffs(precision_at, "--precision-at", False), ap=ap, normalisation=map_normalisation,
         precision_denominator=precision_denominator, average=average, device=device, slab_rows=slab_rows,
-        examples=examples, projection=projection, allow_incomplete=allow_incomplete,
+        examples=examples, projection=projection, allow_incomplete=allow_incomplete, draws=parse_draws(draws),
     )
     folder = results_dir(store, out)
     result = retrieve_run(FeatureStore.open(store), config)
@@ -112,7 +114,7 @@ def retrieve(
     for name, metric in result.metrics.items():
         variant = ", ".join(f"{k}={v}" for k, v in metric.items() if k != "value" and v is not None)
         typer.echo(f"{name}: {metric['value']:.4f}  ({variant})")
-    for line in images_note(result.runs):
+    for line in filter(None, [*images_note(result.runs), result.draws]):
         typer.echo(line)
     typer.echo(f"({result.query['images']} {result.query['domain']} queries, {result.gallery['images']} "
                f"{result.gallery['domain']} gallery images, {len(result.classes)} classes, {result.features} features; "

@@ -10,6 +10,15 @@ is named `<command>-<label>-<digest>.<suffix>`: the label is for people (run ids
 digest covers every setting that changes the numbers, so runs with other settings never overwrite
 each other and the same settings replace their own file. Results JSON never holds NaN or inf: an
 undefined value is written as null, deliberately, by the analysis that found it.
+
+Noise draws (`--draws`, on runs extracted with `--noise-draws K`; `draws_meaning` says it in every
+output). `mean`: every image is the float32 mean of its K draws, for fitting and scoring alike.
+`k`: draw k only, for both. `all`: every draw of a training image is a sample of its own (the kNN
+bank, the logistic probe's and the retrieval projection's fit; trained heads take one draw per
+image per epoch, see pipelines/heads/data.py), while scored images (queries, test images, the
+retrieval gallery) are the mean of their draws, so each image is scored once; CKA has no scored
+side: there every (image, draw) is a sample, draw d of one view paired with draw d of the other.
+On a run of one draw the three choices give the same features.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.pooling import pooled
-from featurestore.store import Run, run_id_of
+from featurestore.store import Run, parse_draws, run_id_of
 
 SLAB_ROWS = 4096
 RESULTS_SUFFIX = ".results"
@@ -42,19 +51,53 @@ def row_slabs(run: Run, rows: np.ndarray, slab_rows: int = SLAB_ROWS) -> Iterato
             yield slice(int(start), int(stop))
 
 
-def read_rows(run: Run, timestep: int | None, block: str, rows: np.ndarray) -> np.ndarray:
-    """float32 features (len(rows), C, H, W) of run rows given in any order, read by `Run.read_rows`
-    (each chunk once, through `Run.read_chunk`), so its refusals apply: StoreError subclasses for a
-    pending chunk, a damaged one, or non-finite values of an image that did not fail."""
-    return run.read_rows(timestep, block, rows, lambda x: x.astype(np.float32, copy=False))
+def read_rows(run: Run, timestep: int | None, block: str, rows: np.ndarray, draws: str | int = "mean") -> np.ndarray:
+    """float32 features (len(rows), C, H, W) of run rows given in any order ((len(rows), K, C, H, W)
+    for draws="all"; `featurestore.store.select_draws`), read by `Run.read_rows` (each chunk once,
+    through `Run.read_chunk`), so its refusals apply: StoreError subclasses for a pending chunk, a
+    damaged one, non-finite values of an image that did not fail, or a draw the run lacks."""
+    return run.read_rows(timestep, block, rows, lambda x: x.astype(np.float32, copy=False), draws=draws)
 
 
 def read_pooled(run: Run, timestep: int | None, block: str, rows: np.ndarray, pool: int | None,
-                advance: Callable[[int], None] | None = None) -> np.ndarray:
-    """Pooled, flattened float32 features (len(rows), D) of run rows given in any order, read as
-    `read_rows` reads them (one raw chunk held at a time). `advance(n)` (a progress bar's) is called
-    with the number of rows of each chunk read."""
-    return run.read_rows(timestep, block, rows, lambda x: pooled(x, pool), advance)
+                advance: Callable[[int], None] | None = None, draws: str | int = "mean") -> np.ndarray:
+    """Pooled, flattened float32 features (len(rows), D) of run rows given in any order ((len(rows),
+    K, D) for draws="all"), read as `read_rows` reads them (one raw chunk held at a time; a mean over
+    draws is taken before pooling). `advance(n)` (a progress bar's) is called with the number of
+    rows of each chunk read."""
+    return run.read_rows(timestep, block, rows, lambda x: pooled(x, pool), advance, draws=draws)
+
+
+# -- noise draws ----------------------------------------------------------------------------------
+def scored_draws(draws: str | int) -> str | int:
+    """What images that are scored (queries, test images, a gallery) read for `--draws`: the mean
+    of their draws for "all", else the choice itself (module docstring)."""
+    return "mean" if parse_draws(draws) == "all" else parse_draws(draws)
+
+
+def training_samples(x: np.ndarray, draws: str | int) -> tuple[np.ndarray, np.ndarray]:
+    """Training samples from `read_pooled(..., draws)` output: with "all", (n, K, D) becomes
+    (n*K, D), the K draws of an image in consecutive rows; else x as it is. Returns (samples,
+    int64 position in the n images of each sample), to take labels with."""
+    if parse_draws(draws) != "all":
+        return x, np.arange(len(x))
+    return x.reshape(-1, x.shape[-1]), np.repeat(np.arange(len(x)), x.shape[1])
+
+
+def draws_meaning(draws: str | int, runs: Sequence[Run], all_means: str) -> str | None:
+    """One line naming what `--draws` did to these runs' features; `all_means` says what "all"
+    does in the command at hand (module docstring). None when every run holds one noise draw per
+    image (the choice changes nothing there)."""
+    draws = parse_draws(draws)
+    counts = sorted({run.noise_draws for run in runs})
+    if counts == [1]:
+        return None
+    k = "/".join(map(str, counts))
+    if draws == "mean":
+        return f"noise draws: mean (float32 mean over the {k} draws of each image)"
+    if draws == "all":
+        return f"noise draws: all of {k} ({all_means})"
+    return f"noise draws: draw {draws} only (of {k})"
 
 
 # -- images of a result ------------------------------------------------------------------------

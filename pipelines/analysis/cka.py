@@ -38,8 +38,9 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from featurestore.pooling import pooled
-from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import SLAB_ROWS, read_pooled, results_path, row_slabs, run_images, write_json
+from featurestore.store import FeatureStore, Run, parse_draws, timestep_key
+from pipelines.analysis import (SLAB_ROWS, draws_meaning, read_pooled, results_path, row_slabs, run_images,
+                                training_samples, write_json)
 from pipelines.heads.logistic import resolve_run
 from pipelines.progress import bar
 
@@ -291,7 +292,7 @@ class CkaResult:
     name: str  # file stem of the saved result, e.g. cka-blocks-feature-<run>-t100-<digest>
     grid: str
     method: str
-    images: int  # rows used: the images usable in every run of the views
+    images: int  # rows used: the images usable in every run of the views (times K with --draws all)
     pool: int | None
     rows: list[str]
     cols: list[str]
@@ -300,6 +301,7 @@ class CkaResult:
     runs: dict[str, dict[str, int]]  # `run_images`: used, failed, pending per run
     settings: dict  # everything that changes the numbers (the results file's digest)
     undefined: str | None = None  # one line naming the views whose CKA is undefined, and why
+    draws: str | None = None  # what --draws did (`draws_meaning`; None: runs of one draw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -392,25 +394,34 @@ def choose_method(method: str, widths: Sequence[int], images: int, max_features:
 def cka_run(
     rows: Sequence[View], cols: Sequence[View], grid: str, pool: int | None = 4, method: Method = "auto",
     max_features: int = MAX_FEATURES, batch_size: int = BATCH_SIZE, seed: int = 0, slab_rows: int = SLAB_ROWS,
-    allow_incomplete: bool = False, gram_memory: float = GRAM_MEMORY,
+    allow_incomplete: bool = False, gram_memory: float = GRAM_MEMORY, draws: str | int = "mean",
 ) -> CkaResult:
     """CKA of every row view against every column view (method as `choose_method` picks it). feature
     and minibatch make one pass over the store in slabs of the first run's chunks; gram reads one
     view (run, t, block) whole at a time, each chunk once. A run stored in another row order is
     read by image, so each slab touches many of its chunks: slower, same numbers. Progress: a bar
-    per slab or per view on stderr. Raises ValueError when no pair of different views has a
-    defined CKA (constant features), besides the errors of `choose_method`, `aligned_rows` and
-    `read_pooled`."""
+    per slab or per view on stderr. `draws` (pipelines.analysis): "all" makes every (image, noise
+    draw) a row, draw d of one view paired with draw d of every other, so all runs must hold the
+    same number of draws. Raises ValueError when no pair of different views has a defined CKA
+    (constant features) or for "all" over runs of different draw counts, besides the errors of
+    `choose_method`, `aligned_rows` and `read_pooled`."""
     unique = list({v.key: v for v in [*rows, *cols]}.values())
     position = {v.key: i for i, v in enumerate(unique)}
     runs = list({v.run.run_id: v.run for v in unique}.values())
     run_rows = dict(zip((r.run_id for r in runs), aligned_rows(runs, allow_incomplete)))
     first = runs[0]
-    method = choose_method(method, [view_width(v, pool) for v in unique], len(run_rows[first.run_id]),
+    draws = parse_draws(draws)
+    counts = {r.run_id: r.noise_draws for r in runs}
+    if draws == "all" and len(set(counts.values())) > 1:
+        raise ValueError(f"--draws all pairs draw d of one view with draw d of the other, but the runs hold "
+                         f"{', '.join(f'{k} draws ({run_id})' for run_id, k in counts.items())}: use --draws mean or k")
+    per_image = first.noise_draws if draws == "all" else 1
+    method = choose_method(method, [view_width(v, pool) for v in unique], len(run_rows[first.run_id]) * per_image,
                            max_features, gram_memory)
 
     def read(v: View, at: slice = slice(None)) -> np.ndarray:
-        return read_pooled(v.run, v.timestep, v.block, run_rows[v.run.run_id][at], pool)
+        x = read_pooled(v.run, v.timestep, v.block, run_rows[v.run.run_id][at], pool, draws=draws)
+        return training_samples(x, draws)[0]  # "all": (n*K, D), the draws of an image in consecutive rows
 
     if method == "gram":
         with bar("cka", f"{grid} grid, gram, views", len(unique)) as advance:
@@ -427,7 +438,7 @@ def cka_run(
     if undefined and not any(np.isfinite(m[np.ix_(r, c)])[distinct].any() for m in matrices.values()):
         raise ValueError(undefined)
     settings = {"grid": grid, "method": method, "pool": pool, "rows": [list(v.key) for v in rows],
-                "cols": [list(v.key) for v in cols], "allow_incomplete": allow_incomplete,
+                "cols": [list(v.key) for v in cols], "allow_incomplete": allow_incomplete, "draws": draws,
                 **({"batch_size": batch_size, "seed": seed} if method == "minibatch" else {})}
     return CkaResult(
         results_path(Path(), "cka", settings, result_label(grid, method, unique), suffix="").name, grid, method, images,
@@ -435,7 +446,8 @@ def cka_run(
         {name: [[float(x) if np.isfinite(x) else None for x in line] for line in m[np.ix_(r, c)]]
          for name, m in matrices.items()},
         {v.label: [v.run.run_id, v.timestep, v.block] for v in [*rows, *cols]},
-        run_images(runs), settings, undefined,
+        run_images(runs), settings, undefined, draws_meaning(
+            draws, runs, "every (image, draw) is a row, draw d of one view paired with draw d of the other"),
     )
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.store import FeatureStore, timestep_key
-from pipelines.analysis import SLAB_ROWS, read_pooled, results_path, row_slabs, run_images, write_json
+from pipelines.analysis import (SLAB_ROWS, draws_meaning, read_pooled, results_path, row_slabs, run_images,
+                                scored_draws, training_samples, write_json)
 from pipelines.heads.logistic import ClassifiedMap, resolve_run, split_rows
 from pipelines.progress import bar
 
@@ -146,28 +147,35 @@ def knn_run(
     store: FeatureStore, run_id: str | None, timestep: int | None, block: str, ks: Sequence[int] = KS,
     pool: int | None = 4, train_split: str = "train", test_split: str = "test", holdout: float | None = None,
     seed: int = 0, temperature: float = TEMPERATURE, device: str = "cpu", slab_rows: int = SLAB_ROWS,
-    allow_incomplete: bool = False,
+    allow_incomplete: bool = False, draws: str | int = "mean",
 ) -> KnnResult:
     """Weighted kNN of one (t, block) of a run: the test features are read at once, the train
     features streamed in chunk-aligned slabs of about `slab_rows` rows (a bar counts the images
-    read). Errors (ValueError) as `split_rows` and `read_pooled`, and for k outside 1..train images."""
+    read). `draws` (pipelines.analysis): "all" puts every noise draw of a train image in the bank
+    as its own neighbour (K x the train images) and queries with the mean of each test image's
+    draws. Errors (ValueError) as `split_rows` and `read_pooled`, and for k outside 1..bank size."""
     check_faiss_device(device)
     check_temperature(temperature)
     run = resolve_run(store, run_id)
     train, test = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
-    if not ks or min(ks) < 1 or max(ks) > len(train):
-        raise ValueError(f"k must be between 1 and the {len(train)} train images, got {list(ks)}")
+    per_image = run.noise_draws if draws == "all" else 1  # bank entries per train image
+    if not ks or min(ks) < 1 or max(ks) > len(train) * per_image:
+        raise ValueError(f"k must be between 1 and the {len(train) * per_image} train "
+                         f"{'samples' if per_image > 1 else 'images'}, got {list(ks)}")
     labels = run.labels
     with bar("knn", f"t={timestep} {block}: queries", len(test) + len(train)) as advance:
-        queries = l2_normalized(read_pooled(run, timestep, block, test, pool, advance))
+        queries = l2_normalized(read_pooled(run, timestep, block, test, pool, advance, scored_draws(draws)))
         advance(0, description=f"t={timestep} {block}: train slabs")
-        slabs = (l2_normalized(read_pooled(run, timestep, block, train[s], pool, advance))
+        slabs = (l2_normalized(training_samples(read_pooled(run, timestep, block, train[s], pool, advance, draws),
+                                                draws)[0])
                  for s in row_slabs(run, train, slab_rows))
         sims, indices = streamed_topk(slabs, queries, max(ks), device)
-    accuracy = knn_accuracy(sims, indices, labels[train], labels[test], ks, temperature)
+    accuracy = knn_accuracy(sims, indices, np.repeat(labels[train], per_image), labels[test], ks, temperature)
     settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "k": list(ks), "pool": pool,
                 "temperature": temperature, "train_split": train_split, "test_split": test_split, "holdout": holdout,
-                "seed": seed, "device": device, "allow_incomplete": allow_incomplete}
+                "seed": seed, "device": device, "allow_incomplete": allow_incomplete, "draws": draws,
+                "draws_meaning": draws_meaning(draws, [run], "every draw of a train image is a neighbour of its own; "
+                                                             "queries: the float32 mean of their draws")}
     return KnnResult(
         run.run_id, timestep, block, pool, queries.shape[1], len(train), len(test), run_images([run]), settings,
         temperature, top1={k: acc[0] for k, acc in accuracy.items()}, top5={k: acc[1] for k, acc in accuracy.items()},

@@ -55,7 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import SLAB_ROWS, read_pooled, results_path, row_slabs, run_images, write_json
+from pipelines.analysis import (SLAB_ROWS, draws_meaning, read_pooled, results_path, row_slabs, run_images,
+                                scored_draws, training_samples, write_json)
 from pipelines.analysis.knn import flat_ip_index, l2_normalized
 from pipelines.analysis.projection import ProjectionConfig, train_projection
 from pipelines.analysis.splits import load_split
@@ -346,6 +347,8 @@ class RetrievalConfig:
     examples: int = 5  # queries shown with their top EXAMPLE_DEPTH in the results and the grid
     projection: ProjectionConfig | None = None  # trained on the split's seen classes, applied to both sides
     allow_incomplete: bool = False  # incomplete runs: use their extracted images instead of refusing them
+    # noise draws (pipelines.analysis): "all" trains the projection on every draw, queries and gallery are the mean
+    draws: str | int = "mean"
 
     def __post_init__(self) -> None:
         _check(self.ap, AP_KINDS, "--ap")
@@ -384,6 +387,7 @@ class RetrievalResult:
     variants: dict = field(default_factory=lambda: VARIANTS)
     grid: str | None = None
     grid_note: str | None = None
+    draws: str | None = None  # what --draws did (`draws_meaning`; None: runs of one draw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -429,7 +433,7 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
     query_classes, gallery_classes = np.searchsorted(classes, query_names), np.searchsorted(classes, gallery_names)
 
     def features(run: Run, side: Side, rows: np.ndarray) -> np.ndarray:
-        x = read_pooled(run, side.timestep, side.block, rows, config.pool, advance)
+        x = read_pooled(run, side.timestep, side.block, rows, config.pool, advance, scored_draws(config.draws))
         return l2_normalized(x if project is None else x @ project)
 
     passes = 2 if None in config.map_at else 1  # mAP@all ranks every relevant item: two scans
@@ -477,6 +481,9 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
         projection=None if project is None else {**asdict(config.projection), "trained_on_classes": sorted(split.seen)},
         features=queries.shape[1], device=config.device, metrics=metrics, per_class=per_class, examples=examples,
         runs=run_images(list({r.run_id: r for r in (query_run, gallery_run)}.values())),
+        draws=draws_meaning(config.draws, [query_run, gallery_run], (
+            "the projection is fitted on every draw as a sample of its own; " if project is not None else "")
+            + "queries and gallery: the float32 mean of their draws"),
         settings={**{k: v for k, v in asdict(config).items() if k != "slab_rows"},
                   "query": asdict(dataclasses.replace(q, run=query_run.run_id)),
                   "gallery": asdict(dataclasses.replace(g, run=gallery_run.run_id))},
@@ -487,14 +494,18 @@ def seen_class_projection(
     query_run: Run, gallery_run: Run, config: RetrievalConfig, query_rows: np.ndarray, query_names: np.ndarray,
     gallery_rows: np.ndarray, gallery_names: np.ndarray, seen: Sequence[str],
 ) -> np.ndarray:
-    """Train the projection on the seen-class images of both sides; unseen rows are never read."""
+    """Train the projection on the seen-class images of both sides (every noise draw its own sample
+    with --draws all); unseen rows are never read."""
     q, g, projection = config.query, config.gallery, config.projection
     q_seen, g_seen = np.isin(query_names, seen), np.isin(gallery_names, seen)
     with bar("retrieve", "projection: seen classes", int(q_seen.sum() + g_seen.sum())) as advance:
-        x = np.concatenate([read_pooled(query_run, q.timestep, q.block, query_rows[q_seen], config.pool, advance),
-                            read_pooled(gallery_run, g.timestep, g.block, gallery_rows[g_seen], config.pool, advance)])
-    names = np.concatenate([query_names[q_seen], gallery_names[g_seen]])
-    is_query = np.arange(len(names)) < q_seen.sum()
+        qx, q_at = training_samples(read_pooled(query_run, q.timestep, q.block, query_rows[q_seen], config.pool,
+                                                advance, config.draws), config.draws)
+        gx, g_at = training_samples(read_pooled(gallery_run, g.timestep, g.block, gallery_rows[g_seen], config.pool,
+                                                advance, config.draws), config.draws)
+    x = np.concatenate([qx, gx])
+    names = np.concatenate([query_names[q_seen][q_at], gallery_names[g_seen][g_at]])
+    is_query = np.arange(len(names)) < len(qx)
     classes = sorted(set(names))
     class_vectors = None
     if projection.text_embeddings is not None:

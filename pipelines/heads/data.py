@@ -15,6 +15,12 @@ An expert run (another run of the same store, e.g. a ResNet under timestep None)
 image: each batch carries the expert's maps of the same images, read by whole chunks too. Every
 read goes through `Run.read_chunk` (`pipelines.analysis.read_rows`), so a pending or damaged chunk
 and non-finite features are refused (StoreError) instead of trained on.
+
+Noise draws. On a run of K > 1 noise draws (`extract --noise-draws K`), `draws` chooses what a
+batch holds: "mean" (the float32 mean of each image's draws) or k (draw k only) for every row; with
+"all", a pass given `picks` (`epoch_picks`: one draw per train image, drawn anew each epoch from
+(seed, epoch) and the image's run row, as diffssl draws fresh noise at every forward) feeds those
+rows their picked draw and every other row (validation, test) the mean of its draws.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from featurestore.store import Run
-from pipelines.analysis import read_rows
+from featurestore.store import Run, parse_draws, select_draws
+from pipelines.analysis import read_rows, scored_draws
 from pipelines.heads.modules import Key
 
 WINDOW_BYTES = 512 * 2**20  # float32 bytes of one window; the next one is read meanwhile, so twice that
@@ -64,7 +70,7 @@ class StoreBatches:
 
     def __init__(self, run: Run, keys: Sequence[Key], labels: np.ndarray, *, expert: Run | None = None,
                  expert_keys: Sequence[Key] = (), batch_size: int = 64, window_chunks: int | None = None,
-                 allow_incomplete: bool = False):
+                 allow_incomplete: bool = False, draws: str | int = "mean"):
         if batch_size < 1 or (window_chunks is not None and window_chunks < 1):
             raise ValueError("batch size and window chunks must be positive")
         self.run = run
@@ -74,7 +80,9 @@ class StoreBatches:
         self.expert_keys = list(expert_keys) if expert else []
         self.expert_rows = expert_rows(run, expert, allow_incomplete) if expert else None
         self.batch_size = batch_size
-        shapes = [run.array(*k).shape[1:] for k in self.keys]  # an unknown (t, block) fails here
+        self.draws = parse_draws(draws)
+        self.sampling = self.draws == "all" and run.noise_draws > 1  # train rows take one draw each per pass
+        shapes = [run.array(*k).shape[1:] for k in self.keys]  # an unknown (t, block) fails here; draws included
         shapes += [expert.array(*k).shape[1:] for k in self.expert_keys]
         row_values = sum(math.prod(shape) for shape in shapes)
         self.window_chunks = window_chunks or max(1, WINDOW_BYTES // (4 * row_values * run.chunk_rows))
@@ -86,19 +94,45 @@ class StoreBatches:
             raise ValueError(f"expert run {self.expert.run_id} lacks {missing} of the probed images "
                              "(not in that run, not extracted yet, or failed)")
 
-    def _read_window(self, rows: np.ndarray) -> dict:
+    def epoch_picks(self, rows: np.ndarray, seed: int, epoch: int) -> np.ndarray | None:
+        """Per run row, the noise draw a pass feeds: for `rows`, one of the run's K draws drawn
+        uniformly by numpy's default_rng((seed, epoch, 1)) over all run rows (so an image's draw
+        depends on (seed, epoch, its run row) only, never on batches or windows); -1 (the mean)
+        for every other row. None unless draws="all" on a run of several draws."""
+        if not self.sampling:
+            return None
+        picks = np.full(len(self.run), -1, dtype=np.int64)
+        picks[rows] = np.random.default_rng((seed, epoch, 1)).integers(self.run.noise_draws, size=len(self.run))[rows]
+        return picks
+
+    def _features(self, key: Key, rows: np.ndarray, picks: np.ndarray | None) -> np.ndarray:
+        """float32 (n, C, H, W) of `rows`: as `draws` asks, or per row its picked draw (-1: the mean)."""
+        if picks is None:
+            return read_rows(self.run, *key, rows, scored_draws(self.draws))
+        every = read_rows(self.run, *key, rows, "all")
+        out = np.empty((len(rows), *every.shape[2:]), dtype=np.float32)
+        pick = picks[rows]
+        one = np.flatnonzero(pick >= 0)
+        out[one] = every[one, pick[one]]
+        mean = np.flatnonzero(pick < 0)
+        out[mean] = select_draws(every[mean], self.run.noise_draws, "mean")
+        return out
+
+    def _read_window(self, rows: np.ndarray, picks: np.ndarray | None = None) -> dict:
         """One window of rows: {("features", key): array, ("expert", key): array, "rows": rows}."""
-        part: dict = {("features", k): read_rows(self.run, *k, rows) for k in self.keys}
+        part: dict = {("features", k): self._features(k, rows, picks) for k in self.keys}
         if self.expert_keys:
             erows = self.expert_rows[rows]
             part.update({("expert", k): read_rows(self.expert, *k, erows) for k in self.expert_keys})
         part["rows"] = rows
         return part
 
-    def passes(self, groups: Mapping[str, np.ndarray], rng: np.random.Generator | None) -> Iterator[tuple[str, Batch]]:
+    def passes(self, groups: Mapping[str, np.ndarray], rng: np.random.Generator | None,
+               picks: np.ndarray | None = None) -> Iterator[tuple[str, Batch]]:
         """One pass over the union of `groups` (name -> disjoint run rows): yields (group name, batch).
         With `rng`, chunk order and rows within each window are shuffled; without, in store order.
-        Within a window, groups come in the order given."""
+        Within a window, groups come in the order given. `picks` (`epoch_picks`): the noise draw
+        of each run row (-1: the mean of its draws); None: `draws` for every row."""
         group_of = np.full(len(self.run), -1)
         for g, rows in enumerate(groups.values()):
             self._check_rows(rows)
@@ -111,13 +145,13 @@ class StoreBatches:
                    for i in range(0, len(order), self.window_chunks)]
         pending: dict[str, dict | None] = dict.fromkeys(groups)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(self._read_window, windows[0]) if windows else None
+            future = pool.submit(self._read_window, windows[0], picks) if windows else None
             for i in range(len(windows)):
                 tic = time.perf_counter()
                 window = future.result()
                 self.read_seconds += time.perf_counter() - tic
                 if i + 1 < len(windows):
-                    future = pool.submit(self._read_window, windows[i + 1])
+                    future = pool.submit(self._read_window, windows[i + 1], picks)
                 for g, name in enumerate(groups):
                     index = np.flatnonzero(group_of[window["rows"]] == g)
                     if rng is not None:

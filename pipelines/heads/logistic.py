@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import read_pooled, results_path, run_images, write_json
+from pipelines.analysis import (draws_meaning, read_pooled, results_path, run_images, scored_draws,
+                                training_samples, write_json)
 from pipelines.progress import bar
 
 
@@ -124,24 +125,34 @@ def split_rows(run: Run, train_split: str, test_split: str, holdout: float | Non
 def probe_run(
     store: FeatureStore, run_id: str | None, timestep: int | None, block: str, pool: int | None = 4,
     train_split: str = "train", test_split: str = "test", holdout: float | None = None,
-    c: float = 1.0, seed: int = 0, allow_incomplete: bool = False,
+    c: float = 1.0, seed: int = 0, allow_incomplete: bool = False, draws: str | int = "mean",
 ) -> ProbeResult:
-    """Linear probe of one (t, block) of a run (the only run when run_id is None); errors as
-    `split_rows` and `read_pooled`."""
+    """Linear probe of one (t, block) of a run (the only run when run_id is None). `draws`
+    (pipelines.analysis): "all" fits on every noise draw of each train image as its own sample and
+    tests on the mean of each test image's draws; train top-1 is over the fitted samples. Errors
+    as `split_rows` and `read_pooled`."""
     run = resolve_run(store, run_id)
     train, test = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
     what = f"logistic t={timestep} {block}"
     with bar("probe", f"{what}: reading", len(train) + len(test)) as advance:
-        x = read_pooled(run, timestep, block, np.concatenate([train, test]), pool, advance)
+        if scored_draws(draws) == draws:  # one read of both splits, each chunk once
+            x = read_pooled(run, timestep, block, np.concatenate([train, test]), pool, advance, draws)
+            (train_x, at), test_x = (x[:len(train)], np.arange(len(train))), x[len(train):]
+        else:  # "all": every draw of the train images, the mean of the test images'
+            train_x, at = training_samples(read_pooled(run, timestep, block, train, pool, advance, draws), draws)
+            test_x = read_pooled(run, timestep, block, test, pool, advance, scored_draws(draws))
         y = run.labels
         advance(0, description=f"{what}: fitting")
-        test_pred, train_pred = logistic_predictions(x[:len(train)], y[train], x[len(train):], c=c)
+        test_pred, train_pred = logistic_predictions(train_x, y[train][at], test_x, c=c)
     classes = class_names(y, run.images.class_name)
     settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "pool": pool, "train_split": train_split,
-                "test_split": test_split, "holdout": holdout, "seed": seed, "c": c, "allow_incomplete": allow_incomplete}
-    return ProbeResult(run.run_id, timestep, block, pool, x.shape[1], len(train), len(test), run_images([run]), settings,
-                       float((test_pred == y[test]).mean()), float((train_pred == y[train]).mean()), classes,
-                       **class_metrics(y[test], test_pred, classes))
+                "test_split": test_split, "holdout": holdout, "seed": seed, "c": c, "allow_incomplete": allow_incomplete,
+                "draws": draws, "draws_meaning": draws_meaning(draws, [run], "fitted on every draw of a train image "
+                                                               "as a sample of its own; test images: the float32 mean "
+                                                               "of their draws")}
+    return ProbeResult(run.run_id, timestep, block, pool, test_x.shape[1], len(train), len(test), run_images([run]),
+                       settings, float((test_pred == y[test]).mean()), float((train_pred == y[train][at]).mean()),
+                       classes, **class_metrics(y[test], test_pred, classes))
 
 
 def save_probe(result: ProbeResult, folder: Path) -> Path:

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import results_path, run_images, write_json
+from pipelines.analysis import draws_meaning, results_path, run_images, scored_draws, write_json
 from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import class_names, resolve_run, split_rows
@@ -63,6 +63,8 @@ class ProbeConfig:
     holdout: float | None = None
     allow_incomplete: bool = False  # an incomplete run: train and test on its extracted images instead of refusing it
     train: TrainConfig = field(default_factory=TrainConfig)
+    # noise draws of the run (StoreBatches): all = one draw per train image per epoch, validation and test on the mean
+    draws: str | int = "all"
 
 
 def head_name(kind: str, keys: list[Key], lr: float) -> str:
@@ -104,7 +106,7 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
 
     keys = [(t, b) for t in cfg.timesteps for b in cfg.blocks]
     data = StoreBatches(run, keys, labels, expert=expert, expert_keys=expert_keys, batch_size=cfg.train.batch_size,
-                        window_chunks=cfg.train.window_chunks, allow_incomplete=cfg.allow_incomplete)
+                        window_chunks=cfg.train.window_chunks, allow_incomplete=cfg.allow_incomplete, draws=cfg.draws)
     train_rows, test_rows = split_rows(run, cfg.train_split, cfg.test_split, cfg.holdout, cfg.train.seed,
                                        cfg.allow_incomplete)
     train_rows, val_rows = carve_validation(train_rows, cfg.train.val_fraction, cfg.train.seed)
@@ -138,6 +140,8 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
         "task": "probe", "store": store.url, "run_id": run.run_id, "expert_run_id": cfg.expert_run,
         "config": settings, "classes": classes,
         "runs": run_images([run, *([expert] if expert else [])]),
+        "draws": draws_meaning(cfg.draws, [run], "each epoch, one draw per train image, drawn anew from (seed, epoch, "
+                                                 "image); validation and test images: the float32 mean of their draws"),
         "images": {"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
         "best_head": best["name"], "top1": best["top1"], "top5": best["top5"],
         "epochs_run": len(log.epoch_seconds),
@@ -167,14 +171,15 @@ def split_options(train_split: str, test_split: str, holdout: float | None, seed
 def evaluate_head_file(store: FeatureStore, head_file: Path, results: Path, *, run_id: str | None = None,
                        keys: list[Key] | None = None, train_split: str = "train", test_split: str = "test",
                        holdout: float | None = None, seed: int = 0, allow_incomplete: bool = False,
-                       batch_size: int = 64, device: str = "cpu") -> dict:
+                       batch_size: int = 64, device: str = "cpu", draws: str | int = "mean") -> dict:
     """Test a saved head (`save_head`'s safetensors: our probe's heads or `featurestore heads import`)
     on the run's test split, without training; returns the results document, also written as
     `<results>/probe-head-<run>-<digest>.json` (its path in "out"; the digest covers the head file's
     sha256). The test rows are those `probe` tests on with the same split options (`split_rows`).
     `keys`: the (timestep, block) inputs asked for, which must be the head's (None: the head's).
     ValueError when the run lacks one of the head's inputs, its shape differs from the head's, or
-    the store's class count is not the head's."""
+    the store's class count is not the head's. `draws`: the noise draws tested on, in a run of
+    several (mean or k; "all" scores the mean, as trained heads' tests do)."""
     head = load_head(head_file)
     spec = head.spec
     if spec.expert_inputs:
@@ -203,15 +208,18 @@ def evaluate_head_file(store: FeatureStore, head_file: Path, results: Path, *, r
             raise ValueError(f"{head_file} was trained on this run with split options {trained}; testing with "
                              f"{asked} could score it on its own training images: give the options it was trained with")
     _, test_rows = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
-    data = StoreBatches(run, list(spec.inputs), labels, batch_size=batch_size, allow_incomplete=allow_incomplete)
+    data = StoreBatches(run, list(spec.inputs), labels, batch_size=batch_size, allow_incomplete=allow_incomplete,
+                        draws=scored_draws(draws))
     order, logits = predict(data, {"head": head.to(resolve_device(device))}, test_rows, resolve_device(device))
     settings = {"head_file_sha256": file_sha256(head_file), "run_id": run.run_id, "train_split": train_split,
-                "test_split": test_split, "holdout": holdout, "seed": seed, "allow_incomplete": allow_incomplete}
+                "test_split": test_split, "holdout": holdout, "seed": seed, "allow_incomplete": allow_incomplete,
+                "draws": scored_draws(draws)}
     out = results_path(results, "probe", settings, f"head-{run.run_id}")
     doc = {
         "task": "probe-head-file", "store": store.url, "run_id": run.run_id, "head_file": str(head_file),
         "config": settings, "spec": spec.to_json(), "head_extra": extra, "classes": classes,
         "runs": run_images([run]), "images": {"test": len(test_rows)},
+        "draws": draws_meaning(scored_draws(draws), [run], ""),
         "tested_on": f"split {test_split!r}" if holdout is None else f"holdout {holdout} (seed {seed})",
         **accuracy_metrics(logits["head"], labels[order], classes), "out": str(out),
     }

@@ -17,6 +17,10 @@ of the weights after that epoch, the learning rate of its last step and the epoc
 score of epoch e's weights is known only at the end of epoch e+1's pass (or of the last,
 validation-only pass), the one line per epoch on stderr (`pipelines.progress.log`) is printed then,
 so its val top-1 is always that epoch's own.
+
+On a run of several noise draws read with draws="all" (`StoreBatches`), each epoch's train rows
+take one draw per image, drawn anew every epoch (`StoreBatches.epoch_picks` with the config's seed),
+as diffssl draws fresh noise at every forward; validation and test read the mean of the draws.
 """
 
 from __future__ import annotations
@@ -222,7 +226,7 @@ def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.n
             tic, read_before = time.perf_counter(), data.read_seconds
             rng = np.random.default_rng((cfg.seed, epoch))
             groups = {"val": val_rows, "train": train_rows} if epoch else {"train": train_rows}
-            _shared_pass(data, active, groups, rng)
+            _shared_pass(data, active, groups, rng, data.epoch_picks(train_rows, cfg.seed, epoch))
             times.epoch_seconds.append(time.perf_counter() - tic)
             times.read_seconds.append(data.read_seconds - read_before)
             for t in active:
@@ -235,14 +239,14 @@ def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.n
 
 
 def _shared_pass(data: StoreBatches, trainees: Sequence[Trainee], groups: Mapping[str, np.ndarray],
-                 rng: np.random.Generator | None) -> None:
+                 rng: np.random.Generator | None, picks: np.ndarray | None = None) -> None:
     """One read of `groups`: every trainee steps on each train batch, and its frozen weights of the
-    pass's start score the val batches, if the pass has any."""
+    pass's start score the val batches, if the pass has any. `picks`: as `StoreBatches.passes`."""
     for t in trainees:
         t.freeze_for_validation()
     correct, seen = np.zeros(len(trainees)), 0
     with bar("images", " + ".join(groups), sum(len(rows) for rows in groups.values())) as advance:
-        for group, batch in data.passes(groups, rng):
+        for group, batch in data.passes(groups, rng, picks):
             advance(len(batch.labels))
             batch = batch.to(trainees[0].device)
             if group == "train":
