@@ -721,6 +721,8 @@ def _check_options(cfg: ExtractConfig, backbone: Backbone, prompt: PromptSource)
         raise ValueError("--chunk-rows must be at least 1")
     if cfg.noise == "ddim-inversion" and cfg.ddim_steps < 1:
         raise ValueError("--ddim-steps must be at least 1")
+    if cfg.noise == "ddim-inversion" and not backbone.timestep_free:
+        backbone.alphas_cumprod()  # DDIM needs alpha-bar: a flow-matching backbone refuses here, in one line
     if cfg.guidance_scale != 1.0 and not (backbone.conditional and cfg.noise == "ddim-inversion"):
         raise ValueError("--guidance-scale applies to ddim-inversion with a conditional backbone only")
     if cfg.workers is not None and cfg.scheduler is not None:
