@@ -4,12 +4,17 @@ or from predicted tags in a CSV; recorded in the run spec; refusals in one line.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
-from data_manifests.manifest import Manifest
+import pipelines.extract.runner as runner
+from cli.main import app
+from data_manifests.manifest import Manifest, load_dataset
+from featurestore.store import FeatureStore
 from pipelines.extract.prompts import image_tags, parse_prompt, prompts_for
 
 CLASSES = ["background", "aeroplane", "bicycle", "potted plant"]
@@ -65,3 +70,22 @@ def test_refusals(tmp_path):
         image_tags(parse_prompt("tags"), one_missing)
     with pytest.raises(ValueError, match="no such file, and not a template"):
         parse_prompt("tags:nothing-here.csv")
+
+
+def test_extract_conditions_each_image_on_its_mask_tags(tmp_path, tiny_sd, monkeypatch):
+    """Through `extract`: the prompts given to the backbone are the oracle tags of each MNIST-seg
+    digit (background and its digit), and the run spec records the prompt source."""
+    seen = []
+    real = runner.job_prompts
+    monkeypatch.setattr(runner, "job_prompts", lambda *a: seen.append(real(*a)) or seen[-1])
+    (tmp_path / "sd.json").write_text(json.dumps({"image_size": 64}))
+    store = tmp_path / "s.zarr"
+    result = CliRunner().invoke(app, [
+        "extract", "--dataset", "mnist-seg-demo", "--limit", "3", "--backbone", "sd15", "--weights", str(tiny_sd),
+        "--backbone-config", str(tmp_path / "sd.json"), "--store", str(store), "--prompt", "tags:a photo of {}",
+        "--timesteps", "200", "--blocks", "down0", "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = load_dataset("mnist-seg-demo").head(3)
+    assert seen == [[f"a photo of background {manifest.classes[label]}" for label in manifest.labels]]
+    (run,) = FeatureStore.open(str(store)).runs()
+    assert run.spec["prompt"] == "tags:a photo of {}"
