@@ -156,3 +156,4 @@ def test_extract_stores_flux_maps_and_refuses_ddim_inversion(folder, tmp_path):
     np.testing.assert_allclose(stored, direct["single1"].numpy(), rtol=2e-3, atol=2e-3)  # stored as float16
     result = CliRunner().invoke(app, [*common, "--noise", "ddim-inversion"])
     assert result.exit_code != 0 and "--noise ddim-inversion is not implemented" in result.output
+    assert len(FeatureStore.open(str(tmp_path / "s.zarr")).runs()) == 1  # refused before a run was made
