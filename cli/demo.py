@@ -21,7 +21,8 @@ def demo(
 ) -> None:
     """The whole flow on the embedded default: MNIST DDPM features of 2,000 digits, then a linear
     probe and a kNN for every (t, block) and linear CKA between the blocks at t=100, from the cache
-    (saved in store.zarr.results/), and an HTML report."""
+    (saved in store.zarr.results/), per-pixel segmentation of the same digits (MNIST-seg masks), and
+    an HTML report."""
     from pipelines.progress import set_quiet
     from pipelines.report.demo import run_demo
 
