@@ -120,7 +120,7 @@ def write_targets(
 
     def one(k: int) -> RowTargets | str:
         try:
-            return load(k)
+            return _checked(load(k), int(size))
         except Exception as exc:  # noqa: BLE001 - an unreadable target fails its row only
             return f"{type(exc).__name__}: {exc}"
 
@@ -177,23 +177,27 @@ def _prepare(store: WritableStore, dataset: str, key: str, resize: str, size: in
                          f"names them {names}: use another store for it")
     n = len(store.images)
     s = int(size)
-    plane = (s, s)
     plane_rows = max(1, _TARGET_BYTES // (s * s * 4))
-    specs = {  # name: (trailing shape, dtype, fill, chunk rows)
-        "done": ((), "uint8", 0, _TABLE_CHUNK), "failed": ((), "uint8", 0, _TABLE_CHUNK),
-        "error": ((), str, "", _TABLE_CHUNK), "geometry": ((4,), "float64", np.nan, _TABLE_CHUNK),
-        "image_size": ((2,), "int64", 0, _TABLE_CHUNK),
-        **({"mask": (plane, "uint8", IGNORE_INDEX, plane_rows)} if "mask" in info else {}),
-        **({"depth": (plane, "float32", 0.0, plane_rows)} if "depth" in info else {}),
-    }
-    for name, (shape, dtype, fill, chunk_rows) in specs.items():
-        _grown(group, name, (n, *shape), dtype, fill, (chunk_rows, *shape), _dimensions(name, len(shape)))
-    if "keypoints" in info:
-        _grown(root, "keypoints", (n, 1, 3), "float32", np.nan, (_TABLE_CHUNK, 1, 3), ("store_row", "keypoint", "xyv"))
-    if "bbox" in info:
-        _grown(root, "bbox", (n, 4), "float32", np.nan, (_TABLE_CHUNK, 4), ("store_row", "xyxy"))
+    arrays = [  # (group, name, trailing shape, dtype, fill, chunk rows, dimension names)
+        (group, "done", (), "uint8", 0, _TABLE_CHUNK, ("store_row",)),
+        (group, "failed", (), "uint8", 0, _TABLE_CHUNK, ("store_row",)),
+        (group, "error", (), str, "", _TABLE_CHUNK, ("store_row",)),
+        (group, "geometry", (4,), "float64", np.nan, _TABLE_CHUNK, ("store_row", "geometry")),
+        (group, "image_size", (2,), "int64", 0, _TABLE_CHUNK, ("store_row", "wh")),
+        *([(group, "mask", (s, s), "uint8", IGNORE_INDEX, plane_rows, ("store_row", "y", "x"))] if "mask" in info else []),
+        *([(group, "depth", (s, s), "float32", 0.0, plane_rows, ("store_row", "y", "x"))] if "depth" in info else []),
+        *([(root, "keypoints", (1, 3), "float32", np.nan, _TABLE_CHUNK, ("store_row", "keypoint", "xyv"))]
+          if "keypoints" in info else []),
+        *([(root, "bbox", (4,), "float32", np.nan, _TABLE_CHUNK, ("store_row", "xyxy"))] if "bbox" in info else []),
+    ]
+    for parent, name, shape, dtype, fill, chunk_rows, dims in arrays:
+        if name not in parent:
+            parent.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(chunk_rows, *shape), fill_value=fill,
+                                dimension_names=dims)
+    # every target array reaches the images table, also those written for another dataset (whose
+    # new rows then hold the fill: none); `RunTargets._read` relies on it
     for _, array in [*group.arrays(), *((name, root[name]) for name in ("keypoints", "bbox") if name in root)]:
-        if array.shape[0] < n:  # written for another dataset: rows of this one get the fill (none)
+        if array.shape[0] < n:
             array.resize((n, *array.shape[1:]))
     if "keypoints" in info and "keypoint_names" not in root.attrs:
         root.attrs["keypoint_names"] = names
@@ -205,23 +209,6 @@ def _prepare(store: WritableStore, dataset: str, key: str, resize: str, size: in
     return group
 
 
-def _grown(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any, fill: Any,
-           chunks: tuple[int, ...], dims: tuple[str, ...]) -> zarr.Array:
-    """group[name], created with `shape` or grown along its first axis to shape[0]."""
-    if name not in group:
-        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill,
-                                  dimension_names=dims)
-    array = group[name]
-    if array.shape[0] < shape[0]:
-        array.resize((shape[0], *array.shape[1:]))
-    return array
-
-
-def _dimensions(name: str, trailing: int) -> tuple[str, ...]:
-    return {0: ("store_row",), 1: ("store_row", "geometry" if name == "geometry" else "wh"),
-            2: ("store_row", "y", "x")}[trailing]
-
-
 def _plain(value: Any) -> Any:
     """`value` as it reads back from zarr attributes (JSON): tuples as lists, mappings as dicts."""
     if isinstance(value, Mapping):
@@ -229,6 +216,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _checked(row: RowTargets, size: int) -> RowTargets:
+    """`row`, after checking the shape of each target it has (ValueError naming the first wrong one)."""
+    shapes = {"mask": (size, size), "depth": (size, size), "bbox": (4,), "geometry": (4,)}
+    for name, shape in shapes.items():
+        value = getattr(row, name)
+        if value is not None and np.shape(value) != shape:
+            raise ValueError(f"its {name} has shape {np.shape(value)}, not {shape}")
+    if row.keypoints is not None and (np.ndim(row.keypoints) != 2 or np.shape(row.keypoints)[1] != 3):
+        raise ValueError(f"its keypoints have shape {np.shape(row.keypoints)}, not (K, 3)")
+    return row
 
 
 def _write_batch(store: WritableStore, key: str, rows: np.ndarray, loaded: list[RowTargets | str], size: int) -> None:
@@ -240,7 +239,8 @@ def _write_batch(store: WritableStore, key: str, rows: np.ndarray, loaded: list[
     ok = np.array([not isinstance(x, str) for x in loaded], dtype=bool)
     good = [x for x in loaded if not isinstance(x, str)]
     group["failed"].set_coordinate_selection(rows, (~ok).astype(np.uint8))
-    group["error"].set_coordinate_selection(rows, np.asarray([x if isinstance(x, str) else "" for x in loaded], dtype=str))
+    errors = np.asarray([x if isinstance(x, str) else "" for x in loaded], dtype=str)
+    group["error"].set_coordinate_selection(rows, errors)
     if good:
         at = (rows[ok],)
         group["geometry"].set_orthogonal_selection(at, np.stack([np.asarray(x.geometry, np.float64) for x in good]))
@@ -249,11 +249,8 @@ def _write_batch(store: WritableStore, key: str, rows: np.ndarray, loaded: list[
             if name in group:
                 values = np.full((len(good), size, size), fill, dtype=dtype)
                 for i, x in enumerate(good):
-                    plane = getattr(x, name)
-                    if plane is not None:
-                        if plane.shape != (size, size):
-                            raise StoreError(f"a {name} target of {plane.shape} was given for {key} (size {size})")
-                        values[i] = plane
+                    if getattr(x, name) is not None:
+                        values[i] = getattr(x, name)
                 group[name].set_orthogonal_selection(at, values)
         if "bbox" in root:
             boxes = np.full((len(good), 4), np.nan, dtype=np.float32)
@@ -383,7 +380,7 @@ class RunTargets:
         if failed:
             raise StoreError(f"targets of {failed} of the {len(index)} images asked for could not be read "
                              "(RunTargets.errors says why); read rows=usable_rows()")
-        array = group[name]  # every target array reaches every done row (`_prepare` grows them together)
+        array = group[name]  # it reaches every done row (`_prepare`)
         unique, inverse = np.unique(self._store_rows[index], return_inverse=True)
         values = array.get_orthogonal_selection((unique,)) if len(unique) else \
             np.zeros((0, *array.shape[1:]), dtype=array.dtype)

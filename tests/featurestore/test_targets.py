@@ -106,6 +106,14 @@ def test_another_dataset_with_other_classes_is_refused(tmp_path):
     other = {"mask": {"classes": ["background", "cat"], "ignore_index": 255}}
     with pytest.raises(StoreError, match=r"mask targets at crop-4 are .*'digit'.* dataset 'voc' has .*'cat'"):
         write_targets(store, "voc", rows, resize="crop", size=S, info=other, load=load)
+    # a decoder giving a wrongly sized plane fails that row only, with the shapes in its message
+    more = store.add_images("toy", {"id": ["late"], "label": [0], "class_name": ["a"], "split": ["train"],
+                                    "domain": ["photo"], "source": ["late"]})
+    write_targets(store, "toy", more, resize="crop", size=S, info=MASK_INFO,
+                  load=lambda k: RowTargets((S, S), np.array([1.0, 0, 1, 0]), mask=np.zeros((S, S + 1), np.uint8)))
+    late = store.create_run({"dataset": "toy", "late": True}, arrays={"b": (1, 1, 1)}, timesteps=[0], rows=more,
+                            chunk_rows=1, dtype="float32", provenance={"backbone": {"input": {"size": S}}})
+    assert run_targets(late).errors == {"late": "ValueError: its mask has shape (4, 5), not (4, 4)"}
     with pytest.raises(StoreError, match="ignore index 0"):
         write_targets(store, "toy", rows, resize="crop", size=S,
                       info={"mask": {"classes": ["background", "digit"], "ignore_index": 0}}, load=load)
