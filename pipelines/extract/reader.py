@@ -54,8 +54,8 @@ def geometry_of(w: int, h: int, size: int, resize: str = "crop") -> np.ndarray:
 
     `crop` (the default): the short side is resized to `size` (the long one to
     max(size, round(side * size / short))), then the centre size x size is cut out. `squash`
-    (DIFT's, Tang et al. 2023, src/models/dift_sd.py `SDFeaturizer4Eval.forward`: `img.resize`
-    of both sides to the input size, 768 x 768 for SD 2.1, with PIL's default bicubic filter, as
+    (DIFT's, Tang et al. 2023, sd_featurizer_spair.py `SDFeaturizer.forward`: `img.resize` of
+    both sides to the input size, 768 x 768 for SD 2.1, with PIL's default filter, bicubic, as
     here): sx = size / w, sy = size / h, no offset. Raises ValueError for another `resize`."""
     if resize not in RESIZES:
         raise ValueError(f"resize must be one of {', '.join(RESIZES)}, not {resize!r}")
