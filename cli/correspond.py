@@ -81,7 +81,11 @@ def correspond(
                 typer.echo(f"| {m.timestep} | {m.block} | {threshold} | {average} | " + " | ".join(values) + " |")
     for line in images_note(result.runs):
         typer.echo(line)
-    skipped = {k: v for k, v in result.pairs.items() if k not in ("listed", "scored") and v}
-    if skipped or result.points["outside_source_input"]:
-        typer.echo(f"left out: {skipped} pairs, {result.points['outside_source_input']} source points outside the input")
+    left_out = {"image_unusable": "pairs with an image without usable features or targets",
+                "no_common_point": "pairs without a common visible keypoint inside the input"}
+    notes = [f"{result.pairs[key]} {what}" for key, what in left_out.items() if result.pairs[key]]
+    if result.points["outside_source_input"]:
+        notes.append(f"{result.points['outside_source_input']} source points outside the input (no feature)")
+    if notes:
+        typer.echo("left out: " + "; ".join(notes))
     typer.echo(f"(saved {saved}" + (f"; matches in {save_matches}" if save_matches else "") + ")")

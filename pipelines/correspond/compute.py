@@ -102,9 +102,11 @@ def match_upsampled(queries: np.ndarray, fmap: np.ndarray, geometry: np.ndarray,
                     size: int) -> np.ndarray:
     """DIFT's match: (K, 2) float64 predicted original target points for (K, C) source features.
 
-    `fmap` (C, H, W) is the target's map, upsampled band by band of rows onto the centres of the
-    target's original w x h pixels (image_size = (w, h)) through `geometry`; only pixels inside the
-    input are candidates. Raises ValueError when no target pixel is inside the input."""
+    `fmap` (C, H, W) is the target's map, upsampled onto the centres of the target's original
+    w x h pixels (image_size = (w, h)) through `geometry`; only pixels inside the input are
+    candidates. The cosine's numerator is the upsampled map of the K projections q . f (the same
+    by linearity), its denominator each upsampled pixel's norm, computed band by band of rows.
+    Raises ValueError when no target pixel is inside the input."""
     c, h, w = fmap.shape
     width, height = (int(v) for v in image_size)
     sx, ox, sy, oy = np.asarray(geometry, dtype=np.float64)
@@ -117,21 +119,20 @@ def match_upsampled(queries: np.ndarray, fmap: np.ndarray, geometry: np.ndarray,
     wx = interpolation_matrix((sx * xs + ox) * w / size, w).astype(np.float32)  # (w', W)
     wy = interpolation_matrix((sy * ys + oy) * h / size, h).astype(np.float32)  # (h', H)
     q = normalized(np.asarray(queries, dtype=np.float32), axis=1)
-    columns = np.einsum("chw,xw->chx", fmap.astype(np.float32), wx)  # (C, H, w'): interpolate x once
-    best = np.full(len(q), -np.inf, dtype=np.float32)
-    where = np.zeros((len(q), 2))
+    fmap = fmap.astype(np.float32)
+    # q . upsampled(f) = upsampled(q . f): the numerators need only the K projected maps
+    dots = wy @ (q @ fmap.reshape(c, h * w)).reshape(len(q), h, w) @ wx.T  # (K, h', w')
+    # each pixel's norm needs its upsampled feature: interpolate x once, then bands of rows, as
+    # single matrix products over (H, C * w')
+    columns = (fmap.reshape(c * h, w) @ wx.T).reshape(c, h, -1).transpose(1, 0, 2).reshape(h, -1)
+    norms = np.empty((len(ys), len(xs)), dtype=np.float32)
     band = max(1, _BAND_VALUES // max(1, c * len(xs)))
     for start in range(0, len(ys), band):
-        up = np.einsum("yh,chx->cyx", wy[start:start + band], columns)  # (C, band, w')
-        up = normalized(up, axis=0).reshape(c, -1)
-        sims = q @ up  # (K, band * w')
-        arg = sims.argmax(axis=1)
-        value = sims[np.arange(len(q)), arg]
-        better = value > best  # strict: an equal value later in row-major order does not win
-        best[better] = value[better]
-        where[better, 0] = xs[arg[better] % len(xs)]
-        where[better, 1] = ys[start + arg[better] // len(xs)]
-    return where
+        up = (wy[start:start + band] @ columns).reshape(-1, c, len(xs))  # (band, C, w')
+        norms[start:start + band] = np.linalg.norm(up, axis=1)
+    sims = (dots / np.maximum(norms, _EPS)).reshape(len(q), -1)  # F.normalize's denominator
+    arg = sims.argmax(axis=1)  # the first best in row-major order
+    return np.column_stack([xs[arg % len(xs)], ys[arg // len(xs)]])
 
 
 def match_soft_argmax(queries: np.ndarray, fmap: np.ndarray, geometry: np.ndarray, size: int, radius: int = 1,
@@ -183,8 +184,9 @@ class Matches:
 
 def pck(matches: Matches, alphas: Sequence[float] = ALPHAS) -> dict:
     """PCK of `matches` for each alpha, threshold and average (THRESHOLDS, AVERAGES), overall and per
-    category: {"overall": {threshold: {average: {alpha: value}}}, "per_category": {category: ...},
-    "pairs", "points"}. The bbox threshold is None (undefined) when a target has no bbox.
+    category: {"overall": scores, "per_category": {category: scores}} where scores is
+    {threshold: {average: {str(alpha): value}}, "pairs": count, "points": count}. A threshold's
+    entry is None (undefined) when a target in the selection has no bbox (bbox_wh NaN).
     Raises ValueError for no matches or an alpha <= 0."""
     if not len(matches):
         raise ValueError("no keypoint pairs to score (no pair has a keypoint visible in both images)")

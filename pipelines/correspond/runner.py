@@ -38,7 +38,7 @@ UPSAMPLES = {
 }
 MATCHES_COLUMNS = ("pair", "category", "kp", "src_x", "src_y", "true_x", "true_y", "pred_x", "pred_y",
                    "bbox_w", "bbox_h", "img_w", "img_h")
-PAIRS_PER_READ = 256  # pairs whose features are read at a time (one map each)
+PAIRS_PER_READ = 64  # pairs whose features are read at a time (one map each; 1.5 GB of SD 2.1 up1 maps)
 
 
 @dataclass
@@ -97,6 +97,9 @@ def correspond_run(
                          "--upsample input takes the best pixel")
     radius = 1 if soft_radius is None else soft_radius
     temperature = 0.05 if soft_temperature is None else soft_temperature
+    if radius < 0 or not temperature > 0:
+        raise ValueError(f"--soft-radius must be >= 0 cells and --soft-temperature positive, got {radius} and "
+                         f"{temperature}")
     if not alphas or min(alphas) <= 0:
         raise ValueError(f"--alpha takes positive numbers, got {list(alphas)}")
     run = resolve_run(store, run_id)

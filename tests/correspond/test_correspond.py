@@ -195,6 +195,7 @@ def test_feature_resolution_soft_argmax_names_its_settings(toy, tmp_path):
     (["--save-matches", "x.csv"], "--save-matches writes the matches of one map"),
     (["--block", "a,b", "--timestep", "10", "--save-matches", "x.csv"], "one map"),
     (["--soft-radius", "2"], "refine --upsample feature only"),
+    (["--upsample", "feature", "--soft-temperature", "0"], "--soft-temperature positive"),
     (["--upsample", "pixel"], "--upsample must be one of input, feature"),
     (["--block", "zzz"], "has no block 'zzz'"),
     (["--alpha", "0.1,x"], "--alpha takes numbers"),
