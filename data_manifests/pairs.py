@@ -56,6 +56,7 @@ from data_manifests.sources import load_image, parse_warp, warp_fragment, warp_p
 PASCAL_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                   "tvmonitor")
+CUB_PARTS = 15  # parts/parts.txt: back, beak, belly, ..., throat
 TARGET_INFO = {"keypoints": {"decode": None, "names": None}, "bbox": {"decode": None}}
 
 
@@ -246,6 +247,8 @@ def cub_parts(root: Path, name: str, split: str = "test", pairs_per_class: int =
         for line in (root / "parts" / "part_locs.txt").read_text(encoding="utf-8").splitlines():
             if line.strip():
                 image, part, x, y, visible = line.split()[:5]
+                if not 1 <= int(part) <= CUB_PARTS:
+                    raise ValueError(f"part {part} is not 1..{CUB_PARTS}")
                 if float(visible) > 0:
                     parts[int(image)][int(part) - 1] = (float(x), float(y))
     except (OSError, ValueError) as e:
@@ -260,10 +263,9 @@ def cub_parts(root: Path, name: str, split: str = "test", pairs_per_class: int =
             pairs.append((f"images/{paths[a][0]}", f"images/{paths[b][0]}", classes[label], split))
             used.update((a, b))
     images = sorted(used)
-    k = 1 + max((p for i in images for p in parts[i]), default=14)
     return _pair_manifest(
         name, root, classes, [(f"images/{paths[i][0]}",) * 2 + (int(labels[i][0]) - 1, split) for i in images],
-        [_keypoint_row(parts[i], k) for i in images],
+        [_keypoint_row(parts[i], CUB_PARTS) for i in images],
         [_corners(*map(float, boxes[i])) for i in images], pairs)
 
 

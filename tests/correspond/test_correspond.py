@@ -232,3 +232,34 @@ def test_an_ensemble_run_of_a_warps_set_through_extract(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert len(rows) == doc["points"]["scored"] and {r["category"] for r in rows} == {"a", "b"}
     assert FeatureStore.open(str(tmp_path / "s.zarr")).run(run_id).spec["ensemble"] == 2
+
+
+def test_source_points_cropped_off_are_counted_not_scored(tmp_path):
+    """40 x 20 images centre-cropped to 16 x 16 (scale 0.8, 8 px cut on the left and right): a source
+    point at x < 10 or x > 30 has no feature. Pair 0 keeps 2 of its 3 points, pair 1 none."""
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), mode="a")
+    ids = ["p", "q", "r"]
+    rows = store.add_images("crop", {"id": ids, "label": [0] * 3, "class_name": ["x"] * 3, "split": ["test"] * 3,
+                                     "domain": ["photo"] * 3, "source": ids})
+    run = store.create_run({"dataset": "crop"}, arrays={"m": (2, 4, 4)}, timesteps=[None], rows=rows, chunk_rows=4,
+                           dtype="float32", provenance={"backbone": {"input": {"size": S}}})
+    run.write_chunk(0, {(None, "m"): np.random.default_rng(0).standard_normal((3, 2, 4, 4)).astype(np.float32)},
+                    np.zeros(3, bool), [""] * 3)
+    points = {0: [[20, 10, 1], [5, 10, 1], [29, 5, 1]], 1: [[12, 3, 1], [35, 8, 1], [30, 9, 1]],
+              2: [[2, 2, 1], [39, 1, 1], [1, 19, 1]]}
+    write_targets(store, "crop", rows, resize="crop", size=S, info={"keypoints": {"names": None}}, load=lambda k:
+                  RowTargets((40, 20), np.array([0.8, -8.0, 0.8, 0.0]), keypoints=np.array(points[k], np.float32)))
+    write_pairs(store, "crop", [(rows[0], rows[1], "x", "test"), (rows[2], rows[1], "x", "test")])
+    matches = tmp_path / "m.csv"
+    result = invoke(tmp_path / "s.zarr", "--json", "--out", tmp_path, "--save-matches", matches, "--block", "m",
+                    "--timestep", "none")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["pairs"] == {"listed": 2, "scored": 1, "image_unusable": 0, "no_common_point": 1}
+    assert doc["points"] == {"scored": 2, "outside_source_input": 4}
+    assert doc["maps"][0]["pck"]["overall"]["bbox"] is None  # no boxes: that threshold is undefined
+    with open(matches, newline="") as f:
+        rows_ = list(csv.DictReader(f))
+    assert [int(r["kp"]) for r in rows_] == [0, 2] and all(r["bbox_w"] == "" for r in rows_)
+    # predictions lie inside the crop, original x in [10, 30]
+    assert all(10 <= float(r["pred_x"]) <= 30 for r in rows_)
