@@ -81,12 +81,14 @@ class TransformerBackbone(Backbone):
     default_timesteps = (200,)
     components: tuple[str, ...] = ()  # the text parts, for error messages
 
-    def __init__(self, module: nn.Module, layout: Sequence[TokenBlock], image_size: int, patch: int,
-                 weights_digest: str, vae: nn.Module | None = None, **text: Any):
-        self.module, self.vae, self.text = module, vae, text
+    def __init__(self, module: nn.Module, layout: Sequence[TokenBlock], image_size: int | None, patch: int,
+                 weights_digest: str, vae: nn.Module | None = None):
+        """`image_size` None: the size the transformer was trained at (its sample_size in latents)."""
+        self.module, self.vae = module, vae
         self.weights_digest = weights_digest
-        self.input = InputSpec(size=image_size, channels=3, value_range=(-1.0, 1.0))
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else VAE_FACTOR
+        image_size = image_size or module.config.sample_size * factor
+        self.input = InputSpec(size=image_size, channels=3, value_range=(-1.0, 1.0))
         if image_size % (factor * patch):
             raise ValueError(f"{self.name} image_size must be a multiple of {factor * patch} "
                              f"(VAE factor {factor} x patch {patch}), got {image_size}")
@@ -185,8 +187,8 @@ class FlowMatchingBackbone(TransformerBackbone):
                      f"max_shift {s['max_shift']})")
         else:
             shift = f"shift {s['shift']}"
-        return (f"flow matching (rectified flow): x_t = (1 − σ)·x0 + σ·eps, t = {n}·σ (σ = t/{n}; the scheduler's "
-                f"{shift} moves its sampling grid and is not applied to this map)")
+        return (f"flow matching (rectified flow): x_t = (1 − σ)·x0 + σ·eps, t = {n}·σ (σ = t/{n}; "
+                f"the scheduler's {shift} moves its sampling grid and is not applied to this map)")
 
     def alphas_cumprod(self) -> torch.Tensor:
         raise ValueError(f"{self.name} is a flow-matching model with no alpha-bar schedule: --noise ddim-inversion "
@@ -211,7 +213,8 @@ def require_parts(folder: Path, name: str, required: Sequence[str]) -> None:
     missing = [c for c in required if not (folder / c).is_dir()]
     if missing:
         raise WeightsError(f"{folder} is not a {name} model folder: no {', '.join(c + '/' for c in missing)} "
-                           f"(expected {', '.join(c + '/' for c in required)} as save_pretrained or the hub layout gives)")
+                           f"(expected {', '.join(c + '/' for c in required)} as save_pretrained "
+                           "or the hub layout gives)")
 
 
 def load_tokenizer(cls: Any, folder: Path, vocab_size: int, exact: bool) -> Any:

@@ -22,7 +22,8 @@ def dit_parameters(depth: int, width: int, patch: int, channels: int, classes: i
     timestep MLP and class table (classes + 1 for the null class); the positional embedding is fixed."""
     linear = lambda i, o: i * o + o  # noqa: E731
     embedders = linear(frequencies, width) + linear(width, width) + (classes + 1) * width
-    block = embedders + linear(width, 6 * width) + 4 * linear(width, width) + linear(width, 4 * width) + linear(4 * width, width)
+    attention, mlp = 4 * linear(width, width), linear(width, 4 * width) + linear(4 * width, width)
+    block = embedders + linear(width, 6 * width) + attention + mlp
     patchify = channels * patch * patch * width + width
     final = linear(width, 2 * width) + linear(width, patch * patch * 2 * channels)  # learned sigma: 2x channels out
     return patchify + depth * block + final

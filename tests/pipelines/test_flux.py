@@ -151,7 +151,8 @@ def test_extract_stores_flux_maps_and_refuses_ddim_inversion(folder, tmp_path):
     with torch.no_grad():
         prepared = backbone.prepare(demo_inputs(backbone, 2), ["a photo of a cat"] * 2)
         eps = batch_eps([f"mnist-demo.npz#{i}" for i in range(2)], 250, 0, prepared.x0.shape[1:])
-        direct = backbone.forward_blocks(0.75 * prepared.x0 + 0.25 * eps, torch.full((2,), 250), ["single1"], prepared.cond)
+        x_t = 0.75 * prepared.x0 + 0.25 * eps
+        direct = backbone.forward_blocks(x_t, torch.full((2,), 250), ["single1"], prepared.cond)
     assert stored.shape == (2, 16, 4, 4)
     np.testing.assert_allclose(stored, direct["single1"].numpy(), rtol=2e-3, atol=2e-3)  # stored as float16
     result = CliRunner().invoke(app, [*common, "--noise", "ddim-inversion"])

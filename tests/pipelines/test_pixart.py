@@ -68,7 +68,7 @@ def test_prompts_latents_and_blocks_equal_the_module_forward(backbone, folder):
     a = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[300].float()
     torch.testing.assert_close(x_t, a.sqrt() * prepared.x0 + (1 - a).sqrt() * eps)
     t = torch.tensor([300, 300, 900])
-    added = {"resolution": torch.tensor([[64.0, 64.0]] * 3), "aspect_ratio": torch.ones(3, 1)}  # the pipeline's H, W, H/W
+    added = {"resolution": torch.tensor([[64.0, 64.0]] * 3), "aspect_ratio": torch.ones(3, 1)}  # pipeline's H, W, H/W
     module = backbone.module
     run = lambda: module(x_t, encoder_hidden_states=tokens, timestep=t, encoder_attention_mask=mask,  # noqa: E731
                          added_cond_kwargs=added)

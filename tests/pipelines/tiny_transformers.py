@@ -63,40 +63,46 @@ def write(folder: str | Path, kind: str) -> Path:
     )
 
     folder = Path(folder)
+    ddpm = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
     with torch.random.fork_rng():
         torch.manual_seed(0)
         if kind == "dit":
-            DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3,
-                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(folder / "transformer")
+            transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                out_channels=8, num_layers=3, sample_size=8, patch_size=2,
+                                                num_embeds_ada_norm=10)
             vae(folder / "vae", 4, 0.18215)
-            DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear").save_pretrained(folder / "scheduler")
+            scheduler = DDIMScheduler(**ddpm)
         elif kind == "pixart":
-            PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
-                                     num_layers=3, cross_attention_dim=24, sample_size=8, patch_size=2,
-                                     caption_channels=32, use_additional_conditions=True).save_pretrained(folder / "transformer")
+            transformer = PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4,
+                                                   out_channels=8, num_layers=3, cross_attention_dim=24, sample_size=8,
+                                                   patch_size=2, caption_channels=32, use_additional_conditions=True)
             vae(folder / "vae", 4, 0.18215)
             t5(folder, "text_encoder", "tokenizer", 32)
-            DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear").save_pretrained(folder / "scheduler")
+            scheduler = DDIMScheduler(**ddpm)
         elif kind == "sd3":
-            SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                                  pooled_projection_dim=24, out_channels=16, pos_embed_max_size=8).save_pretrained(folder / "transformer")
+            transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=3,
+                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                                caption_projection_dim=16, pooled_projection_dim=24, out_channels=16,
+                                                pos_embed_max_size=8)
             vae(folder / "vae", 16, 1.5305, 0.0609)
             clip(folder, "text_encoder", "tokenizer", 8, projection=True)
             clip(folder, "text_encoder_2", "tokenizer_2", 16, projection=True)
             t5(folder, "text_encoder_3", "tokenizer_3", 32)
-            FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         elif kind == "flux":
-            FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-                                   guidance_embeds=True, axes_dims_rope=(2, 2, 4)).save_pretrained(folder / "transformer")
+            transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                                 pooled_projection_dim=16, guidance_embeds=True,
+                                                 axes_dims_rope=(2, 2, 4))
             vae(folder / "vae", 4, 0.3611, 0.1159)
             clip(folder, "text_encoder", "tokenizer", 16)
             t5(folder, "text_encoder_2", "tokenizer_2", 32)
-            FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                            max_shift=1.15).save_pretrained(folder / "scheduler")
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                        max_shift=1.15)
         else:
             raise ValueError(f"no tiny {kind}")
+        transformer.save_pretrained(folder / "transformer")
+        scheduler.save_pretrained(folder / "scheduler")
     return folder
 
 

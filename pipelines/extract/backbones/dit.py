@@ -61,8 +61,7 @@ class DiTBackbone(TransformerBackbone):
                  vae: nn.Module | None = None, id2label: dict[str, str] | None = None):
         config = module.config
         layout = [TokenBlock(f"layer{i}", f"transformer_blocks.{i}") for i in range(config.num_layers)]
-        size = image_size or config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae else 8)
-        super().__init__(module, layout, size, config.patch_size, weights_digest, vae)
+        super().__init__(module, layout, image_size, config.patch_size, weights_digest, vae)
         self._alphas_cumprod = ddpm_alphas_cumprod(schedule)
         self.classes = int(config.num_embeds_ada_norm)
         self.labels = {name.strip(): int(k) for k, names in (id2label or {}).items() for name in names.split(",")}
@@ -116,7 +115,8 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> DiTBa
         return DiTBackbone(module, options["image_size"], str(weights), DIT_SCHEDULE)
     folder = local_model_folder(weights, HUB_IDS, "transformer/config.json", options["revision"])
     require_parts(folder, "DiT", PARTS)
-    parts = load_parts(folder, {"transformer": (DiTTransformer2DModel, "DiT transformer"), "vae": (AutoencoderKL, "VAE")})
+    parts = load_parts(folder, {"transformer": (DiTTransformer2DModel, "DiT transformer"),
+                                "vae": (AutoencoderKL, "VAE")})
     check_fit(folder, [("transformer in_channels", parts["transformer"].config.in_channels,
                         "vae latent_channels", parts["vae"].config.latent_channels)])
     index = folder / "model_index.json"

@@ -60,7 +60,8 @@ PACK = 2  # 2x2 latent patches per token
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2·W/2, 4C): FluxPipeline._pack_latents (2x2 patches, row by row, channel-major)."""
     b, c, h, w = latents.shape
-    return latents.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * PACK * PACK)
+    patches = latents.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, -1, c * PACK * PACK)
 
 
 def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -124,7 +125,7 @@ class FluxBackbone(FlowMatchingBackbone):
 
 
 @register_backbone("flux", "FLUX.1 dev/schnell (transformer 12B) + VAE + CLIP-L + T5, flow matching, packed latents, "
-                           "diffusers folder or local HF cache; blocks layer0..layer18, single0..single37 (3072, 64, 64)")
+                           "diffusers folder or local HF cache; blocks layer0..18, single0..37 (3072, 64, 64)")
 def build(weights: Path | str | None, config: dict | None, device: str) -> FluxBackbone:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -142,12 +143,15 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> FluxB
     })
     transformer, vae, clip, t5 = (parts[p] for p in ("transformer", "vae", "text_encoder", "text_encoder_2"))
     check_fit(folder, [
-        ("transformer in_channels", transformer.config.in_channels, "4 x vae latent_channels", 4 * vae.config.latent_channels),
+        ("transformer in_channels", transformer.config.in_channels,
+         "4 x vae latent_channels", 4 * vae.config.latent_channels),
         ("transformer pooled_projection_dim", transformer.config.pooled_projection_dim,
          "text_encoder hidden_size", clip.config.hidden_size),
-        ("transformer joint_attention_dim", transformer.config.joint_attention_dim, "text_encoder_2 d_model", t5.config.d_model),
+        ("transformer joint_attention_dim", transformer.config.joint_attention_dim,
+         "text_encoder_2 d_model", t5.config.d_model),
     ])
     clip_tokenizer = load_tokenizer(CLIPTokenizer, folder / "tokenizer", clip.config.vocab_size, exact=True)
     t5_tokenizer = load_tokenizer(T5TokenizerFast, folder / "tokenizer_2", t5.config.vocab_size, exact=False)
     return FluxBackbone(transformer.to(device), options, digest(folder, PARTS), scheduler_config(folder, FLUX_SCHEDULE),
-                        vae.to(device), (clip.to(device), clip_tokenizer), (t5.to(device), t5_tokenizer), guidance_given)
+                        vae.to(device), (clip.to(device), clip_tokenizer), (t5.to(device), t5_tokenizer),
+                        guidance_given)

@@ -36,7 +36,8 @@ from pipelines.extract.token_maps import (
 )
 from pipelines.extract.weights import META, RANDOM, local_model_folder
 
-HUB_IDS = ("PixArt-alpha/PixArt-XL-2-1024-MS", "PixArt-alpha/PixArt-XL-2-512x512", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")
+HUB_IDS = ("PixArt-alpha/PixArt-XL-2-1024-MS", "PixArt-alpha/PixArt-XL-2-512x512",
+           "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 # PixArt-alpha/PixArt-XL-2-1024-MS transformer/config.json (sample_size 128: additional conditions on).
 PIXART_ALPHA_1024: dict[str, Any] = {
@@ -61,8 +62,7 @@ class PixArtBackbone(TransformerBackbone):
                  vae: nn.Module | None = None, text_encoder: nn.Module | None = None, tokenizer: Any = None):
         config = module.config
         layout = [TokenBlock(f"layer{i}", f"transformer_blocks.{i}") for i in range(config.num_layers)]
-        size = options["image_size"] or config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae else 8)
-        super().__init__(module, layout, size, config.patch_size, weights_digest, vae)
+        super().__init__(module, layout, options["image_size"], config.patch_size, weights_digest, vae)
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.tokens = options["max_sequence_length"]
         if self.tokens < 1:
@@ -122,9 +122,10 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> PixAr
                                 "vae": (AutoencoderKL, "VAE"), "text_encoder": (T5EncoderModel, "T5 text encoder")})
     transformer, vae, text = parts["transformer"], parts["vae"], parts["text_encoder"]
     check_fit(folder, [
-        ("transformer caption_channels", transformer.config.caption_channels, "text_encoder d_model", text.config.d_model),
+        ("transformer caption_channels", transformer.config.caption_channels,
+         "text_encoder d_model", text.config.d_model),
         ("transformer in_channels", transformer.config.in_channels, "vae latent_channels", vae.config.latent_channels),
     ])
     tokenizer = load_tokenizer(T5TokenizerFast, folder / "tokenizer", text.config.vocab_size, exact=False)
-    return PixArtBackbone(transformer.to(device), options, digest(folder, PARTS), scheduler_config(folder, PIXART_SCHEDULE),
-                          vae.to(device), text.to(device), tokenizer)
+    return PixArtBackbone(transformer.to(device), options, digest(folder, PARTS),
+                          scheduler_config(folder, PIXART_SCHEDULE), vae.to(device), text.to(device), tokenizer)

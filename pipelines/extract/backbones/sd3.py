@@ -1,4 +1,4 @@
-"""`sd3`: Stable Diffusion 3 / 3.5 (Esser et al. 2024), diffusers SD3Transformer2DModel (MMDiT) + VAE + CLIP-L, CLIP-G, T5.
+"""`sd3`: Stable Diffusion 3 / 3.5 (Esser et al. 2024), diffusers SD3Transformer2DModel (MMDiT) + VAE + 3 text encoders.
 
 Blocks `layer0..layerN-1` are the IMAGE tokens of `transformer_blocks.i` (a joint-attention block
 returns (text tokens, image tokens)) as (C, h, w) maps (SD3-medium at 1024 px: 1536 x 64 x 64).
@@ -64,11 +64,11 @@ class SD3Backbone(FlowMatchingBackbone):
                  t5: tuple[nn.Module, Any] | None = None):
         config = module.config
         layout = [TokenBlock(f"layer{i}", f"transformer_blocks.{i}", element=1) for i in range(config.num_layers)]
-        size = options["image_size"] or config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae else 8)
-        super().__init__(module, layout, size, config.patch_size, weights_digest, vae, schedule=schedule)
+        super().__init__(module, layout, options["image_size"], config.patch_size, weights_digest, vae,
+                         schedule=schedule)
         if self.grid > config.pos_embed_max_size:
-            raise ValueError(f"sd3 image_size {size} gives {self.grid}x{self.grid} patches, more than the transformer's "
-                             f"pos_embed_max_size {config.pos_embed_max_size}")
+            raise ValueError(f"sd3 image_size {self.input.size} gives {self.grid}x{self.grid} patches, more than the "
+                             f"transformer's pos_embed_max_size {config.pos_embed_max_size}")
         self.clips, self.t5 = list(clips), t5
         self.tokens = options["max_sequence_length"]
         if self.tokens < 1:
@@ -111,8 +111,8 @@ class SD3Backbone(FlowMatchingBackbone):
         return self.module(hidden_states=x_t, timestep=t, encoder_hidden_states=tokens, pooled_projections=pooled)
 
 
-@register_backbone("sd3", "Stable Diffusion 3/3.5 MMDiT (SD3-medium 2B) + VAE + CLIP-L/G + T5, flow matching, diffusers "
-                          "folder or local HF cache; blocks layer0..layer23 as image-token maps (1536, 64, 64)")
+@register_backbone("sd3", "Stable Diffusion 3/3.5 MMDiT (SD3-medium 2B) + VAE + CLIP-L/G + T5, flow matching, "
+                          "diffusers folder or local HF cache; blocks layer0..layer23 (1536, 64, 64)")
 def build(weights: Path | str | None, config: dict | None, device: str) -> SD3Backbone:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -148,6 +148,7 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> SD3Ba
     t5 = None
     if with_t5:
         encoder = parts["text_encoder_3"]
-        t5 = (encoder.to(device), load_tokenizer(T5TokenizerFast, folder / "tokenizer_3", encoder.config.vocab_size, exact=False))
+        tokenizer = load_tokenizer(T5TokenizerFast, folder / "tokenizer_3", encoder.config.vocab_size, exact=False)
+        t5 = (encoder.to(device), tokenizer)
     return SD3Backbone(transformer.to(device), options, digest(folder, (*PARTS, *T5_PARTS)),
                        scheduler_config(folder, SD3_SCHEDULE), parts["vae"].to(device), clips, t5)
