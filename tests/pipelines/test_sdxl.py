@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -83,12 +84,13 @@ def sdxl(tiny_sdxl):
 
 
 @pytest.fixture(scope="module")
-def pipe(sdxl):
+def pipe(sdxl, tiny_sdxl):
     """diffusers' own pipeline around the backbone's components: the reference for conditioning."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline(sdxl.vae, *sdxl.text_encoders, *sdxl.tokenizers, sdxl.module,
-                                     EulerDiscreteScheduler(), force_zeros_for_empty_prompt=True)
+                                     EulerDiscreteScheduler.from_pretrained(tiny_sdxl / "scheduler"),
+                                     force_zeros_for_empty_prompt=True)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +206,28 @@ def test_folders_that_are_not_sdxl_or_do_not_fit_are_refused(tiny_sdxl, tiny_sd,
     CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "projection_dim": 16})).save_pretrained(folder / "text_encoder_2")
     with pytest.raises(WeightsError, match=r"addition_time_embed_dim = 32 but text_encoder_2 projection_dim = 16"):
         create_backbone("sdxl", folder)
+
+
+def test_extract_stores_one_forward_of_the_pipelines_conditioning(tiny_sdxl, pipe, tmp_path):
+    """End to end through the CLI: the stored block is the UNet's own forward on the noised VAE
+    latents with the conditioning diffusers' pipeline builds for the prompt."""
+    from test_extract_models import cli, demo_inputs
+
+    from featurestore.store import FeatureStore
+    from pipelines.extract.noise import q_sample
+
+    config = tmp_path / "sdxl.json"
+    config.write_text(json.dumps({"image_size": 64}))
+    result = cli("extract", "--dataset", "demo", "--limit", "3", "--backbone", "sdxl", "--weights", tiny_sdxl,
+                 "--backbone-config", config, "--store", tmp_path / "s.zarr", "--prompt", "fixed:a photo of a dog",
+                 "--timesteps", "500", "--blocks", "mid", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    run = FeatureStore.open(str(tmp_path / "s.zarr")).runs()[0]
+    with torch.no_grad():
+        latents = pipe.vae.encode(demo_inputs(create_backbone("sdxl", tiny_sdxl, {"image_size": 64}), 3)).latent_dist.mean
+        x_t = q_sample(latents * 0.13025, [f"mnist-demo.npz#{i}" for i in range(3)], 500, 0, pipe.scheduler.alphas_cumprod)
+        context, _, pooled, _ = pipe.encode_prompt(["a photo of a dog"] * 3, device="cpu", do_classifier_free_guidance=False)
+        time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32, text_encoder_projection_dim=32)
+    direct = blocks_by_hooks(pipe.unet, {"mid": "mid_block"}, x_t, torch.full((3,), 500), encoder_hidden_states=context,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(3, -1)})["mid"]
+    np.testing.assert_allclose(run.numpy(500, "mid"), direct.numpy(), rtol=0, atol=1e-5)
