@@ -264,5 +264,5 @@ def ddpm_alphas_cumprod(schedule: dict[str, Any]) -> torch.Tensor:
 
 
 def digest(folder: Path, parts: Sequence[str]) -> str:
-    """folder_digest over the `parts` subfolders the folder has (scheduler/ among them, if present)."""
-    return folder_digest(folder, [p for p in (*parts, "scheduler") if (folder / p).is_dir()])
+    """folder_digest over the `parts` (subfolders or files) the folder has, and scheduler/ if present."""
+    return folder_digest(folder, [p for p in (*parts, "scheduler") if (folder / p).exists()])

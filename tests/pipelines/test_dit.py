@@ -96,8 +96,11 @@ def test_blocks_equal_the_module_forward_and_the_forward_stops_early(backbone):
     assert ran == ["layer0", "layer1"]
 
 
-def test_loading_refusals(folder, tmp_path):
+def test_digest_covers_the_labels_and_loading_refusals(backbone, folder, tmp_path):
     copy = copy_of(folder, tmp_path)
+    assert create_backbone("dit", copy, {"image_size": 64}).weights_digest == backbone.weights_digest
+    (copy / "model_index.json").write_text(json.dumps({"id2label": {"0": "goldfish"}}))
+    assert create_backbone("dit", copy, {"image_size": 64}).weights_digest != backbone.weights_digest
     key = rename_a_key(copy / "transformer" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(WeightsError, match=rf"missing keys: {key}"):
         create_backbone("dit", copy)

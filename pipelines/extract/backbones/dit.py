@@ -121,5 +121,5 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> DiTBa
                         "vae latent_channels", parts["vae"].config.latent_channels)])
     index = folder / "model_index.json"
     id2label = json.loads(index.read_text()).get("id2label") if index.is_file() else None
-    return DiTBackbone(parts["transformer"].to(device), options["image_size"], digest(folder, PARTS),
+    return DiTBackbone(parts["transformer"].to(device), options["image_size"], digest(folder, (*PARTS, index.name)),
                        scheduler_config(folder, DIT_SCHEDULE), parts["vae"].to(device), id2label)
