@@ -226,3 +226,28 @@ def test_training_feeds_every_epoch_its_own_draws(stored, monkeypatch):
     for epoch, picks in enumerate(seen[:3]):
         np.testing.assert_array_equal(picks[train], np.random.default_rng((5, epoch, 1)).integers(K, size=N)[train])
         assert (picks[val] == -1).all()
+
+
+def test_the_commands_name_the_choice_and_refuse_a_missing_draw_in_one_line(stored, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    store = str(tmp_path / "s.zarr")
+    common = ["--block", "b", "--timestep", "10", "--pool", "1", "--out", str(tmp_path / "res")]
+    runner = CliRunner()
+    for command, extra in (("knn", ["--k", "3"]), ("probe", []), ("probe", ["--head", "linear", "--epochs", "1"])):
+        for draws, line in (("all", "noise draws: all of 3 ("), ("1", "noise draws: draw 1 only (of 3)"),
+                            ("mean", "noise draws: mean (float32 mean over the 3 draws of each image)")):
+            result = runner.invoke(app, [command, store, *common, *extra, "--draws", draws, "-q"])
+            assert result.exit_code == 0, result.output
+            assert line in result.output, (command, extra, result.output)
+        result = runner.invoke(app, [command, store, *common, *extra, "--draws", "3"])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert "draw 3 asked for, but the run holds 3 noise draws (0..2)" in lines[0]
+    head = next((tmp_path / "res").glob("probe-linear-*/*.safetensors"))
+    result = runner.invoke(app, ["probe", store, "--head-file", str(head), "--draws", "2", "-q", "--json",
+                                 "--out", str(tmp_path / "res")])
+    assert result.exit_code == 0, result.output
+    assert '"draws": 2' in result.output and "draw 2 only (of 3)" in result.output
