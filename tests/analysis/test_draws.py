@@ -206,7 +206,7 @@ def test_trained_head_batches_take_one_picked_draw_per_train_image_and_the_mean_
         np.testing.assert_array_equal(batch.features[(10, "b")].numpy(), values[batch.rows, 2].astype(np.float32))
 
 
-def test_training_feeds_every_epoch_its_own_draws(stored, monkeypatch):
+def test_training_feeds_every_epoch_its_own_draws(stored, monkeypatch, one_torch_thread):
     run, values, labels, splits = stored
     data = StoreBatches(run, [(10, "b")], labels, batch_size=8, draws="all")
     seen = []

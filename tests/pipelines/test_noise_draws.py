@@ -94,6 +94,7 @@ def test_noise_draws_1_is_the_plain_run(tmp_path):
     assert b.array(10, "block1").shape == (IMAGES, 32, 28, 28)
 
 
+@pytest.mark.slow  # a two-process dask cluster
 def test_draws_do_not_depend_on_batch_size_or_workers(tmp_path):
     two = extract(config(tmp_path / "a.zarr", noise_draws=2, batch_size=2, chunk_rows=8))  # 2+2+2 in one chunk
     four = extract(config(tmp_path / "b.zarr", noise_draws=2, batch_size=4, chunk_rows=8))  # 4+2
@@ -105,6 +106,7 @@ def test_draws_do_not_depend_on_batch_size_or_workers(tmp_path):
             assert values.tobytes() == a[key].tobytes(), (other, key)
 
 
+@pytest.mark.slow  # a child process killed mid-run, then two extractions of 384 images x 3 draws
 def test_resume_after_kill_9_gives_the_uninterrupted_draws(tmp_path):
     args = ["--dataset", "demo", "--limit", "384", "--timesteps", "50", "--blocks", "block2", "--noise-draws", "3",
             "--chunk-rows", "16", "--batch-size", "16"]
