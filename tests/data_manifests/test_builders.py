@@ -38,7 +38,9 @@ def write_png(path: Path, colour=(10, 20, 30), mode: str = "RGB") -> None:
 
 def test_registry_names():
     assert set(BUILDERS) == {"mnist_idx", "image_folder", "pacs", "quickdraw", "imagenet", "demo", "sketch_photo",
-                             "quickdraw_photos", "coop_split", "coop_fgvc_aircraft", "coop_imagenet"}
+                             "quickdraw_photos", "coop_split", "coop_fgvc_aircraft", "coop_imagenet",
+                             "voc2012", "ade20k", "cityscapes", "coco_stuff", "nyu_depth_v2", "mnist_seg", "mnist_seg_demo",
+                             "quickdraw_seg", "spair", "pf_pascal", "pf_willow", "cub_parts", "warps"}
 
 
 def test_mnist_idx_and_load_image(tmp_path):

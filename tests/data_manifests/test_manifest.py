@@ -17,10 +17,12 @@ from data_manifests.manifest import (
     load_manifest,
 )
 
-DATASETS = ["cifar10-test", "coop-caltech101", "coop-dtd", "coop-eurosat", "coop-fgvc-aircraft", "coop-flowers102",
-            "coop-food101", "coop-imagenet", "coop-oxford-pets", "coop-stanford-cars", "coop-sun397", "coop-ucf101",
-            "demo", "imagenet", "mnist-test", "pacs", "quickdraw", "quickdraw-pacs", "quickdraw-sbir", "sketchy",
-            "tu-berlin"]
+DATASETS = ["ade20k", "cifar10-test", "cityscapes", "coco-stuff", "coop-caltech101", "coop-dtd", "coop-eurosat",
+            "coop-fgvc-aircraft", "coop-flowers102", "coop-food101", "coop-imagenet", "coop-oxford-pets",
+            "coop-stanford-cars", "coop-sun397", "coop-ucf101", "cub-200", "demo", "imagenet", "mnist-seg",
+            "mnist-seg-demo", "mnist-test", "nyu-depth-v2", "pacs", "pf-pascal", "pf-willow", "quickdraw",
+            "quickdraw-pacs", "quickdraw-sbir", "quickdraw-seg", "sketchy", "spair-71k", "tu-berlin", "voc2012",
+            "warps-cifar10", "warps-pacs"]
 HEADER = "id,source,label,class_name,split,domain\n"
 REST = ("img/a1.png", "img/a2.png", "img/a3.png")  # rows 1-3 of make_manifest's sources
 
