@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from cli.app import (
-    AllowIncompleteFlag, HoldoutOption, JsonFlag, QuietFlag, ResultsOption, RunOption, StoreArgument, app,
-    parse_timestep, split_items, user_errors
+    AllowIncompleteFlag, HoldoutOption, JsonFlag, QuietFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks,
+    parse_stored_timesteps, split_items, user_errors
 )
 
 # Options `segment` and `depth` share (each keeps its own defaults).
-DenseBlocks = Annotated[list[str], typer.Option("--block", "--blocks", help="Block(s); repeat or separate by commas.")]
-DenseTimesteps = Annotated[list[str], typer.Option("--timestep", "--timesteps", help="Timestep(s); repeat or separate by commas; 'none' for experts.")]
+DenseBlocks = Annotated[list[str], typer.Option("--block", "--blocks", help="Block(s); repeat or separate by commas; all: every block of the run.")]
+DenseTimesteps = Annotated[list[str], typer.Option("--timestep", "--timesteps", help="Timestep(s); repeat or separate by commas; 'none' for experts; all: every timestep of the run.")]
 GridFlag = Annotated[bool, typer.Option("--grid", help="One head per (timestep, block) (linear), or per timestep over the blocks (hypercolumn, uhead), all trained in one pass; without it, one head reads every (timestep, block) given.")]
 DenseHeadOption = Annotated[str, typer.Option("--head", help="linear (LayerNorm + 1x1 conv, upsampled) | hypercolumn (ddpm-segmentation's pixel MLP over upsampled blocks) | uhead (the uhead pyramid, per-pixel outputs).")]
 WidthOption = Annotated[int, typer.Option(help="uhead: pyramid width.")]
@@ -33,9 +33,8 @@ def dense_config(task: str, head: str, block: list[str], timestep: list[str], gr
     from pipelines.dense.train import DenseTrainConfig
 
     train = {k: kwargs.pop(k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "device")}
-    return DenseConfig(task=task, head=head, blocks=split_items(block),
-                       timesteps=[parse_timestep(t) for t in split_items(timestep)], grid=grid,
-                       train=DenseTrainConfig(**train), **kwargs)
+    return DenseConfig(task=task, head=head, blocks=parse_blocks(block), timesteps=parse_stored_timesteps(timestep),
+                       grid=grid, train=DenseTrainConfig(**train), **kwargs)
 
 
 def print_heads(doc: dict, metrics: list[tuple[str, str]]) -> None:

@@ -23,7 +23,7 @@ import csv
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,8 @@ _SAFE = re.compile(r"[A-Za-z0-9._-]+")
 class DenseConfig:
     task: str  # segment | depth
     head: str  # linear | hypercolumn | uhead
-    blocks: list[str]
-    timesteps: list[int | None]
+    blocks: list[str] | None  # None: every block of the run (cross-attention maps excepted)
+    timesteps: list[int | None] | None  # None: every timestep of the run
     grid: bool = False
     run_id: str | None = None
     width: int = 128  # uhead pyramid width
@@ -66,8 +66,8 @@ class DenseConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown dense task {self.task!r}; tasks: {', '.join(TASKS)}")
-        if not self.blocks or not self.timesteps:
-            raise ValueError("give --block and --timestep")
+        if self.blocks == [] or self.timesteps == []:
+            raise ValueError("give --block and --timestep (or all)")
 
 
 def head_groups(cfg: DenseConfig) -> list[list[Key]]:
@@ -142,6 +142,8 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
 
     device = resolve_device(cfg.train.device)
     run = resolve_run(store, cfg.run_id)
+    cfg = replace(cfg, run_id=run.run_id, blocks=cfg.blocks or [b for b in run.blocks if not b.endswith(".attn")],
+                  timesteps=cfg.timesteps or list(run.timesteps))
     tg = run_targets(run)
     groups = head_groups(cfg)
     if save_predictions is not None and (cfg.task != "segment" or len(groups) != 1):

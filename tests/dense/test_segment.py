@@ -62,8 +62,9 @@ def test_segment_saves_predictions_that_rescore_to_the_reported_miou(toy, tmp_pa
 
 def test_grid_trains_one_head_per_block_and_hypercolumn_fuses_them(toy, tmp_path, one_torch_thread):
     path, _, _ = toy
-    doc = json.loads(invoke("segment", path, "--blocks", "fine,coarse", "--timesteps", "0", "--grid", *FAST,
+    doc = json.loads(invoke("segment", path, "--blocks", "all", "--timesteps", "all", "--grid", *FAST,
                             "--out", tmp_path, "--json").stdout)
+    assert doc["config"]["blocks"] == ["fine", "coarse"] and doc["config"]["timesteps"] == [0]
     assert [h["name"] for h in doc["heads"]] == ["linear_t0_fine", "linear_t0_coarse"]
     fine, coarse = (h["miou"] for h in doc["heads"])
     assert fine > 0.8 and coarse < 0.5  # the coarse block is noise
