@@ -9,7 +9,7 @@ import typer
 
 from cli.app import (
     AllowIncompleteFlag, HoldoutOption, JsonFlag, QuietFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks,
-    parse_stored_timesteps, split_items, user_errors
+    one_value, parse_stored_timesteps, parse_timestep, split_items, user_errors
 )
 
 # Options `segment` and `depth` share (each keeps its own defaults).
@@ -63,6 +63,8 @@ def segment(
     text_embeddings: Annotated[Optional[str], typer.Option(help="Open vocabulary: class-name embeddings (`text-embed`); the heads project pixels into this space and score cosines.")] = None,
     unseen: Annotated[Optional[list[str]], typer.Option(help="Open vocabulary: classes never trained on (their pixels are ignored in training); repeat or separate by commas.")] = None,
     temperature: Annotated[float, typer.Option(help="Open vocabulary: logits are cosines / temperature.")] = 0.07,
+    zero_shot_attention: Annotated[bool, typer.Option("--zero-shot-attention", help="Train nothing: label each pixel by the class-name token with the highest value in the cross-attention map --block <block>.attn (a run extracted with --attention-maps and --prompt fixed:TEXT).")] = False,
+    class_tokens: Annotated[Optional[str], typer.Option(help="--zero-shot-attention: the prompt position of each class's name token, in class order, comma-separated; '+' joins several tokens of one class (position 0 is the start token).")] = None,
     train_split: Annotated[str, typer.Option(help="Manifest split to train on.")] = "train",
     test_split: Annotated[str, typer.Option(help="Manifest split to test on.")] = "test",
     holdout: HoldoutOption = None,
@@ -88,6 +90,26 @@ def segment(
     from pipelines.progress import set_quiet
 
     set_quiet(quiet)
+    if zero_shot_attention:
+        from pipelines.dense.zeroshot import attention_zero_shot, parse_class_tokens
+
+        if class_tokens is None:
+            raise ValueError("--zero-shot-attention needs --class-tokens (where each class's name sits in the prompt)")
+        trained = [o for o, v in (("--text-embeddings", text_embeddings), ("--unseen", unseen),
+                                  ("--save-predictions", save_predictions), ("--grid", grid or None)) if v]
+        if trained:
+            raise ValueError(f"{', '.join(trained)}: not options of --zero-shot-attention (it trains nothing)")
+        doc = attention_zero_shot(FeatureStore.open(store), run, parse_timestep(one_value(timestep, "--timestep")),
+                                  one_value(block, "--block"), parse_class_tokens(class_tokens),
+                                  results_dir(store, out), train_split, test_split, holdout, seed, allow_incomplete)
+        if json_out:
+            typer.echo(to_json(doc))
+            return
+        typer.echo(f"{doc['block']} t={doc['timestep']} (zero-shot, attention maps): mIoU {doc['miou']:.4f}  "
+                   f"pixel accuracy {doc['pixel_accuracy']:.4f} ({doc['images']['test']} test images; saved {doc['out']})")
+        return
+    if class_tokens is not None:
+        raise ValueError("--class-tokens is an option of --zero-shot-attention")
     cfg = dense_config("segment", head, block, timestep, grid, run_id=run, width=width, train_split=train_split,
                        test_split=test_split, holdout=holdout, allow_incomplete=allow_incomplete, epochs=epochs,
                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
