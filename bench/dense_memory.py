@@ -9,7 +9,7 @@ trains one epoch on the first N images in a FRESH process, streamed by `StoreBat
 
 The maps are random: four chunks of standard normals (float16) are drawn once and written in turn
 into every chunk (drawing 13 billion normals would dominate the run; what the reader holds per
-window is the same). Disk: N_max x 2.6 MB (2.6 GB at 10,000), under --folder.
+window is the same). Disk: N_max x 2.6 MB (26 GB at 10,000), under --folder; delete it afterwards.
 
 Usage:
     python bench/dense_memory.py                              # N = 2500, 5000, 10000
@@ -106,8 +106,9 @@ def main() -> None:
     store = build(folder, max(sizes))
     rows = []
     for n in sizes:
-        child = subprocess.run([sys.executable, __file__, "--train", store, str(n), "--batch-size", str(args.batch_size)],
-                               capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        command = [sys.executable, __file__, "--train", store, str(n), "--batch-size", str(args.batch_size)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        child = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         print(f"N = {n:6d}: peak RSS {rows[-1]['peak_rss_gb']:.2f} GB, epoch {rows[-1]['epoch_seconds']:.0f} s",
               file=sys.stderr)

@@ -32,7 +32,8 @@ def dense_config(task: str, head: str, block: list[str], timestep: list[str], gr
     from pipelines.dense.runner import DenseConfig
     from pipelines.dense.train import DenseTrainConfig
 
-    train = {k: kwargs.pop(k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "device")}
+    train = {k: kwargs.pop(k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed",
+                                        "device")}
     return DenseConfig(task=task, head=head, blocks=parse_blocks(block), timesteps=parse_stored_timesteps(timestep),
                        grid=grid, train=DenseTrainConfig(**train), **kwargs)
 
@@ -106,7 +107,8 @@ def segment(
             typer.echo(to_json(doc))
             return
         typer.echo(f"{doc['block']} t={doc['timestep']} (zero-shot, attention maps): mIoU {doc['miou']:.4f}  "
-                   f"pixel accuracy {doc['pixel_accuracy']:.4f} ({doc['images']['test']} test images; saved {doc['out']})")
+                   f"pixel accuracy {doc['pixel_accuracy']:.4f} ({doc['images']['test']} test images; "
+                   f"saved {doc['out']})")
         return
     if class_tokens is not None:
         raise ValueError("--class-tokens is an option of --zero-shot-attention")

@@ -171,7 +171,8 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
     train_rows, test_rows = split_rows(run, cfg.train_split, cfg.test_split, cfg.holdout, cfg.train.seed,
                                        cfg.allow_incomplete)
     with_targets = tg.usable_rows()  # images whose targets could not be read are left out, and counted
-    missing = {"train": int((~np.isin(train_rows, with_targets)).sum()), "test": int((~np.isin(test_rows, with_targets)).sum())}
+    missing = {name: int((~np.isin(rows, with_targets)).sum())
+               for name, rows in (("train", train_rows), ("test", test_rows))}
     train_rows, test_rows = np.intersect1d(train_rows, with_targets), np.intersect1d(test_rows, with_targets)
     if not len(train_rows) or not len(test_rows):
         raise ValueError(f"no {'train' if not len(train_rows) else 'test'} image of run {run.run_id} has readable "

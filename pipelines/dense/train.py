@@ -43,7 +43,8 @@ class DenseTrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.warmup_epochs < 0:
             raise ValueError("--epochs and --batch-size must be positive, --warmup-epochs not negative")
         if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"--lr must be positive and --weight-decay not negative, got {self.lr}, {self.weight_decay}")
+            raise ValueError(f"--lr must be positive and --weight-decay not negative, got {self.lr}, "
+                             f"{self.weight_decay}")
 
 
 class TargetReader:

@@ -34,7 +34,8 @@ def dense_store(path, n: int = 48, seed: int = 0, *, ids: list[str] | None = Non
     splits = ["train" if i % 2 else "test" for i in range(n)]
     rows = store.add_images("toyseg", {"id": ids, "label": [0] * n, "class_name": ["x"] * n, "split": splits,
                                        "domain": ["x"] * n, "source": ids})
-    run = store.create_run({"dataset": "toyseg", "name": "dense"}, arrays={"fine": (4, S, S), "coarse": (6, S // 2, S // 2)},
+    arrays = {"fine": (4, S, S), "coarse": (6, S // 2, S // 2)}
+    run = store.create_run({"dataset": "toyseg", "name": "dense"}, arrays=arrays,
                            timesteps=[0], rows=rows, chunk_rows=chunk_rows, dtype="float32",
                            provenance={"backbone": {"input": {"size": S}}})
     for c in range(run.n_chunks):
