@@ -556,7 +556,7 @@ def parse_dense(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     if examples.is_file():
         with np.load(examples) as ex:
             heads = [h["name"] for h in doc["heads"] if h["name"] in ex.files][:6]
-            fig = dense_examples_figure(f"{info.backbone} on {info.dataset}: ground truth and predictions (test)",
+            fig = dense_examples_figure(f"{info.backbone} on {info.dataset}\nground truth and predictions (test)",
                                         [str(i) for i in ex["ids"]], ex["truth"], {h: ex[h] for h in heads},
                                         doc.get("ignore_index") if doc["task"] != "depth" else None)
         figures.append(Figure("ground truth and predictions of the first test images", png(fig),
