@@ -43,8 +43,10 @@ def print_heads(doc: dict, metrics: list[tuple[str, str]]) -> None:
     from pipelines.analysis import images_note
 
     for h in doc["heads"]:
-        values = "  ".join(f"{label} {h[key]:.4f}" for key, label in metrics)
-        typer.echo(f"{h['name']}: {values}")
+        values = "  ".join(f"{label} {'n/a' if h[key] is None else f'{h[key]:.4f}'}" for key, label in metrics)
+        typer.echo(f"{h['name']}: {values}" + (f"  ({h['miou_classes']} classes in the mean)" if "miou_classes" in h else ""))
+    variant = doc["heads"][0]["variant"]
+    typer.echo("variant: " + ("; ".join(f"{k}: {v}" for k, v in variant.items()) if isinstance(variant, dict) else variant))
     for line in images_note(doc["runs"]):
         typer.echo(line)
     typer.echo(f"({doc['images']['train']} train / {doc['images']['test']} test images; {doc['training']}; "
