@@ -16,7 +16,7 @@ S = 8  # input size: masks are S x S
 
 
 def dense_store(path, n: int = 48, seed: int = 0, *, ids: list[str] | None = None, chunk_rows: int = 16,
-                depth: bool = True) -> tuple[Run, dict]:
+                depth: bool = True, eval_crop: str | None = None) -> tuple[Run, dict]:
     """A store at `path` with one run (t=0, blocks "fine" (4, S, S) and "coarse" (6, S/2, S/2)) and
     masks (+ depth) targets. Mask pixels are class k where channel k of "fine" is largest (channel 3
     is noise); a few pixels are 255. Depth = 1 + 2 * sigmoid(channel 0). Splits alternate test/train.
@@ -44,7 +44,7 @@ def dense_store(path, n: int = 48, seed: int = 0, *, ids: list[str] | None = Non
                         [""] * (s.stop - s.start))
     info = {"mask": {"classes": CLASSES, "ignore_index": 255}}
     if depth:
-        info["depth"] = {"unit": "m", "max_depth": 10.0, "eval_crop": None}
+        info["depth"] = {"unit": "m", "max_depth": 10.0, "eval_crop": eval_crop}
     geometry = np.array([1.0, 0.0, 1.0, 0.0])
     write_targets(store, "toyseg", rows, resize="crop", size=S, info=info,
                   load=lambda k: RowTargets((S, S), geometry, mask=masks[k], depth=depth_maps[k] if depth else None))

@@ -99,6 +99,18 @@ def test_depth_metrics_equal_an_independent_computation_from_the_saved_head(toy,
     assert "Eigen" in head["variant"] and head["max_depth"] == 10.0
 
 
+def test_depth_with_the_eigen_crop_scores_only_the_pixels_inside_it(tmp_path, build_dense_store):
+    # identity geometry on 8 x 8 images: the crop keeps pixel centres with y in [0.75, 7.85) and
+    # x in [0.5125, 7.5125), i.e. rows 1..7 and columns 1..7
+    _, data = build_dense_store(tmp_path / "s.zarr", n=16, eval_crop="eigen")
+    result = invoke("depth", tmp_path / "s.zarr", "--block", "fine", "--timestep", "0", "--epochs", "1", "--quiet",
+                    "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    (head,) = json.loads(result.stdout)["heads"]
+    g = data["depth"][0::2]
+    assert head["pixels"] == int((g[:, 1:, 1:] > 1e-3).sum()) < int((g > 1e-3).sum())
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--head", "linear", "--blocks", "fine,coarse"], "reads one (timestep, block)"),
     (["--head", "conv"], "unknown dense head 'conv'"),
