@@ -72,3 +72,43 @@ def test_a_prompt_that_differs_per_image_is_refused(tmp_path):
     result = invoke("segment", tmp_path / "s.zarr", "--zero-shot-attention", "--block", "up1.attn", "--timestep", "50",
                     "--class-tokens", "1,2,3", "--holdout", "0.5", "--out", tmp_path)
     assert result.exit_code == 1 and "needs one prompt for every image" in result.output
+
+
+def test_end_to_end_on_a_tiny_sd15_run_extracted_with_attention_maps(tmp_path):
+    """extract (a tiny random SD folder, --attention-maps, a fixed prompt naming the classes) then
+    the baseline; its mIoU equals one computed here from the stored maps and masks."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from featurestore.targets import run_targets
+
+    sys.path.append(str(Path(__file__).parents[1] / "pipelines"))
+    from tiny_models import write_tiny_sd  # noqa: E402  (tests/pipelines' helper)
+
+    folder = write_tiny_sd(tmp_path / "sd")
+    (tmp_path / "sd.json").write_text(json.dumps({"image_size": 64}))
+    store = tmp_path / "s.zarr"
+    names = "background zero one two three four five six seven eight nine"
+    extracted = invoke("extract", "--dataset", "mnist-seg-demo", "--limit", "8", "--backbone", "sd15", "--weights",
+                       folder, "--backbone-config", tmp_path / "sd.json", "--store", store, "--timesteps", "10",
+                       "--blocks", "up1", "--attention-maps", "--prompt", f"fixed:{names}", "--dtype", "float32")
+    assert extracted.exit_code == 0, extracted.output
+    tokens = ",".join(str(p) for p in range(1, 12))
+    result = invoke("segment", store, "--zero-shot-attention", "--block", "up1.attn", "--timestep", "10",
+                    "--class-tokens", tokens, "--holdout", "0.5", "--out", tmp_path / "r", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    run = FeatureStore.open(str(store)).runs()[0]
+    test = np.flatnonzero(np.random.default_rng(0).random(len(run)) < 0.5)
+    maps = torch.from_numpy(run.numpy(10, "up1.attn", test)[:, 1:12])
+    assert maps.shape[2:] == (8, 8)  # up1's attention runs on the 8 x 8 latents of a 64 px input: upsampled to 64
+    pred = torch.nn.functional.interpolate(maps, size=(64, 64), mode="bilinear").argmax(1).numpy()
+    truth = run_targets(run).masks(test)
+    keep = truth != 255
+    confusion = np.zeros((11, 11), int)
+    np.add.at(confusion, (truth[keep], pred[keep]), 1)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    assert doc["miou"] == pytest.approx(np.mean(np.diag(confusion)[union > 0] / union[union > 0]))
+    assert doc["prompt"] == f"fixed:{names}" and doc["images"]["test"] == len(test)
