@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featurestore.store import FeatureStore, Run, timestep_key
+from featurestore.store import FeatureStore, timestep_key
 from pipelines.analysis import results_path, run_images, write_json
 from pipelines.dense.heads import CosineLogits, DenseSpec, build_dense_head, save_dense_head
 from pipelines.dense.openvocab import OpenVocab

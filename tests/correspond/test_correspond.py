@@ -74,7 +74,6 @@ def dift_matches(data, t, block):
     for s, t_, category in PAIRS:
         fs, ft = (torch.from_numpy(data["features"][(t, block)][i])[None] for i in (s, t_))
         (ws, hs), (wt, ht) = data["sizes"][s], data["sizes"][t_]
-        up_s = F.interpolate(fs, size=(int(hs), int(ws)), mode="bilinear", align_corners=False)[0]
         up_t = F.interpolate(ft, size=(int(ht), int(wt)), mode="bilinear", align_corners=False)[0]
         trg = F.normalize(up_t.reshape(up_t.shape[0], -1), dim=0)
         found = []
