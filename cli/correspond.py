@@ -68,17 +68,21 @@ def correspond(
     if json_out:
         typer.echo(to_json(result.to_dict()))
         return
+    settings = result.settings
+    soft = (f" (soft-argmax window R = {settings['soft_radius']} cells, temperature T = "
+            f"{settings['soft_temperature']})" if result.upsample == "feature" else "")
     typer.echo(f"run {result.run_id} ({result.dataset}, {result.geometry}): {result.pairs['scored']} pairs, "
-               f"{result.points['scored']} points; upsample {result.upsample}")
+               f"{result.points['scored']} points; upsample {result.upsample}{soft}")
     typer.echo("| t | block | threshold | average | " + " | ".join(f"PCK@{a}" for a in result.alphas) + " |")
     typer.echo("|---|---|---|---|" + "---|" * len(result.alphas))
     for m in result.maps:
+        t = "none" if m.timestep is None else m.timestep  # as --timestep takes it
         for threshold in ("bbox", "image"):
             scores = m.pck["overall"][threshold]
             for average in ("per_image", "per_point"):
                 values = ["n/a (no bbox)"] * len(result.alphas) if scores is None else \
                     [f"{scores[average][str(a)]:.4f}" for a in result.alphas]
-                typer.echo(f"| {m.timestep} | {m.block} | {threshold} | {average} | " + " | ".join(values) + " |")
+                typer.echo(f"| {t} | {m.block} | {threshold} | {average} | " + " | ".join(values) + " |")
     for line in images_note(result.runs):
         typer.echo(line)
     left_out = {"image_unusable": "pairs with an image without usable features or targets",

@@ -153,7 +153,8 @@ def _csv_rows(path: Path) -> list[list[str]]:
 def _pf_manifest(name: str, root: Path, path: Path,
                  parsed: list[tuple[str, str, str, np.ndarray, np.ndarray]]) -> Manifest:
     """Rows and pairs of PF pairs (image A, image B, category, points A (n, 2), points B (n, 2)) in
-    MATLAB pixel coordinates; one row per distinct point list of an image (module docstring)."""
+    MATLAB pixel coordinates; one row per distinct point list of an image, its bbox the points'
+    bounding box (module docstring)."""
     classes = sorted({category for _, _, category, _, _ in parsed})
     rows: dict[tuple[str, bytes], str] = {}  # (image, points) -> id
     images, keypoints, boxes, pairs = [], [], [], []
@@ -184,7 +185,9 @@ def _numbers(cells: Sequence[str], path: Path, line: int) -> np.ndarray:
 
 
 def pf_willow(root: Path, name: str, csv_file: str = "test_pairs_pf.csv") -> Manifest:
-    """PF-WILLOW pairs of `root/csv_file` (10 points per image); the category is the image's folder."""
+    """PF-WILLOW pairs of `root/csv_file` (10 points per image); the category is the image's folder.
+    The CSV has no boxes: each image's `bbox` target is its keypoints' bounding box (module docstring),
+    so the bbox PCK threshold is alpha times the target keypoints' larger extent."""
     path = root / csv_file
     parsed = []
     for line, row in enumerate(_csv_rows(path), start=2):
@@ -197,7 +200,9 @@ def pf_willow(root: Path, name: str, csv_file: str = "test_pairs_pf.csv") -> Man
 
 
 def pf_pascal(root: Path, name: str, csv_file: str = "test_pairs_pf_pascal.csv") -> Manifest:
-    """PF-PASCAL pairs of `root/csv_file`; the category is PASCAL_CLASSES[class - 1]."""
+    """PF-PASCAL pairs of `root/csv_file`; the category is PASCAL_CLASSES[class - 1]. The CSV has no
+    boxes: each row's `bbox` target is the bounding box of its keypoints (the points of that pair's
+    list), so the bbox PCK threshold is alpha times the target keypoints' larger extent."""
     path = root / csv_file
     parsed = []
     for line, row in enumerate(_csv_rows(path), start=2):

@@ -23,9 +23,11 @@ a paper's: softmax(cos / temperature) over the (2r + 1)^2 cells around the best,
 cell centres), then maps the point back to original pixels.
 
 PCK (`pck`): a point is correct when its distance to the true target point is <= alpha * max(h, w)
-of the target's bbox or of the target image (DIFT uses <= and the bbox). Per image: the mean over
-pairs of each pair's fraction of correct points (DIFT's "per image PCK"); per point: correct
-points over all points pooled (DIFT's "per point PCK").
+of the target image's box (its `bbox` target as the dataset's builder writes it: the annotated object
+box, or where a dataset has none the keypoints' bounding box; data_manifests/pairs.py) or of the
+target image (DIFT uses <= and the bbox). Per image: the mean over pairs of each pair's fraction of
+correct points (DIFT's "per image PCK"); per point: correct points over all points pooled (DIFT's
+"per point PCK").
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ import numpy as np
 
 ALPHAS = (0.05, 0.1, 0.15)
 THRESHOLDS = {
-    "bbox": "alpha * max(height, width) of the target keypoints' bounding box, original target pixels",
+    "bbox": "alpha * max(x1 - x0, y1 - y0) of the target image's box in the dataset's bbox target column (its "
+            "annotated object box; the keypoints' bounding box for datasets without boxes: pf-pascal, pf-willow), "
+            "original target pixels",
     "image": "alpha * max(height, width) of the target image, original target pixels",
 }
 AVERAGES = {

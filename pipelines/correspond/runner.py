@@ -63,6 +63,7 @@ class CorrespondResult:
     settings: dict[str, Any]
     variants: dict[str, Any] = field(default_factory=lambda: {
         "thresholds": THRESHOLDS, "averages": AVERAGES, "correct": CORRECT})
+    out: str | None = None  # the results file, once `save_correspond` has written it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,8 +233,10 @@ def save_matches(matches: Matches, path: str | Path) -> Path:
 
 
 def save_correspond(result: CorrespondResult, folder: Path) -> Path:
-    """The result as `correspond-<run>-<maps>-<digest>.json` in `folder` (the digest covers every setting)."""
+    """The result as `correspond-<run>-<maps>-<digest>.json` in `folder` (the digest covers every
+    setting); its path is set as `result.out` and written in the file ("out")."""
     maps = result.maps
     label = (f"{timestep_key(maps[0].timestep)}-{maps[0].block}" if len(maps) == 1 else f"{len(maps)}maps")
-    return write_json(result.to_dict(), results_path(folder, "correspond", result.settings,
-                                                     f"{result.run_id}-{label}"))
+    path = results_path(folder, "correspond", result.settings, f"{result.run_id}-{label}")
+    result.out = str(path)
+    return write_json(result.to_dict(), path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,8 @@ def test_every_map_of_a_grid_is_difts_pck(toy, tmp_path):
     assert 0 < max(values) and max(values) < 1  # not degenerate
     saved = list(tmp_path.glob("correspond-*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["maps"] == doc["maps"]
+    assert Path(doc["out"]).resolve() == saved[0].resolve()  # --json says where the file went
+    assert json.loads(saved[0].read_text())["out"] == doc["out"]
 
 
 def test_pck_from_the_saved_matches_equals_the_commands(toy, tmp_path):
@@ -185,6 +188,10 @@ def test_feature_resolution_soft_argmax_names_its_settings(toy, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert "R = 2 cells, T = 0.05" in doc["method"] and doc["settings"]["soft_radius"] == 2
+    text = invoke(path, "--block", "a", "--timesteps", "10", "--upsample", "feature", "--soft-radius", "2",
+                  "--out", tmp_path)
+    assert text.exit_code == 0, text.output
+    assert "upsample feature (soft-argmax window R = 2 cells, temperature T = 0.05)" in text.output.splitlines()[0]
     # the input variant's results file is another file: settings are in the digest
     assert invoke(path, "--block", "a", "--timesteps", "10", "--out", tmp_path).exit_code == 0
     assert len(list(tmp_path.glob("correspond-*.json"))) == 2
@@ -262,3 +269,9 @@ def test_source_points_cropped_off_are_counted_not_scored(tmp_path):
     assert [int(r["kp"]) for r in rows_] == [0, 2] and all(r["bbox_w"] == "" for r in rows_)
     # predictions lie inside the crop, original x in [10, 30]
     assert all(10 <= float(r["pred_x"]) <= 30 for r in rows_)
+    # the text table names the expert timestep as --timestep takes it
+    text = invoke(tmp_path / "s.zarr", "--out", tmp_path, "--block", "m", "--timestep", "none")
+    assert text.exit_code == 0, text.output
+    table = [line for line in text.output.splitlines() if line.startswith("| none | m |")]
+    assert len(table) == 4 and "None" not in text.output
+    assert table[0].startswith("| none | m | bbox | per_image | n/a (no bbox)")
