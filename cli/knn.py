@@ -59,6 +59,6 @@ def knn(
         return
     for value in ks:
         typer.echo(f"{block_name} t={t} k={value}: top-1 {result.top1[value]:.4f} top-5 {result.top5[value]:.4f}")
-    for line in filter(None, [*images_note(result.runs), result.settings["draws_meaning"]]):
+    for line in filter(None, [*images_note(result.runs), result.settings.get("draws_meaning")]):
         typer.echo(line)
     typer.echo(f"({result.train} train / {result.test} test images, {result.features} features; saved {saved})")

@@ -141,7 +141,7 @@ def probe(
             return
         typer.echo(f"{result.block} t={result.timestep}: top-1 {result.top1:.4f} "
                    f"(train {result.train_top1:.4f}; {result.train} train / {result.test} test images)")
-        for line in filter(None, [*images_note(result.runs), result.settings["draws_meaning"]]):
+        for line in filter(None, [*images_note(result.runs), result.settings.get("draws_meaning")]):
             typer.echo(line)
         typer.echo(f"saved {saved}")
         return

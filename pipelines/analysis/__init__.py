@@ -100,6 +100,15 @@ def draws_meaning(draws: str | int, runs: Sequence[Run], all_means: str) -> str 
     return f"noise draws: draw {draws} only (of {k})"
 
 
+def single_draw_dropped(settings: Mapping[str, Any], runs: Sequence[Run]) -> dict[str, Any]:
+    """`settings` without "draws" and "draws_meaning" when every run holds one noise draw per image:
+    there every --draws choice gives the same numbers, and results keep the file names (digests)
+    they had before runs could hold several draws."""
+    if any(run.noise_draws > 1 for run in runs):
+        return dict(settings)
+    return {k: v for k, v in settings.items() if k not in ("draws", "draws_meaning")}
+
+
 # -- images of a result ------------------------------------------------------------------------
 def run_images(runs: Sequence[Run]) -> dict[str, dict[str, int]]:
     """Per run id: images `used` (extracted, not failed: the rows a command draws from), `failed`

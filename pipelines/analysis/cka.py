@@ -40,7 +40,7 @@ import numpy as np
 from featurestore.pooling import pooled
 from featurestore.store import FeatureStore, Run, parse_draws, timestep_key
 from pipelines.analysis import (SLAB_ROWS, draws_meaning, read_pooled, results_path, row_slabs, run_images,
-                                training_samples, write_json)
+                                single_draw_dropped, training_samples, write_json)
 from pipelines.heads.logistic import resolve_run
 from pipelines.progress import bar
 
@@ -437,9 +437,11 @@ def cka_run(
     distinct = np.array([[rv.key != cv.key for cv in cols] for rv in rows])
     if undefined and not any(np.isfinite(m[np.ix_(r, c)])[distinct].any() for m in matrices.values()):
         raise ValueError(undefined)
-    settings = {"grid": grid, "method": method, "pool": pool, "rows": [list(v.key) for v in rows],
-                "cols": [list(v.key) for v in cols], "allow_incomplete": allow_incomplete, "draws": draws,
-                **({"batch_size": batch_size, "seed": seed} if method == "minibatch" else {})}
+    settings = single_draw_dropped({"grid": grid, "method": method, "pool": pool, "rows": [list(v.key) for v in rows],
+                                    "cols": [list(v.key) for v in cols], "allow_incomplete": allow_incomplete,
+                                    "draws": draws,
+                                    **({"batch_size": batch_size, "seed": seed} if method == "minibatch" else {})},
+                                   runs)
     return CkaResult(
         results_path(Path(), "cka", settings, result_label(grid, method, unique), suffix="").name, grid, method, images,
         pool, [v.label for v in rows], [v.label for v in cols],

@@ -24,7 +24,7 @@ import numpy as np
 
 from featurestore.store import FeatureStore, timestep_key
 from pipelines.analysis import (SLAB_ROWS, draws_meaning, read_pooled, results_path, row_slabs, run_images,
-                                scored_draws, training_samples, write_json)
+                                scored_draws, single_draw_dropped, training_samples, write_json)
 from pipelines.heads.logistic import ClassifiedMap, resolve_run, split_rows
 from pipelines.progress import bar
 
@@ -171,11 +171,13 @@ def knn_run(
                  for s in row_slabs(run, train, slab_rows))
         sims, indices = streamed_topk(slabs, queries, max(ks), device)
     accuracy = knn_accuracy(sims, indices, np.repeat(labels[train], per_image), labels[test], ks, temperature)
-    settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "k": list(ks), "pool": pool,
-                "temperature": temperature, "train_split": train_split, "test_split": test_split, "holdout": holdout,
-                "seed": seed, "device": device, "allow_incomplete": allow_incomplete, "draws": draws,
-                "draws_meaning": draws_meaning(draws, [run], "every draw of a train image is a neighbour of its own; "
-                                                             "queries: the float32 mean of their draws")}
+    meaning = draws_meaning(draws, [run], "every draw of a train image is a neighbour of its own; "
+                                          "queries: the float32 mean of their draws")
+    settings = single_draw_dropped({
+        "run_id": run.run_id, "timestep": timestep, "block": block, "k": list(ks), "pool": pool,
+        "temperature": temperature, "train_split": train_split, "test_split": test_split, "holdout": holdout,
+        "seed": seed, "device": device, "allow_incomplete": allow_incomplete, "draws": draws, "draws_meaning": meaning,
+    }, [run])
     return KnnResult(
         run.run_id, timestep, block, pool, queries.shape[1], len(train), len(test), run_images([run]), settings,
         temperature, top1={k: acc[0] for k, acc in accuracy.items()}, top5={k: acc[1] for k, acc in accuracy.items()},

@@ -56,7 +56,7 @@ import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
 from pipelines.analysis import (SLAB_ROWS, draws_meaning, read_pooled, results_path, row_slabs, run_images,
-                                scored_draws, training_samples, write_json)
+                                scored_draws, single_draw_dropped, training_samples, write_json)
 from pipelines.analysis.knn import flat_ip_index, l2_normalized
 from pipelines.analysis.projection import ProjectionConfig, train_projection
 from pipelines.analysis.splits import load_split
@@ -484,9 +484,10 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
         draws=draws_meaning(config.draws, [query_run, gallery_run], (
             "the projection is fitted on every draw as a sample of its own; " if project is not None else "")
             + "queries and gallery: the float32 mean of their draws"),
-        settings={**{k: v for k, v in asdict(config).items() if k != "slab_rows"},
-                  "query": asdict(dataclasses.replace(q, run=query_run.run_id)),
-                  "gallery": asdict(dataclasses.replace(g, run=gallery_run.run_id))},
+        settings=single_draw_dropped({**{k: v for k, v in asdict(config).items() if k != "slab_rows"},
+                                      "query": asdict(dataclasses.replace(q, run=query_run.run_id)),
+                                      "gallery": asdict(dataclasses.replace(g, run=gallery_run.run_id))},
+                                     [query_run, gallery_run]),
     )
 
 

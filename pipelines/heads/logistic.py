@@ -16,7 +16,7 @@ import numpy as np
 
 from featurestore.store import FeatureStore, Run, timestep_key
 from pipelines.analysis import (draws_meaning, read_pooled, results_path, run_images, scored_draws,
-                                training_samples, write_json)
+                                single_draw_dropped, training_samples, write_json)
 from pipelines.progress import bar
 
 
@@ -145,11 +145,13 @@ def probe_run(
         advance(0, description=f"{what}: fitting")
         test_pred, train_pred = logistic_predictions(train_x, y[train][at], test_x, c=c)
     classes = class_names(y, run.images.class_name)
-    settings = {"run_id": run.run_id, "timestep": timestep, "block": block, "pool": pool, "train_split": train_split,
-                "test_split": test_split, "holdout": holdout, "seed": seed, "c": c, "allow_incomplete": allow_incomplete,
-                "draws": draws, "draws_meaning": draws_meaning(draws, [run], "fitted on every draw of a train image "
-                                                               "as a sample of its own; test images: the float32 mean "
-                                                               "of their draws")}
+    meaning = draws_meaning(draws, [run], "fitted on every draw of a train image as a sample of its own; "
+                                          "test images: the float32 mean of their draws")
+    settings = single_draw_dropped({
+        "run_id": run.run_id, "timestep": timestep, "block": block, "pool": pool, "train_split": train_split,
+        "test_split": test_split, "holdout": holdout, "seed": seed, "c": c, "allow_incomplete": allow_incomplete,
+        "draws": draws, "draws_meaning": meaning,
+    }, [run])
     return ProbeResult(run.run_id, timestep, block, pool, test_x.shape[1], len(train), len(test), run_images([run]),
                        settings, float((test_pred == y[test]).mean()), float((train_pred == y[train][at]).mean()),
                        classes, **class_metrics(y[test], test_pred, classes))

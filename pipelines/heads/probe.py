@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from featurestore.store import FeatureStore, Run, timestep_key
-from pipelines.analysis import draws_meaning, results_path, run_images, scored_draws, write_json
+from pipelines.analysis import draws_meaning, results_path, run_images, scored_draws, single_draw_dropped, write_json
 from pipelines.device import resolve_device
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import class_names, resolve_run, split_rows
@@ -119,7 +119,7 @@ def probe_heads(store: FeatureStore, cfg: ProbeConfig, results: Path) -> dict:
     log = train_grid(data, trainees, train_rows, val_rows, cfg.train)
     order, logits = predict(data, {t.name: t.head for t in trainees}, test_rows, device)
 
-    settings = {**asdict(cfg), "run_id": run.run_id}
+    settings = single_draw_dropped({**asdict(cfg), "run_id": run.run_id}, [run])
     out = results_path(results, "probe", settings, f"{cfg.head}-{run.run_id}", suffix="")
     out.mkdir(parents=True, exist_ok=True)
     heads = []
@@ -214,6 +214,7 @@ def evaluate_head_file(store: FeatureStore, head_file: Path, results: Path, *, r
     settings = {"head_file_sha256": file_sha256(head_file), "run_id": run.run_id, "train_split": train_split,
                 "test_split": test_split, "holdout": holdout, "seed": seed, "allow_incomplete": allow_incomplete,
                 "draws": scored_draws(draws)}
+    settings = single_draw_dropped(settings, [run])
     out = results_path(results, "probe", settings, f"head-{run.run_id}")
     doc = {
         "task": "probe-head-file", "store": store.url, "run_id": run.run_id, "head_file": str(head_file),

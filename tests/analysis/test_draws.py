@@ -4,6 +4,9 @@ here; results of other --draws never share a file."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +254,19 @@ def test_the_commands_name_the_choice_and_refuse_a_missing_draw_in_one_line(stor
                                  "--out", str(tmp_path / "res")])
     assert result.exit_code == 0, result.output
     assert '"draws": 2' in result.output and "draw 2 only (of 3)" in result.output
+
+
+def test_on_a_run_of_one_draw_the_choice_is_not_a_setting_and_results_keep_their_names(tmp_path):
+    """Every --draws gives the same numbers on a run of one draw, so the settings (and the results
+    file's digest) leave it out: the digest is the one of the settings without it."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(N) % 3
+    values = rng.standard_normal((N, *SHAPE)).astype(np.float16)
+    write_run(tmp_path / "one.zarr", values, labels, ["train" if i % 3 else "test" for i in range(N)])
+    store = FeatureStore.open(str(tmp_path / "one.zarr"))
+    results = [knn_run(store, None, 10, "b", [3], pool=None, draws=d) for d in ("mean", "all", 0)]
+    assert {r.top1[3] for r in results} == {results[0].top1[3]}
+    assert all("draws" not in r.settings and "draws_meaning" not in r.settings for r in results)
+    paths = {save_knn(r, tmp_path / "res") for r in results}
+    canonical = json.dumps({"command": "knn", "settings": results[0].settings}, sort_keys=True, separators=(",", ":"))
+    assert [p.name.rsplit("-", 1)[1] for p in paths] == [hashlib.sha256(canonical.encode()).hexdigest()[:8] + ".json"]
