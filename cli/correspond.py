@@ -45,7 +45,7 @@ def correspond(
     thresholds, overall and per category."""
     from featurestore.store import FeatureStore
     from pipelines.analysis import images_note, results_dir, to_json
-    from pipelines.correspond.runner import correspond_run, save_correspond
+    from pipelines.correspond.runner import correspond_run, left_out_notes, save_correspond
     from pipelines.correspond.runner import save_matches as write_matches
     from pipelines.progress import set_quiet
 
@@ -85,11 +85,7 @@ def correspond(
                 typer.echo(f"| {t} | {m.block} | {threshold} | {average} | " + " | ".join(values) + " |")
     for line in images_note(result.runs):
         typer.echo(line)
-    left_out = {"image_unusable": "pairs with an image without usable features or targets",
-                "no_common_point": "pairs without a common visible keypoint inside the input"}
-    notes = [f"{result.pairs[key]} {what}" for key, what in left_out.items() if result.pairs[key]]
-    if result.points["outside_source_input"]:
-        notes.append(f"{result.points['outside_source_input']} source points outside the input (no feature)")
+    notes = left_out_notes(result.pairs, result.points)
     if notes:
         typer.echo("left out: " + "; ".join(notes))
     typer.echo(f"(saved {saved}" + (f"; matches in {save_matches}" if save_matches else "") + ")")

@@ -210,6 +210,17 @@ def _match_map(run, t, block, chosen: _Pairs, keypoints, geometry, image_size, b
     return Matches(**{name: np.concatenate(values) for name, values in out.items()})
 
 
+def left_out_notes(pairs: dict[str, int], points: dict[str, int]) -> list[str]:
+    """What a result did not score, in words (`CorrespondResult.pairs` and `.points`, or the same keys
+    of its JSON); empty when everything was scored."""
+    what = {"image_unusable": "pairs with an image without usable features or targets",
+            "no_common_point": "pairs without a common visible keypoint inside the input"}
+    notes = [f"{pairs[key]} {text}" for key, text in what.items() if pairs[key]]
+    if points["outside_source_input"]:
+        notes.append(f"{points['outside_source_input']} source points outside the input (no feature)")
+    return notes
+
+
 def save_matches(matches: Matches, path: str | Path) -> Path:
     """One CSV row per scored source keypoint, columns MATCHES_COLUMNS (target keypoint, prediction,
     target bbox and image size in original target pixels; bbox_w/bbox_h empty for a target without

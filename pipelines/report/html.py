@@ -5,8 +5,9 @@ one self-contained page (inline CSS, a few lines of inline JavaScript that sort 
 result, every image a base64 data URI) that can be mailed or archived without the folder it came
 from. Every string from the store or a JSON file is HTML-escaped. Numbers are tables: sweeps, CKA
 matrices (n/a where undefined), few-shot (mean ± std), retrieval (every metric with its variant as
-the results name it, per class), kNN, probes with per-class top-1 and the confusion matrix, and one
-table with a row per results file, sorted by clicking a header.
+the results name it, per class), correspondence (PCK per map, alpha, threshold and average), kNN,
+probes with per-class top-1 and the confusion matrix, and one table with a row per results file,
+sorted by clicking a header.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 
 from pipelines.analysis.cka import CkaResult
 from pipelines.analysis.sweep import SweepResult
+from pipelines.correspond.compute import AVERAGES, THRESHOLDS
+from pipelines.correspond.runner import left_out_notes
 from pipelines.report.results import (
     DEFAULT_T_AXIS,
     SECTIONS,
@@ -364,6 +367,33 @@ def render_retrieve(data: ReportData, item: Loaded) -> Html:
                  grid_note, figures(item.figures)])
 
 
+def render_correspond(data: ReportData, item: Loaded) -> Html:
+    """A correspondence result: how the matches were made, then PCK over all its pairs as a row per
+    (t, block, threshold, average) and a column per alpha (n/a where a threshold is undefined; per
+    category in the JSON), what was left out, and what the variants mean."""
+    d = item.value
+    alphas = [str(a) for a in d["alphas"]]
+    rows = []
+    for m in d["maps"]:
+        for threshold in THRESHOLDS:
+            scores = m["pck"]["overall"][threshold]
+            for average in AVERAGES:
+                values = ([Html(tag("td", f"n/a (no {threshold})", class_="na"))] * len(alphas) if scores is None
+                          else [scores[average][a] for a in alphas])
+                rows.append([label_t(m["timestep"]), m["block"], threshold, average, *values])
+    caption = (f"PCK@α over {d['pairs']['scored']} of {d['pairs']['listed']} pairs ({d['points']['scored']} points); "
+               f"{d['variants']['correct']}")
+    notes = left_out_notes(d["pairs"], d["points"])
+    variants = tag("details", join([tag("summary", "what the variants mean"), table(
+        ["variant", "value", "meaning"], [[kind, name, meaning] for kind in ("thresholds", "averages")
+                                          for name, meaning in d["variants"][kind].items()])]))
+    return join([heading(data, item),
+                 tag("p", f"{d['dataset']}, geometry {d['geometry']}; upsample {d['upsample']}: {d['method']}",
+                     class_="small"),
+                 table(["t", "block", "threshold", "average", *(f"PCK@{a}" for a in alphas)], rows, caption),
+                 tag("p", "left out: " + "; ".join(notes), class_="note") if notes else "", variants])
+
+
 def render_other(data: ReportData, item: Loaded) -> Html:
     numbers_ = headline(item.value)
     return join([heading(data, item),
@@ -411,7 +441,8 @@ def variant_of(head: Mapping[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[ReportData, Loaded], Html]] = {
     "sweep": render_sweep, "cka": render_cka, "probe": render_probe, "heads": render_heads, "knn": render_knn,
-    "fewshot": render_fewshot, "retrieve": render_retrieve, "dense": render_dense, "other": render_other,
+    "fewshot": render_fewshot, "retrieve": render_retrieve, "dense": render_dense,
+    "correspond": render_correspond, "other": render_other,
 }
 
 

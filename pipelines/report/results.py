@@ -7,10 +7,10 @@ others are listed as skipped with the reason, and a file that cannot be read is 
 reason rather than stopping the report.
 
 Each known kind of results file (sweep, CKA, logistic probe, trained heads, kNN, few-shot,
-retrieval) is parsed here, so a malformed one is caught here, and its figures are drawn from its
-JSON (`pipelines/report/plots.py`): the titles name the backbone and dataset of its runs (from their
-specs), t and block; accuracy plots carry the chance line (1 / number of classes of the run) and
-their best point. Each file also gets an `Entry`: its row in the table of every result.
+retrieval, correspondence) is parsed here, so a malformed one is caught here, and its figures are
+drawn from its JSON (`pipelines/report/plots.py`): the titles name the backbone and dataset of its
+runs (from their specs), t and block; accuracy plots carry the chance line (1 / number of classes
+of the run) and their best point. Each file also gets an `Entry`: its row in the table of every result.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from featurestore.store import FeatureStore
 from pipelines.analysis import results_dir
 from pipelines.analysis.cka import CkaResult
 from pipelines.analysis.sweep import SweepResult, SweepRow
+from pipelines.correspond.compute import THRESHOLDS
 from pipelines.progress import bar
 from pipelines.report.plots import (
     T_AXES, Curve, Panel, accuracy_figure, best_point, dense_examples_figure, heatmap_figure, png,
@@ -119,6 +120,7 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "knn": ("kNN", "kNN", ("knn",)),
     "fewshot": ("Few-shot", "Few-shot", ("fewshot",)),
     "retrieval": ("Retrieval", "Retrieval", ("retrieve",)),
+    "correspond": ("Semantic correspondence: PCK", "Correspondence", ("correspond",)),
     "dense": ("Dense prediction: segmentation and depth", "Dense", ("dense",)),
     "results": ("Other results", "Other results", ("other",)),
 }
@@ -253,6 +255,8 @@ def kind_of(doc: Mapping[str, Any]) -> str:
         return "knn"
     if {"top1", "train_top1", "timestep", "block"} <= keys:
         return "probe"
+    if {"maps", "alphas", "upsample", "variants"} <= keys:
+        return "correspond"
     return "other"
 
 
@@ -514,6 +518,38 @@ def variant_text(metric: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in metric.items() if k != "value" and v is not None)
 
 
+def parse_correspond(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
+    """A `correspond` results file (pipelines/correspond/runner.py): every PCK must be a number
+    (a threshold is null where undefined); its entry's score is `correspond_headline`."""
+    for m in doc["maps"]:
+        for threshold in THRESHOLDS:
+            scores = m["pck"]["overall"][threshold]
+            if scores is not None:
+                numbers([scores[average][str(a)] for average in scores for a in doc["alphas"]],
+                        f"PCK at t={label_t(m['timestep'])} {m['block']}")
+    alpha, threshold, best = correspond_headline(doc)
+    maps = doc["maps"]
+    title = (f"semantic correspondence (upsample {doc['upsample']}): {run_text(data, doc['run_id'])}, "
+             f"{count(len(maps), 'map')}, {doc['pairs']['scored']} pairs")
+    entry = Entry("correspond", [doc["run_id"]], joined(label_t(m["timestep"]) for m in maps),
+                  joined(m["block"] for m in maps), settings_text(doc["settings"]),
+                  f"PCK@{alpha} per point, {threshold} threshold (best map, t={label_t(best['timestep'])} "
+                  f"{best['block']})", best["pck"]["overall"][threshold]["per_point"][alpha])
+    return Loaded(name, "correspond", doc, title, entry)
+
+
+def correspond_headline(doc: Mapping[str, Any]) -> tuple[str, str, dict]:
+    """(alpha, threshold, map) of a correspondence result's headline score: PCK per point at alpha
+    0.1 (the first alpha when 0.1 was not asked for), on the bbox threshold (DIFT's) unless a map
+    has it undefined, then on the image; the map where it is highest."""
+    alphas = [str(a) for a in doc["alphas"]]
+    alpha = "0.1" if "0.1" in alphas else alphas[0]
+    bbox = all(m["pck"]["overall"]["bbox"] is not None for m in doc["maps"])
+    threshold = "bbox" if bbox else "image"
+    best = max(doc["maps"], key=lambda m: m["pck"]["overall"][threshold]["per_point"][alpha])
+    return alpha, threshold, best
+
+
 def parse_other(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     numbers_ = headline(doc)
     score = next((v for k, v in numbers_.items() if k.startswith("top1") and isinstance(v, (int, float))), None)
@@ -566,7 +602,8 @@ def parse_dense(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
 
 PARSERS: dict[str, Callable[[str, Path, dict, ReportData], Loaded]] = {
     "sweep": parse_sweep, "cka": parse_cka, "probe": parse_probe, "heads": parse_heads, "knn": parse_knn,
-    "fewshot": parse_fewshot, "retrieve": parse_retrieve, "dense": parse_dense, "other": parse_other,
+    "fewshot": parse_fewshot, "retrieve": parse_retrieve, "dense": parse_dense, "correspond": parse_correspond,
+    "other": parse_other,
 }
 
 
