@@ -45,12 +45,20 @@ def print_heads(doc: dict, metrics: list[tuple[str, str]]) -> None:
     for h in doc["heads"]:
         values = "  ".join(f"{label} {'n/a' if h[key] is None else f'{h[key]:.4f}'}" for key, label in metrics)
         typer.echo(f"{h['name']}: {values}" + (f"  ({h['miou_classes']} classes in the mean)" if "miou_classes" in h else ""))
+    if "baseline" in doc:
+        typer.echo(baseline_line(doc["baseline"]))
     variant = doc["heads"][0]["variant"]
     typer.echo("variant: " + ("; ".join(f"{k}: {v}" for k, v in variant.items()) if isinstance(variant, dict) else variant))
     for line in images_note(doc["runs"]):
         typer.echo(line)
     typer.echo(f"({doc['images']['train']} train / {doc['images']['test']} test images; {doc['training']}; "
                f"saved {doc['out']})")
+
+
+def baseline_line(baseline: dict) -> str:
+    """The majority-class baseline of a segmentation result, in one line."""
+    return (f"{baseline['name']} ({baseline['class']!r}), same test pixels: mIoU {baseline['miou']:.4f}  "
+            f"pixel accuracy {baseline['pixel_accuracy']:.4f}  ({baseline['miou_classes']} classes in the mean)")
 
 
 @app.command()
@@ -111,6 +119,7 @@ def segment(
         typer.echo(f"{doc['block']} t={doc['timestep']} (zero-shot, attention maps): mIoU {doc['miou']:.4f}  "
                    f"pixel accuracy {doc['pixel_accuracy']:.4f} ({doc['images']['test']} test images; "
                    f"saved {doc['out']})")
+        typer.echo(baseline_line(doc["baseline"]))
         return
     if class_tokens is not None:
         raise ValueError("--class-tokens is an option of --zero-shot-attention")

@@ -18,7 +18,7 @@ every valid pixel of the test set: pixel-pooled, where BTS averages per-image me
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +82,40 @@ def segmentation_scores(confusion: np.ndarray, classes: Sequence[str]) -> dict:
         "pixels": total,
         "variant": {"miou": MIOU_VARIANT, "pixel_accuracy": PIXEL_ACCURACY_VARIANT},
     }
+
+
+MAJORITY_BASELINE = "majority-class baseline: predict the most frequent training class everywhere"
+
+
+def class_pixel_counts(read: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, num_classes: int,
+                       ignore_index: int = IGNORE_INDEX, chunk: int = 256) -> np.ndarray:
+    """(K,) int64 pixels of each class over the masks of `rows` (ignore_index skipped), read
+    `chunk` images at a time by `read(rows) -> (n, S, S)` class indices. ValueError for a value
+    that is neither a class nor the ignore index."""
+    counts = np.zeros(num_classes, np.int64)
+    for start in range(0, len(rows), chunk):
+        masks = np.asarray(read(rows[start:start + chunk]))
+        values = masks[masks != ignore_index].astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"mask holds a value outside 0..{num_classes - 1} and the ignore index {ignore_index}")
+        counts += np.bincount(values, minlength=num_classes)
+    return counts
+
+
+def majority_baseline(train_counts: np.ndarray, test_counts: np.ndarray, classes: Sequence[str]) -> dict:
+    """The scores (`segmentation_scores`, same variants) of predicting, on every test pixel, the
+    class with the most training pixels (the lowest class index on a tie), from (K,) per-class
+    pixel counts of the training and test ground truth (ignored pixels excluded). Returns those
+    scores plus "name" (MAJORITY_BASELINE), "class" and "train_pixels". ValueError when the
+    training masks have no counted pixel."""
+    train_counts = np.asarray(train_counts, dtype=np.int64)
+    if train_counts.sum() == 0:
+        raise ValueError("no training pixel to take the majority class from: every one is the ignore index")
+    majority = int(np.argmax(train_counts))
+    confusion = np.zeros((len(classes), len(classes)), np.int64)
+    confusion[:, majority] = test_counts  # every test pixel of class k is predicted as the majority class
+    return {"name": MAJORITY_BASELINE, "class": classes[majority], "train_pixels": int(train_counts.sum()),
+            **segmentation_scores(confusion, classes)}
 
 
 def subset_miou(per_class_iou: dict[str, float | None], classes: Sequence[str]) -> float | None:

@@ -77,9 +77,13 @@ class OpenVocab:
 
 
 def load_openvocab(classes: Sequence[str], text_file: str, unseen: Sequence[str], temperature: float) -> OpenVocab:
-    """An OpenVocab from a text-embedding table holding (at least) every class of the targets."""
-    text = select_text_embeddings(text_file, list(classes))
-    digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
+    """An OpenVocab from a text-embedding table holding (at least) every class of the targets.
+    ValueError naming --text-embeddings when the file cannot be read."""
+    try:
+        text = select_text_embeddings(text_file, list(classes))
+        digest = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ValueError(f"--text-embeddings {text_file}: cannot read it ({exc.strerror or exc})") from exc
     return OpenVocab(list(classes), text, list(dict.fromkeys(unseen)), temperature, text_file, digest)
 
 

@@ -34,7 +34,9 @@ from featurestore.store import FeatureStore, timestep_key
 from pipelines.analysis import results_path, run_images, write_json
 from pipelines.dense.heads import CosineLogits, DenseSpec, build_dense_head, save_dense_head
 from pipelines.dense.openvocab import OpenVocab
-from pipelines.dense.metrics import DepthSums, confusion_matrix, eigen_crop_mask, segmentation_scores
+from pipelines.dense.metrics import (
+    DepthSums, class_pixel_counts, confusion_matrix, eigen_crop_mask, majority_baseline, segmentation_scores,
+)
 from pipelines.dense.train import (
     TRAINING, DenseTrainConfig, DenseTrainee, TargetReader, depth_loss, predict_batches, segmentation_loss, train_dense,
 )
@@ -247,6 +249,9 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
     }
     if segment:
         doc.update(classes=classes, ignore_index=ignore)
+        if openvocab is None:  # on the same test pixels as the heads (every head's confusion has the same rows)
+            doc["baseline"] = majority_baseline(class_pixel_counts(read, train_rows, out_channels, ignore),
+                                                confusions[trainees[0].name].sum(1), classes)
     else:
         doc.update(depth_info=info)
     if index is not None:

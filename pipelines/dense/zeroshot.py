@@ -21,7 +21,7 @@ import torch
 
 from featurestore.store import FeatureStore, timestep_key
 from pipelines.analysis import results_path, run_images, write_json
-from pipelines.dense.metrics import confusion_matrix, segmentation_scores
+from pipelines.dense.metrics import class_pixel_counts, confusion_matrix, majority_baseline, segmentation_scores
 from pipelines.dense.train import TargetReader
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import resolve_run, split_rows
@@ -83,8 +83,8 @@ def attention_zero_shot(store: FeatureStore, run_id: str | None, timestep: int |
     bad = sorted({p for t in class_tokens for p in t if not 0 <= p < tokens})
     if bad:
         raise ValueError(f"--class-tokens positions {bad} are outside the map's {tokens} tokens")
-    _, test_rows = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
-    test_rows = np.intersect1d(test_rows, tg.usable_rows())
+    train_rows, test_rows = split_rows(run, train_split, test_split, holdout, seed, allow_incomplete)
+    train_rows, test_rows = np.intersect1d(train_rows, tg.usable_rows()), np.intersect1d(test_rows, tg.usable_rows())
     if not len(test_rows):
         raise ValueError(f"no test image of run {run.run_id} has readable targets")
     data = StoreBatches(run, [(timestep, block)], TargetReader(tg.masks), batch_size=64,
@@ -104,6 +104,8 @@ def attention_zero_shot(store: FeatureStore, run_id: str | None, timestep: int |
     doc = {"task": "segment-attention", "store": store.url, "run_id": run.run_id, "settings": settings,
            "timestep": timestep, "block": block, "rule": RULE, "prompt": prompt, "classes": classes,
            "runs": run_images([run]), "images": {"test": len(test_rows)}, **scores,
-           "confusion": confusion.tolist(), "out": str(out)}
+           "confusion": confusion.tolist(), "out": str(out),
+           "baseline": majority_baseline(class_pixel_counts(tg.masks, train_rows, len(classes), tg.ignore_index),
+                                         confusion.sum(1), classes)}
     write_json(doc, out)
     return doc

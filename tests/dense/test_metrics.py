@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipelines.dense.metrics import (
-    DepthSums, confusion_matrix, depth_scores, eigen_crop_mask, harmonic_mean, segmentation_scores,
+    DepthSums, class_pixel_counts, confusion_matrix, depth_scores, eigen_crop_mask, harmonic_mean, majority_baseline,
+    segmentation_scores,
 )
 
 
@@ -78,6 +79,33 @@ def test_bad_values_are_refused(truth, pred, message):
 def test_nothing_to_score_is_refused():
     with pytest.raises(ValueError, match="no test pixel"):
         segmentation_scores(confusion_matrix(np.full(4, 255), np.zeros(4, int), 2), ["a", "b"])
+
+
+def test_majority_baseline_hand_worked():
+    # training pixels: 5 of class a, 3 of b, 1 of c -> predict a everywhere; test truth: 2 a, 4 b, 0 c
+    b = majority_baseline(np.array([5, 3, 1]), np.array([2, 4, 0]), ["a", "b", "c"])
+    assert b["class"] == "a" and b["train_pixels"] == 9 and "most frequent training class" in b["name"]
+    # IoU a = 2 / (2 + 4 false positives) = 1/3; IoU b = 0 / 4 = 0; c absent from both: undefined
+    assert b["per_class_iou"] == pytest.approx({"a": 1 / 3, "b": 0.0, "c": None})
+    assert b["miou"] == pytest.approx((1 / 3 + 0) / 2) and b["miou_classes"] == 2
+    assert b["pixel_accuracy"] == pytest.approx(2 / 6)
+    assert majority_baseline(np.array([1, 3, 3]), np.array([1, 1, 1]), ["a", "b", "c"])["class"] == "b"  # tie: lowest
+    with pytest.raises(ValueError, match="no training pixel"):
+        majority_baseline(np.zeros(3, np.int64), np.array([1, 1, 1]), ["a", "b", "c"])
+
+
+def test_class_pixel_counts_skip_the_ignore_index_and_read_in_chunks():
+    masks = np.array([[[0, 255], [2, 2]], [[1, 1], [255, 2]], [[2, 0], [0, 0]]], np.uint8)
+    reads = []
+
+    def read(rows):
+        reads.append(list(rows))
+        return masks[rows]
+
+    counts = class_pixel_counts(read, np.array([0, 1, 2]), 3, chunk=2)
+    assert counts.tolist() == [4, 2, 4] and reads == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="outside 0..1"):
+        class_pixel_counts(read, np.array([0]), 2)
 
 
 def test_harmonic_mean():

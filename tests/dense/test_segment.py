@@ -51,6 +51,13 @@ def test_segment_saves_predictions_that_rescore_to_the_reported_miou(toy, tmp_pa
     assert [head["per_class_iou"][c] for c in doc["classes"]] == pytest.approx(ious)
     assert head["pixel_accuracy"] == pytest.approx((pred == truth)[truth != 255].mean())
     assert "left out" in head["variant"]["miou"]
+    train_pixels = data["masks"][1::2][data["masks"][1::2] != 255]  # odd rows are the train split
+    majority = int(np.argmax(np.bincount(train_pixels, minlength=3)))
+    base = doc["baseline"]
+    assert base["class"] == doc["classes"][majority] and base["train_pixels"] == len(train_pixels)
+    assert base["miou"] == pytest.approx(independent_miou(truth, np.full_like(truth, majority), 3)[0])
+    assert base["pixel_accuracy"] == pytest.approx((truth == majority)[truth != 255].mean())
+    assert base["pixels"] == head["pixels"] and base["variant"] == head["variant"]
     saved = json.loads((tmp_path / "r" / doc["out"].rsplit("/", 1)[1] / "results.json").read_text())
     assert saved == doc
     again = invoke("segment", path, "--block", "fine", "--timestep", "0", *FAST, "--out", tmp_path / "r", "--json")
@@ -58,6 +65,16 @@ def test_segment_saves_predictions_that_rescore_to_the_reported_miou(toy, tmp_pa
     other = invoke("segment", path, "--block", "fine", "--timestep", "0", *FAST, "--seed", "1", "--out",
                    tmp_path / "r", "--json")
     assert other.exit_code == 0 and len(list((tmp_path / "r").glob("segment-*"))) == 2  # never overwritten
+
+
+def test_text_output_prints_the_majority_baseline_beside_the_heads(toy, tmp_path, one_torch_thread):
+    path, _, _ = toy
+    result = invoke("segment", path, "--block", "fine", "--timestep", "0", "--epochs", "1", "--quiet", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("linear_t0_fine: mIoU")
+    assert lines[1].startswith("majority-class baseline: predict the most frequent training class everywhere")
+    assert "same test pixels: mIoU" in lines[1]
 
 
 def test_grid_trains_one_head_per_block_and_hypercolumn_fuses_them(toy, tmp_path, one_torch_thread):
@@ -118,6 +135,7 @@ def test_depth_with_the_eigen_crop_scores_only_the_pixels_inside_it(tmp_path, bu
     (["--grid", "--blocks", "fine,coarse", "--save-predictions", "P"], "one segmentation head: this grid has 2"),
     (["--unseen", "ring"], "needs both --text-embeddings and --unseen"),
     (["--epochs", "0"], "--epochs and --batch-size must be positive"),
+    (["--text-embeddings", "/nope.safetensors", "--unseen", "ring"], "--text-embeddings /nope.safetensors: cannot read"),
 ])
 def test_bad_options_give_one_line(toy, tmp_path, args, message):
     path, _, _ = toy

@@ -50,6 +50,13 @@ def test_each_pixel_takes_the_class_of_its_highest_token(tmp_path):
     assert doc["miou"] == pytest.approx(np.mean(ious))
     assert doc["pixel_accuracy"] == pytest.approx((pred == truth)[keep].mean())
     assert doc["images"]["test"] == len(test) and "highest cross-attention" in doc["rule"]
+    train = np.setdiff1d(np.arange(len(masks)), test)
+    majority = int(np.argmax(np.bincount(masks[train][masks[train] != 255], minlength=3)))
+    assert doc["baseline"]["class"] == CLASSES[majority]
+    assert doc["baseline"]["pixel_accuracy"] == pytest.approx((truth == majority)[keep].mean())
+    text = invoke("segment", tmp_path / "s.zarr", "--zero-shot-attention", "--block", "up1.attn", "--timestep", "50",
+                  "--class-tokens", "1,2,3+4", "--holdout", "0.5", "--out", tmp_path)
+    assert f"predict the most frequent training class everywhere ({CLASSES[majority]!r})" in text.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
