@@ -10,6 +10,11 @@ import typer
 from cli.app import StoreArgument, app, user_errors
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 run", "2 runs", "0 runs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @app.command()
 @user_errors
 def inspect(
@@ -24,7 +29,7 @@ def inspect(
     if json_out:
         typer.echo(json.dumps(doc, indent=2))
         return
-    typer.echo(f"{doc['store']}: {doc['images']} images, {len(doc['runs'])} runs")
+    typer.echo(f"{doc['store']}: {counted(doc['images'], 'image')}, {counted(len(doc['runs']), 'run')}")
     for run in doc["runs"]:
         spec = run["spec"]
         ensemble = f"ensemble={run['ensemble']}  " if run["ensemble"] > 1 else ""
