@@ -67,7 +67,7 @@ def main(
 # Declarations several commands share (each command keeps its own default value).
 StoreArgument = Annotated[str, typer.Argument(help="Store path or URL.")]
 RunOption = Annotated[Optional[str], typer.Option(help="Run id (needed when the store holds several).")]
-HoldoutOption = Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction.")]
+HoldoutOption = Annotated[Optional[float], typer.Option(help="Instead of splits: test on about this fraction (each image drawn with this probability from the seed).")]
 ResultsOption = Annotated[Optional[str], typer.Option(help="Results folder (default: the store's own <store>.results/).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 # the trained heads' architecture (probe, fewshot)

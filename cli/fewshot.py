@@ -26,7 +26,7 @@ def fewshot(
     pool: Annotated[Optional[int], typer.Option(help="Average-pool each map to SIZE x SIZE (logistic, knn, linear, mlp).")] = 4,
     train_split: Annotated[str, typer.Option(help="Manifest split the shots are drawn from.")] = "train",
     test_split: Annotated[str, typer.Option(help="Manifest split tested, in full.")] = "test",
-    holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on this seeded fraction, draw shots from the rest.")] = None,
+    holdout: Annotated[Optional[float], typer.Option(help="Instead of splits: test on about this fraction (each image drawn with this probability from the seed), draw shots from the rest.")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of --holdout (one test set for every shot seed).")] = 0,
     c: Annotated[float, typer.Option("--c", help="logistic: inverse L2 strength.")] = 1.0,
     k: Annotated[int, typer.Option("--k", help="knn: neighbours (capped at the number of shots).")] = 20,

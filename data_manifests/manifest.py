@@ -23,6 +23,7 @@ import os
 import posixpath
 import re
 from collections import Counter
+from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,19 +107,21 @@ class Manifest:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def head(self, n: int) -> Manifest:
-        """The first n rows (all of them when n > len), for quick runs such as --limit; their
-        targets, and the pairs whose both images are among them."""
+        """The first n rows (all of them when n > len), for quick runs such as --limit (`take`)."""
         if n < 1:
             raise ManifestError(f"head(n) needs n >= 1, got {n}")
-        kept = set(self.ids[:n])
+        return self.take(range(min(n, len(self))))
+
+    def take(self, rows: Iterable[int]) -> Manifest:
+        """The rows at positions `rows`, in that order, with their targets, and the pairs whose
+        both images are among them."""
+        pick = [int(i) for i in rows]
+        kept = {self.ids[i] for i in pick}
         return dataclasses.replace(
             self,
-            ids=self.ids[:n],
-            sources=self.sources[:n],
-            labels=self.labels[:n],
-            splits=self.splits[:n],
-            domains=self.domains[:n],
-            targets={c: v[:n] for c, v in self.targets.items()},
+            **{name: tuple(getattr(self, name)[i] for i in pick)
+               for name in ("ids", "sources", "labels", "splits", "domains")},
+            targets={c: tuple(v[i] for i in pick) for c, v in self.targets.items()},
             pairs=tuple(p for p in self.pairs if p[0] in kept and p[1] in kept),
         )
 

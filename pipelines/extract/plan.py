@@ -11,7 +11,6 @@ repeated) and any resize (a 256 px sketch into a 28 px model) are what the reade
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -31,13 +30,6 @@ RAW_MARGIN = 1.01  # zstd stores an incompressible block raw with a 3-byte heade
 def sample_rows(n: int, k: int) -> np.ndarray:
     """min(k, n) row indices evenly spaced over 0..n-1, first and last included."""
     return np.linspace(0, n - 1, min(k, n)).round().astype(np.int64)
-
-
-def manifest_rows(manifest: Manifest, rows: np.ndarray) -> Manifest:
-    """The manifest restricted to `rows`, in that order."""
-    pick = [int(i) for i in rows]
-    return dataclasses.replace(manifest, **{name: tuple(getattr(manifest, name)[i] for i in pick)
-                                            for name in ("ids", "sources", "labels", "splits", "domains")})
 
 
 def is_colour(pixels: np.ndarray) -> bool:

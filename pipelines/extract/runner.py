@@ -39,7 +39,6 @@ from pipelines.extract.plan import (
     free_space,
     human_bytes,
     input_mismatch,
-    manifest_rows,
     sample_rows,
     stored_bytes,
 )
@@ -390,7 +389,7 @@ def plan(job: Job) -> Plan:
         warm_cfg = replace(cfg, store=str(Path(tmp) / "warmup.zarr"), chunk_rows=chunk_rows, workers=None,
                            scheduler=None, retry_failed=False)
         try:
-            result = _extract(replace(job, cfg=warm_cfg, manifest=manifest_rows(job.manifest, rows), prompts=None))
+            result = _extract(replace(job, cfg=warm_cfg, manifest=job.manifest.take(rows), prompts=None))
         except KeyboardInterrupt:
             stop = KeyboardInterrupt()
             stop.add_note(f"interrupted during the warm-up; nothing was written to {cfg.store}")

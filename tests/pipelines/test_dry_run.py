@@ -211,3 +211,24 @@ def test_is_colour_by_the_spread_of_the_channels():
     assert not is_colour(rgb)
     rgb[:4, :, 0] += 4  # half the pixels spread 6, half 2: mean 4 > 2
     assert is_colour(rgb)
+
+
+def test_dry_run_of_a_manifest_with_targets_and_pairs_warms_up_on_a_subset(tmp_path):
+    """The warm-up extracts a spread of rows: their keypoints, and only the pairs whose both images
+    are among them (it used to look up the other pairs' images and fail with a KeyError)."""
+    rng = np.random.default_rng(0)
+    n = 40
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    kps = "inline:[[3.5, 4.5, 1], [20.5, 10.5, 1]]"
+    pairs = [[f"{i}.png", f"{i + 1}.png", "digit", "test"] for i in range(n - 1)]
+    lines = ['# classes: ["digit"]', '# target_info: {"keypoints": {"decode": null, "names": null}}',
+             f"# pairs: {json.dumps(pairs)}", "id,source,label,class_name,split,domain,keypoints"]
+    lines += [f'{i}.png,{i}.png,0,digit,test,photo,"{kps}"' for i in range(n)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    result = cli("extract", "--manifest", tmp_path / "m.csv", "--data-root", tmp_path, "--backbone", "ddpm-mnist",
+                 "--timesteps", "10", "--blocks", "block0", "--store", tmp_path / "s.zarr", "--dry-run",
+                 "--warmup-images", "8", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == n
+    assert not (tmp_path / "s.zarr").exists()  # the warm-up store is not the user's
