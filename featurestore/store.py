@@ -659,6 +659,12 @@ class Run:
         self.attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}  # opened once per handle: a run's array metadata never changes
 
+    @property
+    def feature_blocks(self) -> list[str]:
+        """The run's block names in stored order without its `<block>.attn` cross-attention maps
+        (extract --attention-maps): the feature maps an analysis scores when no block is named."""
+        return [b for b in self.blocks if not b.endswith(".attn")]
+
     def _get(self, path: str) -> zarr.Array:
         """The run's array at `path`; StoreError naming its zarr.json when that cannot be read."""
         if path not in self._arrays:
