@@ -11,6 +11,7 @@ from cli.app import (
     AllowIncompleteFlag, JsonFlag, QuietFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks,
     parse_stored_timesteps, split_items, user_errors
 )
+from cli.knn import DrawsOption
 
 
 @app.command()
@@ -30,12 +31,15 @@ def correspond(
         help="--upsample feature: soft-argmax window radius in cells (default 1).")] = None,
     soft_temperature: Annotated[Optional[float], typer.Option(
         help="--upsample feature: soft-argmax temperature on the cosine (default 0.05).")] = None,
-    alpha: Annotated[str, typer.Option(help="PCK alphas, comma-separated.")] = "0.05,0.1,0.15",
+    alpha: Annotated[str, typer.Option(help="PCK alphas, comma-separated (finite, positive).")] = "0.05,0.1,0.15",
+    bbox_of: Annotated[str, typer.Option(
+        "--bbox-of", help="Whose box sets the bbox threshold: target (SPair/DIFT) or source.")] = "target",
     split: Annotated[Optional[str], typer.Option(help="Score only the pairs of this split (default: all).")] = None,
     save_matches: Annotated[Optional[str], typer.Option(
         help="Write FILE.csv, one row per scored keypoint: pair,category,kp,src_x,src_y,true_x,true_y,pred_x,"
              "pred_y,bbox_w,bbox_h,img_w,img_h (original target pixels); one (t, block) only.")] = None,
     allow_incomplete: AllowIncompleteFlag = False,
+    draws: DrawsOption = "mean",
     out: ResultsOption = None,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -61,7 +65,7 @@ def correspond(
     if save_matches is not None and Path(save_matches).exists():
         raise ValueError(f"{save_matches} exists; --save-matches never overwrites a file (remove it or name another)")
     result, matches = correspond_run(FeatureStore.open(store), run, t_list, block_list, upsample, soft_radius,
-                                     soft_temperature, alphas, split, allow_incomplete)
+                                     soft_temperature, alphas, split, allow_incomplete, draws, bbox_of)
     saved = save_correspond(result, folder)
     if save_matches is not None:
         write_matches(next(iter(matches.values())), save_matches)
@@ -72,7 +76,8 @@ def correspond(
     soft = (f" (soft-argmax window R = {settings['soft_radius']} cells, temperature T = "
             f"{settings['soft_temperature']})" if result.upsample == "feature" else "")
     typer.echo(f"run {result.run_id} ({result.dataset}, {result.geometry}): {result.pairs['scored']} pairs, "
-               f"{result.points['scored']} points; upsample {result.upsample}{soft}")
+               f"{result.points['scored']} points; upsample {result.upsample}{soft}; bbox threshold from the "
+               f"{result.bbox_of}'s box")
     typer.echo("| t | block | threshold | average | " + " | ".join(f"PCK@{a}" for a in result.alphas) + " |")
     typer.echo("|---|---|---|---|" + "---|" * len(result.alphas))
     for m in result.maps:
@@ -83,7 +88,7 @@ def correspond(
                 values = ["n/a (no bbox)"] * len(result.alphas) if scores is None else \
                     [f"{scores[average][str(a)]:.4f}" for a in result.alphas]
                 typer.echo(f"| {t} | {m.block} | {threshold} | {average} | " + " | ".join(values) + " |")
-    for line in images_note(result.runs):
+    for line in filter(None, [*images_note(result.runs), settings.get("draws_meaning")]):
         typer.echo(line)
     notes = left_out_notes(result.pairs, result.points)
     if notes:

@@ -25,7 +25,11 @@ cell centres), then maps the point back to original pixels.
 PCK (`pck`): a point is correct when its distance to the true target point is <= alpha * max(h, w)
 of the target image's box (its `bbox` target as the dataset's builder writes it: the annotated object
 box, or where a dataset has none the keypoints' bounding box; data_manifests/pairs.py) or of the
-target image (DIFT uses <= and the bbox). Per image: the mean over pairs of each pair's fraction of
+target image (DIFT uses <= and the bbox). The box may instead be the source image's (`BBOX_OF`):
+NCNet's PF-PASCAL protocol (github.com/ignacio-rocco/ncnet lib/pf_dataset.py, pck_procedure="pf",
+and lib/eval_util.py `pck`) takes L_pck = max side of the extent of its image A's annotated points
+and scores image B's points transferred into A; note that there A, the image the predictions land
+in, plays the part of our target. Per image: the mean over pairs of each pair's fraction of
 correct points (DIFT's "per image PCK"); per point: correct points over all points pooled (DIFT's
 "per point PCK").
 """
@@ -47,6 +51,11 @@ THRESHOLDS = {
 AVERAGES = {
     "per_image": "mean over pairs of the fraction of the pair's points within the threshold (DIFT 'per image')",
     "per_point": "points within the threshold over all points pooled (DIFT 'per point')",
+}
+BBOX_OF = {
+    "target": THRESHOLDS["bbox"],
+    "source": "alpha * max(x1 - x0, y1 - y0) of the source image's box in the dataset's bbox target column (its "
+              "annotated object box; the keypoints' bounding box for pf-pascal, pf-willow), original source pixels",
 }
 CORRECT = "a point is correct when its distance to the true target point is <= the threshold"
 _EPS = 1e-12  # F.normalize's eps
@@ -171,7 +180,8 @@ def match_soft_argmax(queries: np.ndarray, fmap: np.ndarray, geometry: np.ndarra
 class Matches:
     """One row per evaluated source keypoint (the `--save-matches` CSV): pair index, category,
     keypoint index, source point, true and predicted target point (original target pixels), the
-    target bbox's width and height (NaN when it has none) and the target image's width and height."""
+    width and height of the box that sets the bbox threshold (the target's, or the source's in its
+    own pixels; NaN when it has none) and the target image's width and height."""
 
     pair: np.ndarray  # (n,) int64
     category: np.ndarray  # (n,) str
@@ -190,7 +200,8 @@ def pck(matches: Matches, alphas: Sequence[float] = ALPHAS) -> dict:
     """PCK of `matches` for each alpha, threshold and average (THRESHOLDS, AVERAGES), overall and per
     category: {"overall": scores, "per_category": {category: scores}} where scores is
     {threshold: {average: {str(alpha): value}}, "pairs": count, "points": count}. A threshold's
-    entry is None (undefined) when a target in the selection has no bbox (bbox_wh NaN).
+    entry is None (undefined) when a point of the selection has no box (bbox_wh NaN), per selection:
+    a category whose points all have one keeps its bbox PCK while the overall one is None.
     Raises ValueError for no matches or an alpha <= 0."""
     if not len(matches):
         raise ValueError("no keypoint pairs to score (no pair has a keypoint visible in both images)")

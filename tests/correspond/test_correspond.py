@@ -46,25 +46,33 @@ def toy_data():
     return sizes, keypoints, boxes, features
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("correspond") / "s.zarr"
-    sizes, keypoints, boxes, features = toy_data()
+def build_toy(path: Path, features: dict, spec: dict | None = None, no_box: tuple[int, ...] = (),
+              blocks: dict = BLOCKS) -> tuple[str, dict]:
+    """The toy images, keypoints and pairs in a store at `path` with these `features` ((N, C, H, W),
+    or (N, K, C, H, W) with spec noise_draws K); the images in `no_box` get no bbox."""
+    sizes, keypoints, boxes, _ = toy_data()
     store = FeatureStore.open(str(path), mode="a")
     ids = [f"img{i}" for i in range(N)]
     rows = store.add_images("toypairs", {"id": ids, "label": [0] * N, "class_name": ["x"] * N, "split": ["test"] * N,
                                          "domain": ["photo"] * N, "source": ids})
-    run = store.create_run({"dataset": "toypairs", "name": "correspond", "resize": "squash"}, arrays=BLOCKS, timesteps=TIMESTEPS, rows=rows,
-                           chunk_rows=4, dtype="float32", provenance={"backbone": {"input": {"size": S}}})
+    run = store.create_run({"dataset": "toypairs", "name": "correspond", "resize": "squash", **(spec or {})},
+                           arrays=blocks, timesteps=TIMESTEPS, rows=rows, chunk_rows=4, dtype="float32",
+                           provenance={"backbone": {"input": {"size": S}}})
     for c in range(run.n_chunks):
         s = run.chunk_slice(c)
         run.write_chunk(c, {key: f[s] for key, f in features.items()}, np.zeros(s.stop - s.start, bool),
                         [""] * (s.stop - s.start))
     info = {"keypoints": {"names": None}, "bbox": {}}
     write_targets(store, "toypairs", rows, resize="squash", size=S, info=info, load=lambda k: RowTargets(
-        tuple(sizes[k]), np.array([S / sizes[k][0], 0.0, S / sizes[k][1], 0.0]), keypoints=keypoints[k], bbox=boxes[k]))
+        tuple(sizes[k]), np.array([S / sizes[k][0], 0.0, S / sizes[k][1], 0.0]), keypoints=keypoints[k],
+        bbox=None if k in no_box else boxes[k]))
     write_pairs(store, "toypairs", [(rows[s], rows[t], c, "test") for s, t, c in PAIRS])
     return str(path), {"sizes": sizes, "keypoints": keypoints, "boxes": boxes, "features": features}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return build_toy(tmp_path_factory.mktemp("correspond") / "s.zarr", toy_data()[3])
 
 
 def dift_matches(data, t, block):
@@ -205,7 +213,14 @@ def test_feature_resolution_soft_argmax_names_its_settings(toy, tmp_path):
     (["--upsample", "pixel"], "--upsample must be one of input, feature"),
     (["--block", "zzz"], "has no block 'zzz'"),
     (["--alpha", "0.1,x"], "--alpha takes numbers"),
-    (["--alpha", "0"], "--alpha takes positive numbers"),
+    (["--alpha", "0"], "--alpha takes finite positive numbers"),
+    (["--alpha", "0.1,nan"], "--alpha takes finite positive numbers"),
+    (["--alpha", "inf"], "--alpha takes finite positive numbers"),
+    (["--alpha", "-0.1"], "--alpha takes finite positive numbers"),
+    (["--bbox-of", "both"], "--bbox-of must be one of target, source"),
+    (["--draws", "all"], "--draws all has no meaning for correspondence"),
+    (["--draws", "1"], "holds 1 noise draw per image"),
+    (["--draws", "x"], "draw"),
     (["--split", "train"], "no image pairs of split 'train'"),
 ])
 def test_bad_options_are_refused_in_one_line(toy, tmp_path, args, message):
@@ -262,7 +277,7 @@ def test_source_points_cropped_off_are_counted_not_scored(tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["pairs"] == {"listed": 2, "scored": 1, "image_unusable": 0, "no_common_point": 1}
-    assert doc["points"] == {"scored": 2, "outside_source_input": 4}
+    assert doc["points"] == {"scored": 2, "outside_source_input": 4, "outside_target_input": 0}
     assert doc["maps"][0]["pck"]["overall"]["bbox"] is None  # no boxes: that threshold is undefined
     with open(matches, newline="") as f:
         rows_ = list(csv.DictReader(f))
@@ -275,3 +290,174 @@ def test_source_points_cropped_off_are_counted_not_scored(tmp_path):
     table = [line for line in text.output.splitlines() if line.startswith("| none | m |")]
     assert len(table) == 4 and "None" not in text.output
     assert table[0].startswith("| none | m | bbox | per_image | n/a (no bbox)")
+
+
+def crop_store(path: Path, points: dict[int, list], pairs: list[tuple[int, int]]) -> str:
+    """40 x 20 images centre-cropped to S x S (geometry [0.8, -8, 0.8, 0]: original x in [10, 30] is
+    inside the input), a random (2, 4, 4) map "m" at t = none, these keypoints and pairs."""
+    store = FeatureStore.open(str(path), mode="a")
+    ids = [f"i{k}" for k in range(len(points))]
+    rows = store.add_images("crop", {"id": ids, "label": [0] * len(ids), "class_name": ["x"] * len(ids),
+                                     "split": ["test"] * len(ids), "domain": ["photo"] * len(ids), "source": ids})
+    run = store.create_run({"dataset": "crop"}, arrays={"m": (2, 4, 4)}, timesteps=[None], rows=rows, chunk_rows=4,
+                           dtype="float32", provenance={"backbone": {"input": {"size": S}}})
+    run.write_chunk(0, {(None, "m"): np.random.default_rng(0).standard_normal((len(ids), 2, 4, 4)).astype(np.float32)},
+                    np.zeros(len(ids), bool), [""] * len(ids))
+    write_targets(store, "crop", rows, resize="crop", size=S, info={"keypoints": {"names": None}}, load=lambda k:
+                  RowTargets((40, 20), np.array([0.8, -8.0, 0.8, 0.0]), keypoints=np.array(points[k], np.float32)))
+    write_pairs(store, "crop", [(rows[a], rows[b], "x", "test") for a, b in pairs])
+    return str(path)
+
+
+def test_target_points_cropped_off_are_counted_not_scored(tmp_path):
+    """Pair 0 (i0 -> i1): every source point is inside the crop, target points 1 (x = 35) and 2 (x = 5)
+    are not, so only keypoint 0 is scored. Pair 1 (i1 -> i0): source points 1 and 2 are outside
+    (counted as source points, not again as target points); keypoint 0 is scored."""
+    points = {0: [[20, 10, 1], [15, 5, 1], [25, 12, 1]], 1: [[12, 3, 1], [35, 8, 1], [5, 9, 1]]}
+    path = crop_store(tmp_path / "s.zarr", points, [(0, 1), (1, 0)])
+    matches = tmp_path / "m.csv"
+    result = invoke(path, "--json", "--out", tmp_path, "--save-matches", matches, "--block", "m", "--timestep", "none")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["points"] == {"scored": 2, "outside_source_input": 2, "outside_target_input": 2}
+    assert doc["pairs"]["scored"] == 2 and doc["maps"][0]["pck"]["overall"]["points"] == 2
+    with open(matches, newline="") as f:
+        assert [(r["pair"], r["kp"]) for r in csv.DictReader(f)] == [("0", "0"), ("1", "0")]
+    text = invoke(path, "--out", tmp_path, "--block", "m", "--timestep", "none")
+    assert "2 target points outside the input (no candidate pixel reaches them)" in text.output
+
+
+def test_bbox_threshold_of_the_source_box(toy, tmp_path):
+    """--bbox-of source: alpha times the source image's box side (NCNet's PF reference length is an
+    image's keypoint extent); the image threshold is unchanged, the output names the choice."""
+    path, data = toy
+    result = invoke(path, "--block", "b", "--timestep", "20", "--bbox-of", "source", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["bbox_of"] == "source" and doc["settings"]["bbox_of"] == "source"
+    assert "source image's box" in doc["variants"]["thresholds"]["bbox"]
+    matched = dift_matches(data, 20, "b")
+    scored = [(c, sides(data, PAIRS[k][0], "bbox"), f) for k, (c, f) in enumerate(matched)]
+    target = [(c, sides(data, PAIRS[k][1], "bbox"), f) for k, (c, f) in enumerate(matched)]
+    got = doc["maps"][0]["pck"]["overall"]["bbox"]
+    for alpha in ALPHAS:
+        per_image, per_point, cats = pck_of(scored, data, float(alpha), "bbox")
+        assert got["per_image"][alpha] == pytest.approx(per_image)
+        assert got["per_point"][alpha] == pytest.approx(per_point)
+        for c, (ci, _) in cats.items():
+            assert doc["maps"][0]["pck"]["per_category"][c]["bbox"]["per_image"][alpha] == pytest.approx(ci)
+    # the two choices differ on this toy (else the test could not tell them apart)
+    assert any(pck_of(scored, data, float(a), "bbox")[1] != pck_of(target, data, float(a), "bbox")[1] for a in ALPHAS)
+    text = invoke(path, "--block", "b", "--timestep", "20", "--bbox-of", "source", "--out", tmp_path)
+    assert "bbox threshold from the source's box" in text.output.splitlines()[0]
+
+
+def test_an_image_without_a_box_blanks_only_its_pairs(tmp_path):
+    """Image 5 has no box: the bbox PCK of its pair's category (dog) and the overall one are
+    undefined; the cat pairs' bbox PCK is DIFT's; the image threshold is everywhere defined."""
+    path, data = build_toy(tmp_path / "s.zarr", toy_data()[3], no_box=(5,))
+    result = invoke(path, "--block", "a", "--timestep", "10", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)["maps"][0]["pck"]
+    assert got["overall"]["bbox"] is None and got["per_category"]["dog"]["bbox"] is None
+    assert got["overall"]["image"] is not None and got["per_category"]["dog"]["image"] is not None
+    matched = dift_matches(data, 10, "a")
+    cats = [(c, sides(data, PAIRS[k][1], "bbox"), f) for k, (c, f) in enumerate(matched) if c == "cat"]
+    for alpha in ALPHAS:
+        per_image, per_point, _ = pck_of(cats, data, float(alpha), "bbox")
+        assert got["per_category"]["cat"]["bbox"]["per_image"][alpha] == pytest.approx(per_image)
+        assert got["per_category"]["cat"]["bbox"]["per_point"][alpha] == pytest.approx(per_point)
+
+
+def test_noise_draws_mean_or_one_draw(tmp_path):
+    """A run of 2 noise draws: --draws mean scores DIFT's matches on the float32 mean of the draws,
+    --draws 1 on draw 1 alone; the choice is recorded and printed."""
+    rng = np.random.default_rng(5)
+    stored = {(t, b): rng.standard_normal((N, 2, *shape)).astype(np.float32) for t in TIMESTEPS
+              for b, shape in BLOCKS.items()}
+    path, data = build_toy(tmp_path / "s.zarr", stored, spec={"noise_draws": 2})
+    for draws, features in (("mean", {k: (v[:, 0] + v[:, 1]) / np.float32(2) for k, v in stored.items()}),
+                            ("1", {k: v[:, 1] for k, v in stored.items()})):
+        result = invoke(path, "--block", "b", "--timestep", "10", "--draws", draws, "--out", tmp_path, "--json")
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.stdout)
+        assert doc["settings"]["draws"] == (draws if draws == "mean" else 1)
+        matched = dift_matches({**data, "features": features}, 10, "b")
+        scored = [(c, sides(data, PAIRS[k][1], "image"), f) for k, (c, f) in enumerate(matched)]
+        for alpha in ALPHAS:
+            per_image, per_point, _ = pck_of(scored, data, float(alpha), "image")
+            assert doc["maps"][0]["pck"]["overall"]["image"]["per_image"][alpha] == pytest.approx(per_image)
+            assert doc["maps"][0]["pck"]["overall"]["image"]["per_point"][alpha] == pytest.approx(per_point)
+    text = invoke(path, "--block", "b", "--timestep", "10", "--out", tmp_path)
+    assert "noise draws: mean (float32 mean over the 2 draws of each image)" in text.output
+    assert len(list(tmp_path.glob("correspond-*.json"))) == 2  # the draw is in the results file's digest
+
+
+def test_attention_maps_are_scored_only_when_named(tmp_path):
+    """Without --blocks a run's `<block>.attn` cross-attention maps are not scored (Run.feature_blocks)."""
+    blocks = {**BLOCKS, "a.attn": (7, 4, 4)}
+    rng = np.random.default_rng(2)
+    features = {(t, b): rng.standard_normal((N, *shape)).astype(np.float32) for t in TIMESTEPS
+                for b, shape in blocks.items()}
+    path, _ = build_toy(tmp_path / "s.zarr", features, blocks=blocks)
+    result = invoke(path, "--timestep", "10", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert [m["block"] for m in json.loads(result.stdout)["maps"]] == ["a", "b"]
+    named = invoke(path, "--timestep", "10", "--block", "a.attn", "--out", tmp_path, "--json")
+    assert named.exit_code == 0 and [m["block"] for m in json.loads(named.stdout)["maps"]] == ["a.attn"]
+
+
+def soft_argmax_points(data, t, block, radius, temperature):
+    """Per pair [(kp, true xy, predicted xy)] at feature resolution, written with torch: the source
+    vector grid-sampled at the keypoint, cosine with every normalised cell of the target map, the
+    softmax(cos / T) weighted mean of the cell centres within `radius` cells (Chebyshev) of the best
+    cell, scaled from the H x W map to the S x S input and back to the w x h image (squash)."""
+    out = []
+    for s, t_, category in PAIRS:
+        fs, ft = (torch.from_numpy(data["features"][(t, block)][i]).double() for i in (s, t_))
+        (ws, hs), (wt, ht) = data["sizes"][s], data["sizes"][t_]
+        c, h, w = ft.shape
+        cells = F.normalize(ft.reshape(c, -1), dim=0)
+        found = []
+        for k in range(6):
+            (xs, ys, vs), (xt, yt, vt) = data["keypoints"][s, k], data["keypoints"][t_, k]
+            if not (vs and vt):
+                continue
+            grid = torch.tensor([[[[xs / ws * 2 - 1, ys / hs * 2 - 1]]]], dtype=torch.float64)
+            vec = F.grid_sample(fs[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0, 0]
+            cos = (F.normalize(vec, dim=0) @ cells).reshape(h, w)
+            best = int(cos.argmax())
+            bi, bj = divmod(best, w)
+            ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            near = ((ii - bi).abs() <= radius) & ((jj - bj).abs() <= radius)
+            weight = torch.softmax(cos[near] / temperature, dim=0)
+            x_feat, y_feat = (weight * (jj[near] + 0.5)).sum(), (weight * (ii[near] + 0.5)).sum()
+            found.append((k, (xt, yt), (float(x_feat / w * wt), float(y_feat / h * ht))))
+        out.append((category, found))
+    return out
+
+
+def test_feature_resolution_pck_is_an_independent_soft_argmax(toy, tmp_path):
+    """--upsample feature end to end: every saved prediction and the PCK equal the soft-argmax
+    written above (R = 2 cells, T = 0.1)."""
+    path, data = toy
+    matches = tmp_path / "m.csv"
+    result = invoke(path, "--block", "b", "--timestep", "20", "--upsample", "feature", "--soft-radius", "2",
+                    "--soft-temperature", "0.1", "--save-matches", matches, "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    expected = soft_argmax_points(data, 20, "b", 2, 0.1)
+    with open(matches, newline="") as f:
+        rows = list(csv.DictReader(f))
+    flat = [(k, found) for k, (_, pair) in enumerate(expected) for found in pair]
+    assert len(rows) == len(flat)
+    for row, (pair, (kp, _, (px, py))) in zip(rows, flat):
+        assert (int(row["pair"]), int(row["kp"])) == (pair, kp)
+        assert (float(row["pred_x"]), float(row["pred_y"])) == pytest.approx((px, py), abs=1e-4)
+    for threshold in ("bbox", "image"):
+        scored = [(c, sides(data, PAIRS[k][1], threshold), f) for k, (c, f) in enumerate(expected)]
+        for alpha in ALPHAS:
+            per_image, per_point, _ = pck_of(scored, data, float(alpha), threshold)
+            got = doc["maps"][0]["pck"]["overall"][threshold]
+            assert got["per_image"][alpha] == pytest.approx(per_image)
+            assert got["per_point"][alpha] == pytest.approx(per_point)
