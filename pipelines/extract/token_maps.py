@@ -1,6 +1,7 @@
 """What the diffusers transformer backbones (`dit`, `pixart`, `sd3`, `flux`) share: blocks that are
 token sequences turned into (C, H, W) maps, one hooked forward that stops after the last requested
-block, VAE latents, the flow-matching noise of SD3 and FLUX, and strict loading of model folders.
+block, VAE latents, the DDPM noise of DiT and PixArt, the flow-matching noise of SD3 and FLUX, and
+strict loading of model folders (the helpers every diffusers backbone uses are in diffusers_parts).
 
 A transformer block's output is (B, h·w, C) image tokens in row-major patch order (diffusers'
 PatchEmbed flattens its strided convolution's (h, w) grid; FLUX packs 2x2 latent patches row by
@@ -10,7 +11,6 @@ return (text tokens, image tokens); only the image tokens are kept.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from pipelines.extract.backbone import Backbone, InputSpec, Prepared
+from pipelines.extract.diffusers_parts import alphas_cumprod_from, count_cut, encode_each, latent_factor
 from pipelines.extract.hooks import capture
-from pipelines.extract.weights import META, RANDOM, WeightsError, folder_digest, load_pretrained
+from pipelines.extract.weights import META, RANDOM, folder_digest, load_pretrained
 
-VAE_FACTOR = 8  # every VAE here downsamples 3 times (RANDOM/META have no VAE to ask)
 CLIP_TOKENS = 77
 
 
@@ -32,21 +32,6 @@ def tokens_to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor
     if tokens.shape[1] != height * width:
         raise ValueError(f"{tokens.shape[1]} tokens do not make a {height}x{width} map")
     return tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2)
-
-
-def parse_options(name: str, config: dict | None, options: dict[str, tuple[type, Any]]) -> dict[str, Any]:
-    """--backbone-config of `name` over `options` (key -> (type, default)): unknown keys and values
-    of another type (an int is a float; a bool is neither) refused in one line."""
-    unknown = sorted(set(config or {}) - set(options))
-    if unknown:
-        raise ValueError(f"{name} --backbone-config: unknown keys {unknown}; known: {sorted(options)}")
-    values = {key: default for key, (_, default) in options.items()}
-    for key, value in (config or {}).items():
-        kind = options[key][0]
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-            raise ValueError(f"{name} --backbone-config {key} must be a {kind.__name__}, got {value!r}")
-        values[key] = value
-    return values
 
 
 def pack_rows(tokens: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
@@ -82,12 +67,18 @@ class TransformerBackbone(Backbone):
     components: tuple[str, ...] = ()  # the text parts, for error messages
 
     def __init__(self, module: nn.Module, layout: Sequence[TokenBlock], image_size: int | None, patch: int,
-                 weights_digest: str, vae: nn.Module | None = None):
-        """`image_size` None: the size the transformer was trained at (its sample_size in latents)."""
+                 weights_digest: str, vae: nn.Module | None = None, max_sequence_length: int | None = None):
+        """`image_size` None: the size the transformer was trained at (its sample_size in latents).
+        `max_sequence_length`: the text tokens a prompt is padded or cut to (`self.tokens`), at
+        least 1; None for a backbone whose prompt is not tokenized."""
         self.module, self.vae = module, vae
         self.weights_digest = weights_digest
-        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else VAE_FACTOR
-        image_size = image_size or module.config.sample_size * factor
+        if max_sequence_length is not None and max_sequence_length < 1:
+            raise ValueError(f"{self.name} max_sequence_length must be at least 1, got {max_sequence_length}")
+        self.tokens = max_sequence_length
+        factor = latent_factor(vae)
+        if image_size is None:
+            image_size = module.config.sample_size * factor
         self.input = InputSpec(size=image_size, channels=3, value_range=(-1.0, 1.0))
         if image_size % (factor * patch):
             raise ValueError(f"{self.name} image_size must be a multiple of {factor * patch} "
@@ -110,13 +101,9 @@ class TransformerBackbone(Backbone):
         as sd15) and the conditioning of each image's prompt, each distinct prompt encoded once;
         no prompt = "" (the unconditional one)."""
         vae = self.part(self.vae, "VAE")
-        prompts = [""] * len(images) if prompts is None else list(prompts)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        cond = encode_each(self.encode_prompts, prompts, len(images))
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = (vae.encode(images).latent_dist.mean - shift) * vae.config.scaling_factor
-        position = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        cond = self.encode_prompts(list(position))[[position[p] for p in prompts]]
         return Prepared(latents, cond)
 
     def forward_blocks(
@@ -127,18 +114,23 @@ class TransformerBackbone(Backbone):
         unknown = [b for b in blocks if b not in self.blocks]
         if unknown or not blocks:
             raise ValueError(f"{self.name} has no block {unknown}; blocks: {list(self.blocks)}")
-        if cond is None:
-            empty = self.encode_prompts([""])
-            cond = empty.expand(len(x_t), *empty.shape[1:])
         needed = [b for b in self._layout if b.name in set(blocks)]
         with capture(self.module, {b.name: b.path for b in needed}, stop_after=needed[-1].name,
                      element={b.name: b.element for b in needed}) as tokens:
-            self._call(x_t, t, cond)
+            self._call(x_t, t, self._cond(cond, len(x_t)))
         return {name: tokens_to_map(tokens[name], self.grid, self.grid) for name in blocks}
 
     def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> Any:
-        """One forward of the module on the latents x_t at integer timesteps t under `cond`."""
+        """One forward of the module on the latents x_t at integer timesteps t under `cond` (as
+        `encode_prompts` returns it); the module's output."""
         raise NotImplementedError
+
+    def _cond(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """`cond`, or for None the empty prompt's conditioning repeated `batch` times."""
+        if cond is not None:
+            return cond
+        empty = self.encode_prompts([""])
+        return empty.expand(batch, *empty.shape[1:])
 
     def part(self, module: Any, what: str) -> Any:
         """A component only a model folder has; refused in one line for RANDOM/META builds."""
@@ -149,11 +141,25 @@ class TransformerBackbone(Backbone):
 
     def count_cut(self, tokenizer: Any, prompts: Sequence[str], length: int) -> int:
         """How many of `prompts` have more than `length` tokens (special tokens included), each
-        distinct prompt tokenized once."""
-        distinct = list(dict.fromkeys(prompts))
-        ids = self.part(tokenizer, "tokenizer")(distinct, truncation=False, verbose=False).input_ids
-        cut = {p for p, tokens in zip(distinct, ids) if len(tokens) > length}
-        return sum(p in cut for p in prompts)
+        distinct prompt tokenized once (diffusers_parts.count_cut)."""
+        return count_cut(prompts, [self.part(tokenizer, "tokenizer")], length)
+
+
+class DDPMTransformerBackbone(TransformerBackbone):
+    """A transformer trained with DDPM noising (DiT, PixArt): its alpha-bar schedule and an output
+    whose first in_channels channels are the predicted noise (the rest, the learned variance)."""
+
+    def __init__(self, *args: Any, schedule: dict[str, Any], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._alphas_cumprod = alphas_cumprod_from(schedule)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The noise eps (n, C, h, w): the first in_channels output channels (learn_sigma models
+        also predict the variance); no conditioning = the empty prompt."""
+        return self._call(x_t, t, self._cond(cond, len(x_t))).sample[:, : self.module.config.in_channels]
 
 
 class FlowMatchingBackbone(TransformerBackbone):
@@ -208,59 +214,9 @@ def build_module(cls: Any, config: dict[str, Any], weights: str, device: str) ->
     raise ValueError(f"build_module takes {META!r} or {RANDOM!r}, not {weights!r}")
 
 
-def require_parts(folder: Path, name: str, required: Sequence[str]) -> None:
-    """Refuse in one line a folder without every subfolder in `required`."""
-    missing = [c for c in required if not (folder / c).is_dir()]
-    if missing:
-        raise WeightsError(f"{folder} is not a {name} model folder: no {', '.join(c + '/' for c in missing)} "
-                           f"(expected {', '.join(c + '/' for c in required)} as save_pretrained "
-                           "or the hub layout gives)")
-
-
-def load_tokenizer(cls: Any, folder: Path, vocab_size: int, exact: bool) -> Any:
-    """A tokenizer from `folder`, refused unless its ids fit the text encoder's `vocab_size`
-    (`exact`: CLIP's equal sizes; otherwise at most, as T5's 32,100 tokens in a 32,128 table). An
-    offline hub load can give a 2-token CLIP tokenizer without raising (ENVIRONMENT.md)."""
-    try:
-        tokenizer = cls.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise WeightsError(f"cannot load the tokenizer from {folder}: {exc}") from exc
-    if len(tokenizer) > vocab_size or (exact and len(tokenizer) != vocab_size):
-        raise WeightsError(f"the components in {folder.parent} do not fit together: {folder.name} size = "
-                           f"{len(tokenizer)} but its text encoder's vocab_size = {vocab_size}")
-    return tokenizer
-
-
 def load_parts(folder: Path, parts: dict[str, tuple[Any, str]]) -> dict[str, nn.Module]:
     """Each `subfolder: (class, what)` loaded strictly (weights.load_pretrained)."""
     return {sub: load_pretrained(cls, folder / sub, what) for sub, (cls, what) in parts.items()}
-
-
-def check_fit(folder: Path, pairs: Sequence[tuple[str, Any, str, Any]]) -> None:
-    """Refuse in one line components whose (name, value, name, value) pairs disagree."""
-    mismatches = [f"{a} = {x} but {b} = {y}" for a, x, b, y in pairs if x != y]
-    if mismatches:
-        raise WeightsError(f"the components in {folder} do not fit together: " + "; ".join(mismatches))
-
-
-def scheduler_config(folder: Path | None, defaults: dict[str, Any]) -> dict[str, Any]:
-    """`defaults` updated with the same keys of the folder's scheduler/scheduler_config.json, if any."""
-    path = folder / "scheduler" / "scheduler_config.json" if folder is not None else None
-    if path is None or not path.is_file():
-        return dict(defaults)
-    saved = json.loads(path.read_text())
-    return {k: saved.get(k, v) for k, v in defaults.items()}
-
-
-def ddpm_alphas_cumprod(schedule: dict[str, Any]) -> torch.Tensor:
-    """alpha-bar (float32, num_train_timesteps) of a DDPM-family scheduler config (beta_start,
-    beta_end, beta_schedule, num_train_timesteps), as diffusers' DDPMScheduler computes it."""
-    from diffusers import DDPMScheduler
-
-    try:
-        return DDPMScheduler(**schedule).alphas_cumprod.float()
-    except NotImplementedError as exc:  # an unknown beta_schedule
-        raise WeightsError(f"unsupported noise schedule {schedule}: {exc}") from exc
 
 
 def digest(folder: Path, parts: Sequence[str]) -> str:

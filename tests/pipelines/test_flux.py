@@ -15,8 +15,9 @@ from cli.main import app
 from featurestore.store import FeatureStore
 from pipelines.extract.backbone import create_backbone
 from pipelines.extract.backbones.flux import FLUX_DEV, FLUX_SCHEDULE, OPTIONS, FluxBackbone, image_ids, pack
+from pipelines.extract.diffusers_parts import parse_options
 from pipelines.extract.noise import batch_eps
-from pipelines.extract.token_maps import build_module, parse_options
+from pipelines.extract.token_maps import build_module
 from pipelines.extract.weights import WeightsError
 from test_extract_models import demo_inputs
 from tiny_transformers import as_map, copy_of, hooked_outputs, images, pre_hooks, rename_a_key, write

@@ -14,13 +14,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipelines.extract.backbone import create_backbone
-from pipelines.extract.weights import META, WeightsError
-from pipelines.extract.backbones.sd15 import (
-    HUB_IDS,
-    SD_SCHEDULE,
-    alphas_cumprod_from,
-    folder_digest,
-)
+from pipelines.extract.backbones.sd import PRESETS, SD_SCHEDULE
+from pipelines.extract.diffusers_parts import alphas_cumprod_from
+from pipelines.extract.weights import META, WeightsError, folder_digest
 from pipelines.extract.hooks import capture
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "sd15_block_shapes.json"
@@ -32,6 +28,7 @@ SD15_MAPS = {  # where each cross-attention block's attention runs: its input si
     "down0.attn": [77, 64, 64], "down1.attn": [77, 32, 32], "down2.attn": [77, 16, 16], "mid.attn": [77, 8, 8],
     "up1.attn": [77, 16, 16], "up2.attn": [77, 32, 32], "up3.attn": [77, 64, 64],
 }
+HUB_IDS = PRESETS["sd15"].hub_ids
 TINY_PATHS = {"down0": "down_blocks.0", "down1": "down_blocks.1", "mid": "mid_block", "up0": "up_blocks.0", "up1": "up_blocks.1"}
 
 

@@ -38,7 +38,7 @@ def write_tiny_sd(folder: str | Path, full_size: bool = False) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from pipelines.extract.backbones.sd15 import SD15_UNET_CONFIG
+    from pipelines.extract.backbones.sd import SD15_UNET_CONFIG
 
     folder = Path(folder)
     vocab, merges = _clip_vocab_and_merges(WORDS)

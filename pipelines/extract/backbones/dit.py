@@ -20,18 +20,15 @@ import torch
 from torch import nn
 
 from pipelines.extract.backbone import register_backbone
-from pipelines.extract.token_maps import (
-    TokenBlock,
-    TransformerBackbone,
-    build_module,
+from pipelines.extract.diffusers_parts import (
+    PIXELS,
     check_fit,
-    ddpm_alphas_cumprod,
-    digest,
-    load_parts,
+    check_prediction_type,
     parse_options,
+    read_schedule,
     require_parts,
-    scheduler_config,
 )
+from pipelines.extract.token_maps import DDPMTransformerBackbone, TokenBlock, build_module, digest, load_parts
 from pipelines.extract.weights import META, RANDOM, local_model_folder
 
 HUB_IDS = ("facebook/DiT-XL-2-256",)
@@ -49,25 +46,21 @@ DIT_XL_2_256: dict[str, Any] = {
 DIT_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
 }
-OPTIONS: dict[str, tuple[type, Any]] = {  # image_size default: the transformer's sample_size x the VAE factor
-    "image_size": (int, None), "revision": (str, None),
+OPTIONS: dict[str, tuple[Any, Any]] = {  # image_size default: the transformer's sample_size x the VAE factor
+    "image_size": (PIXELS, None), "revision": (str, None),
 }
 
 
-class DiTBackbone(TransformerBackbone):
+class DiTBackbone(DDPMTransformerBackbone):
     name = "dit"
 
     def __init__(self, module: nn.Module, image_size: int | None, weights_digest: str, schedule: dict[str, Any],
                  vae: nn.Module | None = None, id2label: dict[str, str] | None = None):
         config = module.config
         layout = [TokenBlock(f"layer{i}", f"transformer_blocks.{i}") for i in range(config.num_layers)]
-        super().__init__(module, layout, image_size, config.patch_size, weights_digest, vae)
-        self._alphas_cumprod = ddpm_alphas_cumprod(schedule)
+        super().__init__(module, layout, image_size, config.patch_size, weights_digest, vae, schedule=schedule)
         self.classes = int(config.num_embeds_ada_norm)
         self.labels = {name.strip(): int(k) for k, names in (id2label or {}).items() for name in names.split(",")}
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas_cumprod
 
     def label(self, prompt: str) -> int:
         """The class index of a prompt: "" -> the null class (num_classes), "207" -> 207, or an
@@ -92,13 +85,9 @@ class DiTBackbone(TransformerBackbone):
             self.label(prompt)
         return 1, 0
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The first in_channels output channels (DiT also predicts the variance, learn_sigma)."""
-        labels = self.encode_prompts([""]).expand(len(x_t)) if cond is None else cond
-        return self.module(x_t, timestep=t, class_labels=labels).sample[:, : self.module.config.in_channels]
-
-    def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> None:
-        self.module(x_t, timestep=t, class_labels=cond)
+    def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> Any:
+        """The transformer on latents x_t at timesteps t; `cond` (B,) int64 class labels."""
+        return self.module(x_t, timestep=t, class_labels=cond)
 
     def _device(self) -> torch.device:
         return next(self.module.parameters()).device
@@ -114,12 +103,14 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> DiTBa
         module = build_module(DiTTransformer2DModel, DIT_XL_2_256, str(weights), device)
         return DiTBackbone(module, options["image_size"], str(weights), DIT_SCHEDULE)
     folder = local_model_folder(weights, HUB_IDS, "transformer/config.json", options["revision"])
-    require_parts(folder, "DiT", PARTS)
+    require_parts(folder, "a DiT", PARTS)
     parts = load_parts(folder, {"transformer": (DiTTransformer2DModel, "DiT transformer"),
                                 "vae": (AutoencoderKL, "VAE")})
     check_fit(folder, [("transformer in_channels", parts["transformer"].config.in_channels,
                         "vae latent_channels", parts["vae"].config.latent_channels)])
     index = folder / "model_index.json"
     id2label = json.loads(index.read_text()).get("id2label") if index.is_file() else None
+    schedule, predicts = read_schedule(folder, DIT_SCHEDULE)
+    check_prediction_type("dit", predicts, ("epsilon",))
     return DiTBackbone(parts["transformer"].to(device), options["image_size"], digest(folder, (*PARTS, index.name)),
-                       scheduler_config(folder, DIT_SCHEDULE), parts["vae"].to(device), id2label)
+                       schedule, parts["vae"].to(device), id2label)

@@ -23,19 +23,22 @@ import torch
 from torch import nn
 
 from pipelines.extract.backbone import register_backbone
+from pipelines.extract.diffusers_parts import (
+    PIXELS,
+    check_fit,
+    load_tokenizer,
+    parse_options,
+    read_schedule,
+    require_parts,
+)
 from pipelines.extract.token_maps import (
     CLIP_TOKENS,
     FlowMatchingBackbone,
     TokenBlock,
     build_module,
-    check_fit,
     digest,
     load_parts,
-    load_tokenizer,
     pack_rows,
-    parse_options,
-    require_parts,
-    scheduler_config,
     unpack_rows,
 )
 from pipelines.extract.weights import META, RANDOM, local_model_folder
@@ -51,8 +54,8 @@ FLUX_DEV: dict[str, Any] = {
 FLUX_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
 }
-OPTIONS: dict[str, tuple[type, Any]] = {
-    "image_size": (int, 1024), "max_sequence_length": (int, 512), "guidance": (float, 3.5), "revision": (str, None),
+OPTIONS: dict[str, tuple[Any, Any]] = {
+    "image_size": (PIXELS, 1024), "max_sequence_length": (int, 512), "guidance": (float, 3.5), "revision": (str, None),
 }
 PACK = 2  # 2x2 latent patches per token
 
@@ -81,7 +84,7 @@ class FluxBackbone(FlowMatchingBackbone):
         layout += [TokenBlock(f"single{i}", f"single_transformer_blocks.{i}", element=1)
                    for i in range(config.num_single_layers)]
         super().__init__(module, layout, options["image_size"], PACK * config.patch_size, weights_digest, vae,
-                         schedule=schedule)
+                         options["max_sequence_length"], schedule=schedule)
         if config.patch_size != 1:
             raise ValueError(f"flux expects a transformer with patch_size 1 on packed latents, got {config.patch_size}")
         if guidance_given and not config.guidance_embeds:
@@ -89,9 +92,6 @@ class FluxBackbone(FlowMatchingBackbone):
                              "--backbone-config")
         self.guidance = float(options["guidance"]) if config.guidance_embeds else None
         self.clip, self.t5 = clip, t5
-        self.tokens = options["max_sequence_length"]
-        if self.tokens < 1:
-            raise ValueError(f"flux max_sequence_length must be at least 1, got {self.tokens}")
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), L + 1, joint_attention_dim): T5's last hidden state over L =
@@ -113,6 +113,10 @@ class FluxBackbone(FlowMatchingBackbone):
         return {**super().describe(), "guidance": self.guidance}
 
     def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> Any:
+        """The transformer on latents x_t (B, 16, h, w), packed (`pack`), at integer timesteps t (B,),
+        read as σ = t/1000. `cond` (B, L + 1, joint_attention_dim) is packed as `encode_prompts`
+        returns it: rows 0..L−1 the T5 tokens (encoder_hidden_states), the last row's first
+        pooled_projection_dim entries CLIP-L's pooled output (pooled_projections)."""
         tokens, pooled = unpack_rows(cond, self.module.config.pooled_projection_dim)
         n = len(x_t)
         guidance = None if self.guidance is None else torch.full((n,), self.guidance, device=x_t.device)
@@ -136,7 +140,7 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> FluxB
         module = build_module(FluxTransformer2DModel, FLUX_DEV, str(weights), device)
         return FluxBackbone(module, options, str(weights), FLUX_SCHEDULE, guidance_given=guidance_given)
     folder = local_model_folder(weights, HUB_IDS, "transformer/config.json", options["revision"])
-    require_parts(folder, "FLUX", PARTS)
+    require_parts(folder, "a FLUX", PARTS)
     parts = load_parts(folder, {
         "transformer": (FluxTransformer2DModel, "FLUX transformer"), "vae": (AutoencoderKL, "VAE"),
         "text_encoder": (CLIPTextModel, "CLIP text encoder"), "text_encoder_2": (T5EncoderModel, "T5 text encoder"),
@@ -152,6 +156,6 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> FluxB
     ])
     clip_tokenizer = load_tokenizer(CLIPTokenizer, folder / "tokenizer", clip.config.vocab_size, exact=True)
     t5_tokenizer = load_tokenizer(T5TokenizerFast, folder / "tokenizer_2", t5.config.vocab_size, exact=False)
-    return FluxBackbone(transformer.to(device), options, digest(folder, PARTS), scheduler_config(folder, FLUX_SCHEDULE),
+    return FluxBackbone(transformer.to(device), options, digest(folder, PARTS), read_schedule(folder, FLUX_SCHEDULE)[0],
                         vae.to(device), (clip.to(device), clip_tokenizer), (t5.to(device), t5_tokenizer),
                         guidance_given)

@@ -21,19 +21,16 @@ import torch
 from torch import nn
 
 from pipelines.extract.backbone import register_backbone
-from pipelines.extract.token_maps import (
-    TokenBlock,
-    TransformerBackbone,
-    build_module,
+from pipelines.extract.diffusers_parts import (
+    PIXELS,
     check_fit,
-    ddpm_alphas_cumprod,
-    digest,
-    load_parts,
+    check_prediction_type,
     load_tokenizer,
     parse_options,
+    read_schedule,
     require_parts,
-    scheduler_config,
 )
+from pipelines.extract.token_maps import DDPMTransformerBackbone, TokenBlock, build_module, digest, load_parts
 from pipelines.extract.weights import META, RANDOM, local_model_folder
 
 HUB_IDS = ("PixArt-alpha/PixArt-XL-2-1024-MS", "PixArt-alpha/PixArt-XL-2-512x512",
@@ -50,27 +47,21 @@ PIXART_ALPHA_1024: dict[str, Any] = {
 PIXART_SCHEDULE: dict[str, Any] = {  # PixArt's training diffusion (DiT's), when a folder has no scheduler/
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
 }
-OPTIONS: dict[str, tuple[type, Any]] = {  # image_size default: sample_size x the VAE factor; 300 tokens for Σ
-    "image_size": (int, None), "max_sequence_length": (int, 120), "revision": (str, None),
+OPTIONS: dict[str, tuple[Any, Any]] = {  # image_size default: sample_size x the VAE factor; 300 tokens for Σ
+    "image_size": (PIXELS, None), "max_sequence_length": (int, 120), "revision": (str, None),
 }
 
 
-class PixArtBackbone(TransformerBackbone):
+class PixArtBackbone(DDPMTransformerBackbone):
     name = "pixart"
 
     def __init__(self, module: nn.Module, options: dict[str, Any], weights_digest: str, schedule: dict[str, Any],
                  vae: nn.Module | None = None, text_encoder: nn.Module | None = None, tokenizer: Any = None):
         config = module.config
         layout = [TokenBlock(f"layer{i}", f"transformer_blocks.{i}") for i in range(config.num_layers)]
-        super().__init__(module, layout, options["image_size"], config.patch_size, weights_digest, vae)
+        super().__init__(module, layout, options["image_size"], config.patch_size, weights_digest, vae,
+                         options["max_sequence_length"], schedule=schedule)
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.tokens = options["max_sequence_length"]
-        if self.tokens < 1:
-            raise ValueError(f"pixart max_sequence_length must be at least 1, got {self.tokens}")
-        self._alphas_cumprod = ddpm_alphas_cumprod(schedule)
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas_cumprod
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), L, D + 1): T5's last hidden state over the L = max_sequence_length padded
@@ -88,14 +79,10 @@ class PixArtBackbone(TransformerBackbone):
         """(max_sequence_length, how many prompts have more T5 tokens, end token included)."""
         return self.tokens, self.count_cut(self.tokenizer, prompts, self.tokens)
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The first in_channels output channels (PixArt also predicts the variance)."""
-        if cond is None:
-            empty = self.encode_prompts([""])
-            cond = empty.expand(len(x_t), *empty.shape[1:])
-        return self._call(x_t, t, cond).sample[:, : self.module.config.in_channels]
-
     def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> Any:
+        """The transformer on latents x_t (B, C, h, w) at timesteps t (B,). `cond` (B, L, D + 1) is
+        packed as `encode_prompts` returns it: channels 0..D−1 the T5 tokens (encoder_hidden_states),
+        the last channel the attention mask (encoder_attention_mask, 1 = token, 0 = padding)."""
         tokens, mask = cond[..., :-1], cond[..., -1]
         added = {"resolution": None, "aspect_ratio": None}
         if self.module.use_additional_conditions:  # the pipeline's [height, width] and height / width, in pixels
@@ -117,7 +104,7 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> PixAr
         module = build_module(PixArtTransformer2DModel, PIXART_ALPHA_1024, str(weights), device)
         return PixArtBackbone(module, options, str(weights), PIXART_SCHEDULE)
     folder = local_model_folder(weights, HUB_IDS, "transformer/config.json", options["revision"])
-    require_parts(folder, "PixArt", PARTS)
+    require_parts(folder, "a PixArt", PARTS)
     parts = load_parts(folder, {"transformer": (PixArtTransformer2DModel, "PixArt transformer"),
                                 "vae": (AutoencoderKL, "VAE"), "text_encoder": (T5EncoderModel, "T5 text encoder")})
     transformer, vae, text = parts["transformer"], parts["vae"], parts["text_encoder"]
@@ -127,5 +114,7 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> PixAr
         ("transformer in_channels", transformer.config.in_channels, "vae latent_channels", vae.config.latent_channels),
     ])
     tokenizer = load_tokenizer(T5TokenizerFast, folder / "tokenizer", text.config.vocab_size, exact=False)
-    return PixArtBackbone(transformer.to(device), options, digest(folder, PARTS),
-                          scheduler_config(folder, PIXART_SCHEDULE), vae.to(device), text.to(device), tokenizer)
+    schedule, predicts = read_schedule(folder, PIXART_SCHEDULE)
+    check_prediction_type("pixart", predicts, ("epsilon",))
+    return PixArtBackbone(transformer.to(device), options, digest(folder, PARTS), schedule, vae.to(device),
+                          text.to(device), tokenizer)

@@ -21,10 +21,9 @@ SD_2_TEXT_ENCODER_KEYS_TO_IGNORE = resblocks.23). `text_layer: penultimate` take
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,19 @@ import torch
 from torch import nn
 
 from pipelines.extract.backbone import Backbone, InputSpec, Prepared, register_backbone
+from pipelines.extract.diffusers_parts import (
+    PIXELS,
+    alphas_cumprod_from,
+    check_fit,
+    check_prediction_type,
+    count_cut,
+    encode_each,
+    latent_factor,
+    load_tokenizer,
+    parse_options,
+    read_schedule,
+    require_parts,
+)
 from pipelines.extract.hooks import capture
 from pipelines.extract.weights import (
     META,
@@ -46,8 +58,6 @@ from pipelines.extract.weights import (
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")  # scheduler/ is optional
 TOKENS = 77  # CLIP's context: every prompt is padded to it
-SD_LATENT_FACTOR = 8  # SD's VAE downsamples 3 times (RANDOM/META have no VAE to ask)
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # The released v1.5 unet/config.json, so RANDOM/META need nothing from disk (859,520,964 parameters).
 SD15_UNET_CONFIG: dict[str, Any] = {
@@ -95,45 +105,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-@dataclass(frozen=True)
-class SDConfig:
-    """--backbone-config: input size in pixels (default: the preset's, else the UNet's sample_size
-    times the VAE's factor), which text layer conditions the UNet, what the UNet predicts (default:
-    the folder's scheduler config, else the preset's), hub revision."""
-
-    image_size: int | None = None
-    text_layer: str = "last"  # or "penultimate": the layer before the last, through the final layer norm
-    prediction_type: str | None = None  # epsilon or v_prediction
-    revision: str | None = None  # of the hub id in the local cache; not for a folder
-
-    def check(self, name: str) -> None:
-        check_size(name, "image_size", self.image_size)
-        if self.text_layer not in ("last", "penultimate"):
-            raise ValueError(f"{name} text_layer must be 'last' or 'penultimate', got {self.text_layer!r}")
-        check_prediction_type(name, self.prediction_type)
-
-
-def parse_config(cls: type, name: str, config: dict | None) -> Any:
-    """`cls(**config)` for a --backbone-config dataclass with a `check(name)` method; unknown keys
-    and bad values are refused in one line."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(config or {}) - known)
-    if unknown:
-        raise ValueError(f"{name} --backbone-config: unknown keys {unknown}; known: {sorted(known)}")
-    cfg = cls(**(config or {}))
-    cfg.check(name)
-    return cfg
-
-
-def check_size(name: str, key: str, value: Any) -> None:
-    """A positive integer number of pixels (or None)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"{name} {key} must be a positive integer (pixels), got {value!r}")
-
-
-def check_prediction_type(name: str, prediction_type: str | None) -> None:
-    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"{name}: prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
+# --backbone-config: input size in pixels (default: the preset's, else the UNet's sample_size times
+# the VAE's factor), which text layer conditions the UNet ("last", or "penultimate": the layer before
+# the last, through the final layer norm), what the UNet predicts (epsilon or v_prediction; default:
+# the folder's scheduler config, else the preset's), revision of the hub id in the local cache.
+OPTIONS: dict[str, tuple[Any, Any]] = {
+    "image_size": (PIXELS, None), "text_layer": (str, "last"), "prediction_type": (str, None), "revision": (str, None),
+}
 
 
 @dataclass(frozen=True)
@@ -197,7 +175,7 @@ class SDBackbone(Backbone):
         self.weights_digest = weights_digest
         self.input = InputSpec(size=image_size, channels=3, value_range=(-1.0, 1.0))
         self._alphas_cumprod = alphas_cumprod_from(schedule)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else SD_LATENT_FACTOR
+        factor = latent_factor(vae)
         channels = unet.config.block_out_channels
         multiple = factor * 2 ** (len(channels) - 1)  # so every down block halves an even size
         if image_size % multiple:
@@ -227,13 +205,8 @@ class SDBackbone(Backbone):
     def prepare(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> Prepared:
         """VAE latents (the MEAN of the latent distribution, not a sample: a latent depends on the
         image alone) and text embeddings, each distinct prompt encoded once; no prompt = ""."""
-        prompts = [""] * len(images) if prompts is None else list(prompts)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        latents = self.encode_latents(images)
-        position = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        cond = self.encode_prompts(list(position))[[position[p] for p in prompts]]
-        return Prepared(latents, cond)
+        cond = encode_each(self.encode_prompts, prompts, len(images))
+        return Prepared(self.encode_latents(images), cond)
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """(n, 4, H/8, W/8): the VAE posterior mean of images (n, 3, H, W) in [-1, 1], times the VAE's
@@ -256,7 +229,7 @@ class SDBackbone(Backbone):
     def truncated_prompts(self, prompts: Sequence[str]) -> tuple[int, int]:
         """(77, how many prompts have more than 77 tokens, start and end included): encode_prompts
         cuts those. Each distinct prompt is tokenized once."""
-        return TOKENS, count_cut(prompts, [self._component(self.tokenizer)])
+        return TOKENS, count_cut(prompts, [self._component(self.tokenizer)], TOKENS)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), D): CLIP's pooled text embedding (the end-of-text token after the final layer
@@ -304,17 +277,6 @@ class SDBackbone(Backbone):
         return module
 
 
-def count_cut(prompts: Sequence[str], tokenizers: Sequence[Any]) -> int:
-    """How many of `prompts` some tokenizer makes longer than 77 tokens (start and end included);
-    each distinct prompt is tokenized once per tokenizer."""
-    distinct = list(dict.fromkeys(prompts))
-    cut = set()
-    for tokenizer in tokenizers:
-        ids = tokenizer(distinct, truncation=False, verbose=False).input_ids
-        cut |= {p for p, tokens in zip(distinct, ids) if len(tokens) > TOKENS}
-    return sum(p in cut for p in prompts)
-
-
 class _RecordingProcessor:
     """Records softmax(Q K^T / sqrt(d)) of a cross-attention layer (SD's: no group or cross norm),
     averaged over heads, then runs the layer's own processor unchanged, so block outputs are the
@@ -347,69 +309,17 @@ def _record_cross_attention(layers: dict[str, list[nn.Module]]) -> Iterator[dict
             attn.set_processor(processor)
 
 
-def alphas_cumprod_from(schedule: dict[str, Any]) -> torch.Tensor:
-    """alpha-bar of a diffusers scheduler config ("scaled_linear" is SD's: betas evenly spaced in
-    sqrt), computed in float64."""
-    n, start, end = schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"]
-    if schedule["beta_schedule"] == "scaled_linear":
-        betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
-    elif schedule["beta_schedule"] == "linear":
-        betas = torch.linspace(start, end, n, dtype=torch.float64)
-    else:
-        raise WeightsError(f"unsupported beta_schedule {schedule['beta_schedule']!r} (scaled_linear or linear)")
-    return torch.cumprod(1 - betas, 0).float()
-
-
 # -- loading a folder -----------------------------------------------------------------------------
 
-def require_components(folder: Path, components: Sequence[str], kind: str) -> None:
-    """Refuse a folder missing any of `components` (sub-folders), naming them all."""
-    missing = [c for c in components if not (folder / c).is_dir()]
-    if missing:
-        expected = ", ".join(c + "/" for c in components)
-        raise WeightsError(f"{folder} is not {kind} model folder: no {', '.join(c + '/' for c in missing)} "
-                           f"(expected {expected} and optionally scheduler/, as save_pretrained or the hub layout gives)")
-
-
-def load_tokenizer(path: Path) -> Any:
+def load_clip_tokenizer(folder: Path, text_encoder: nn.Module) -> Any:
+    """The CLIP tokenizer in `folder` (tokenizer/, tokenizer_2/), refused unless it fits its text
+    encoder: the same vocabulary size, and positions for the 77-token prompt."""
     from transformers import CLIPTokenizer
 
-    try:
-        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"cannot load the tokenizer from {path}: {exc}") from exc
-
-
-def check_fit(folder: Path, pairs: Sequence[tuple[str, Any, str, Any]]) -> None:
-    """Refuse components that do not fit together: every (name, value, other name, other value)
-    must agree; all disagreements are named in one line."""
-    mismatches = [f"{a} = {x} but {b} = {y}" for a, x, b, y in pairs if x != y]
-    if mismatches:
-        raise WeightsError(f"the components in {folder} do not fit together: " + "; ".join(mismatches))
-
-
-def text_pairs(label: str, text_encoder: nn.Module, tokenizer: Any) -> list[tuple[str, Any, str, Any]]:
-    """A CLIP text encoder against its tokenizer and the 77-token prompt length."""
     text = text_encoder.config
-    return [
-        # an offline load can yield a 2-token tokenizer without raising (ENVIRONMENT.md)
-        (f"{label.replace('text_encoder', 'tokenizer')} size", len(tokenizer), f"{label} vocab_size", text.vocab_size),
-        ("prompt length", TOKENS, f"{label} max_position_embeddings", text.max_position_embeddings),
-    ]
-
-
-def read_schedule(folder: Path) -> tuple[dict[str, Any], str | None]:
-    """The training schedule of a folder (SD_SCHEDULE overridden by scheduler/scheduler_config.json)
-    and the prediction type that config names (diffusers' default epsilon when it names none;
-    None without a config). Schedules this module cannot reproduce are refused."""
-    schedule_file = folder / "scheduler" / "scheduler_config.json"
-    if not schedule_file.is_file():
-        return dict(SD_SCHEDULE), None
-    saved = json.loads(schedule_file.read_text())
-    for key in ("rescale_betas_zero_snr", "trained_betas"):
-        if saved.get(key):
-            raise WeightsError(f"{schedule_file}: {key} is not supported (betas from beta_start, beta_end, beta_schedule only)")
-    return {**SD_SCHEDULE, **{k: saved[k] for k in SD_SCHEDULE if k in saved}}, saved.get("prediction_type", "epsilon")
+    check_fit(folder.parent, [("prompt length", TOKENS, f"{folder.name.replace('tokenizer', 'text_encoder')} "
+                                                       "max_position_embeddings", text.max_position_embeddings)])
+    return load_tokenizer(CLIPTokenizer, folder, text.vocab_size, exact=True)
 
 
 def _load_folder(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, Any]:
@@ -417,20 +327,19 @@ def _load_folder(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    require_components(folder, COMPONENTS, "a Stable Diffusion")
+    require_parts(folder, "a Stable Diffusion", COMPONENTS)
     unet = load_pretrained(UNet2DConditionModel, folder / "unet", "UNet")
     if unet.config.addition_embed_type is not None:
         raise WeightsError(f"the UNet in {folder} takes added conditioning ({unet.config.addition_embed_type}): "
                            "not an SD 1.x/2.x text-to-image UNet (use sdxl for SDXL)")
     vae = load_pretrained(AutoencoderKL, folder / "vae", "VAE")
     text_encoder = load_pretrained(CLIPTextModel, folder / "text_encoder", "text encoder")
-    tokenizer = load_tokenizer(folder / "tokenizer")
     check_fit(folder, [
         ("unet cross_attention_dim", unet.config.cross_attention_dim, "text_encoder hidden_size",
          text_encoder.config.hidden_size),
         ("unet in_channels", unet.config.in_channels, "vae latent_channels", vae.config.latent_channels),
-        *text_pairs("text_encoder", text_encoder, tokenizer),
     ])
+    tokenizer = load_clip_tokenizer(folder / "tokenizer", text_encoder)
     return unet, vae, text_encoder, tokenizer
 
 
@@ -439,20 +348,23 @@ def build_sd(name: str, preset: Preset | None, weights: Path | str | None, confi
     """The `sd` backbone (preset None: a folder or hub id is required) or one of its presets."""
     from diffusers import UNet2DConditionModel
 
-    cfg = parse_config(SDConfig, name, config)
-    common = {"text_layer": cfg.text_layer, "default_timesteps": preset.default_timesteps if preset else (200,)}
+    options = parse_options(name, config, OPTIONS)
+    if options["text_layer"] not in ("last", "penultimate"):
+        raise ValueError(f"{name} text_layer must be 'last' or 'penultimate', got {options['text_layer']!r}")
+    check_prediction_type(name, options["prediction_type"])
+    common = {"text_layer": options["text_layer"], "default_timesteps": preset.default_timesteps if preset else (200,)}
     if weights in (RANDOM, META) or (preset is None and weights is None):
         if preset is None:
             raise ValueError(f"{name} is built from a model: pass --weights FOLDER or a hub id in the local "
                              f"Hugging Face cache (for --weights random/meta use a preset: {', '.join(PRESETS)})")
         unet, digest = materialize(partial(UNet2DConditionModel, **preset.unet_config), weights, None, device)
-        return SDBackbone(name, unet, cfg.image_size or preset.image_size, cfg.prediction_type or preset.prediction_type,
-                          SD_SCHEDULE, digest, **common)
-    folder = local_model_folder(weights, preset.hub_ids if preset else (), "unet/config.json", cfg.revision)
+        return SDBackbone(name, unet, options["image_size"] or preset.image_size,
+                          options["prediction_type"] or preset.prediction_type, SD_SCHEDULE, digest, **common)
+    folder = local_model_folder(weights, preset.hub_ids if preset else (), "unet/config.json", options["revision"])
     unet, vae, text_encoder, tokenizer = _load_folder(folder)
-    schedule, predicts = read_schedule(folder)
-    prediction_type = cfg.prediction_type or predicts or (preset.prediction_type if preset else "epsilon")
-    image_size = cfg.image_size or (preset.image_size if preset else _native_size(name, unet, vae))
+    schedule, predicts = read_schedule(folder, SD_SCHEDULE)  # predicts: None when the config names none
+    prediction_type = options["prediction_type"] or predicts or (preset.prediction_type if preset else "epsilon")
+    image_size = options["image_size"] or (preset.image_size if preset else _native_size(name, unet, vae))
     return SDBackbone(name, unet.to(device), image_size, prediction_type, schedule,
                       folder_digest(folder, [*COMPONENTS, "scheduler"]), **common,
                       vae=vae.to(device), text_encoder=text_encoder.to(device), tokenizer=tokenizer)

@@ -21,19 +21,22 @@ import torch
 from torch import nn
 
 from pipelines.extract.backbone import register_backbone
+from pipelines.extract.diffusers_parts import (
+    PIXELS,
+    check_fit,
+    load_tokenizer,
+    parse_options,
+    read_schedule,
+    require_parts,
+)
 from pipelines.extract.token_maps import (
     CLIP_TOKENS,
     FlowMatchingBackbone,
     TokenBlock,
     build_module,
-    check_fit,
     digest,
     load_parts,
-    load_tokenizer,
     pack_rows,
-    parse_options,
-    require_parts,
-    scheduler_config,
     unpack_rows,
 )
 from pipelines.extract.weights import META, RANDOM, WeightsError, local_model_folder
@@ -51,8 +54,8 @@ SD3_MEDIUM: dict[str, Any] = {
 SD3_SCHEDULE: dict[str, Any] = {  # its FlowMatchEulerDiscreteScheduler
     "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
 }
-OPTIONS: dict[str, tuple[type, Any]] = {  # image_size default: sample_size x the VAE factor
-    "image_size": (int, None), "max_sequence_length": (int, 256), "revision": (str, None),
+OPTIONS: dict[str, tuple[Any, Any]] = {  # image_size default: sample_size x the VAE factor
+    "image_size": (PIXELS, None), "max_sequence_length": (int, 256), "revision": (str, None),
 }
 
 
@@ -65,14 +68,11 @@ class SD3Backbone(FlowMatchingBackbone):
         config = module.config
         layout = [TokenBlock(f"layer{i}", f"transformer_blocks.{i}", element=1) for i in range(config.num_layers)]
         super().__init__(module, layout, options["image_size"], config.patch_size, weights_digest, vae,
-                         schedule=schedule)
+                         options["max_sequence_length"], schedule=schedule)
         if self.grid > config.pos_embed_max_size:
             raise ValueError(f"sd3 image_size {self.input.size} gives {self.grid}x{self.grid} patches, more than the "
                              f"transformer's pos_embed_max_size {config.pos_embed_max_size}")
         self.clips, self.t5 = list(clips), t5
-        self.tokens = options["max_sequence_length"]
-        if self.tokens < 1:
-            raise ValueError(f"sd3 max_sequence_length must be at least 1, got {self.tokens}")
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), 77 + L + 1, joint_attention_dim): the CLIP tokens (both CLIPs' penultimate
@@ -107,6 +107,10 @@ class SD3Backbone(FlowMatchingBackbone):
         return self.tokens, self.count_cut(self.t5[1], prompts, self.tokens)
 
     def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> Any:
+        """The transformer on latents x_t (B, 16, h, w) at timesteps t (B,) = 1000·σ. `cond`
+        (B, 77 + L + 1, joint_attention_dim) is packed as `encode_prompts` returns it: rows 0..76
+        the CLIP tokens and rows 77..77+L−1 the T5 tokens (encoder_hidden_states), the last row's
+        first pooled_projection_dim entries the pooled CLIP-L + CLIP-G embedding (pooled_projections)."""
         tokens, pooled = unpack_rows(cond, self.module.config.pooled_projection_dim)
         return self.module(hidden_states=x_t, timestep=t, encoder_hidden_states=tokens, pooled_projections=pooled)
 
@@ -122,7 +126,7 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> SD3Ba
         module = build_module(SD3Transformer2DModel, SD3_MEDIUM, str(weights), device)
         return SD3Backbone(module, options, str(weights), SD3_SCHEDULE)
     folder = local_model_folder(weights, HUB_IDS, "transformer/config.json", options["revision"])
-    require_parts(folder, "Stable Diffusion 3", PARTS)
+    require_parts(folder, "a Stable Diffusion 3", PARTS)
     with_t5 = (folder / "text_encoder_3").is_dir()
     parts = load_parts(folder, {
         "transformer": (SD3Transformer2DModel, "SD3 transformer"), "vae": (AutoencoderKL, "VAE"),
@@ -151,4 +155,4 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> SD3Ba
         tokenizer = load_tokenizer(T5TokenizerFast, folder / "tokenizer_3", encoder.config.vocab_size, exact=False)
         t5 = (encoder.to(device), tokenizer)
     return SD3Backbone(transformer.to(device), options, digest(folder, (*PARTS, *T5_PARTS)),
-                       scheduler_config(folder, SD3_SCHEDULE), parts["vae"].to(device), clips, t5)
+                       read_schedule(folder, SD3_SCHEDULE)[0], parts["vae"].to(device), clips, t5)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,19 +32,15 @@ import torch
 from torch import nn
 
 from pipelines.extract.backbone import register_backbone
-from pipelines.extract.backbones.sd import (
-    SD_SCHEDULE,
-    TOKENS,
-    SDBackbone,
+from pipelines.extract.backbones.sd import SD_SCHEDULE, TOKENS, SDBackbone, load_clip_tokenizer
+from pipelines.extract.diffusers_parts import (
+    PIXELS,
     check_fit,
     check_prediction_type,
-    check_size,
     count_cut,
-    load_tokenizer,
-    parse_config,
+    parse_options,
     read_schedule,
-    require_components,
-    text_pairs,
+    require_parts,
 )
 from pipelines.extract.weights import META, RANDOM, WeightsError, folder_digest, load_pretrained, local_model_folder, materialize
 
@@ -70,43 +65,39 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
-class SDXLConfig:
-    """--backbone-config: input size S in pixels; the time ids' original size [h, w] (default
-    [S, S]) and crop top-left [top, left] (default [0, 0]); what the UNet predicts (default: the
-    folder's scheduler config, else epsilon); hub revision."""
+# --backbone-config: input size S in pixels; the time ids' original size [h, w] (default [S, S])
+# and crop top-left [top, left] (default [0, 0]); what the UNet predicts (default: the folder's
+# scheduler config, else epsilon); revision of the hub id in the local cache.
+OPTIONS: dict[str, tuple[Any, Any]] = {
+    "image_size": (PIXELS, 1024), "original_size": (list, None), "crop_top_left": (list, [0, 0]),
+    "prediction_type": (str, None), "revision": (str, None),
+}
 
-    image_size: int = 1024
-    original_size: tuple[int, int] | list[int] | None = None
-    crop_top_left: tuple[int, int] | list[int] = (0, 0)
-    prediction_type: str | None = None
-    revision: str | None = None
 
-    def check(self, name: str) -> None:
-        check_size(name, "image_size", self.image_size)
-        for key, value, low in (("original_size", self.original_size, 1), ("crop_top_left", self.crop_top_left, 0)):
-            if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)):
-                raise ValueError(f"{name} {key} must be two integers >= {low} ([h, w] or [top, left]), got {value!r}")
-        check_prediction_type(name, self.prediction_type)
-
-    def time_ids(self) -> list[int]:
-        """original size + crop top-left + target size, the pipeline's add_time_ids order."""
-        size = [self.image_size, self.image_size]
-        return [*(self.original_size or size), *self.crop_top_left, *size]
+def time_ids(name: str, options: dict[str, Any]) -> list[int]:
+    """original size + crop top-left + target size, the pipeline's add_time_ids order; sizes that
+    are not two integers >= 1 (crop: >= 0) are refused in one line."""
+    for key, value, low in (("original_size", options["original_size"], 1),
+                            ("crop_top_left", options["crop_top_left"], 0)):
+        if value is not None and not (len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)):
+            raise ValueError(f"{name} {key} must be two integers >= {low} ([h, w] or [top, left]), got {value!r}")
+    size = [options["image_size"]] * 2
+    return [*(options["original_size"] or size), *options["crop_top_left"], *size]
 
 
 class SDXLBackbone(SDBackbone):
     """SDXL's UNet, VAE and two text encoders (see the module docstring)."""
 
-    def __init__(self, name: str, unet: nn.Module, cfg: SDXLConfig, prediction_type: str, schedule: dict[str, Any],
-                 weights_digest: str, vae: nn.Module | None = None, text_encoders: Sequence[nn.Module] = (),
-                 tokenizers: Sequence[Any] = (), zero_empty_prompt: bool = True):
-        super().__init__(name, unet, cfg.image_size, prediction_type, schedule, weights_digest, (200,),
+    def __init__(self, name: str, unet: nn.Module, options: dict[str, Any], prediction_type: str,
+                 schedule: dict[str, Any], weights_digest: str, vae: nn.Module | None = None,
+                 text_encoders: Sequence[nn.Module] = (), tokenizers: Sequence[Any] = (), zero_empty_prompt: bool = True):
+        """`options`: the parsed --backbone-config (OPTIONS)."""
+        super().__init__(name, unet, options["image_size"], prediction_type, schedule, weights_digest, (200,),
                          text_layer="penultimate", vae=vae)
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
         self.zero_empty_prompt = zero_empty_prompt
-        self.time_ids = torch.tensor(cfg.time_ids(), dtype=torch.float32)
+        self.time_ids = torch.tensor(time_ids(name, options), dtype=torch.float32)
         self.context = unet.config.cross_attention_dim
         self.pooled = unet.config.projection_class_embeddings_input_dim - TIME_IDS * unet.config.addition_time_embed_dim
 
@@ -146,7 +137,7 @@ class SDXLBackbone(SDBackbone):
 
     def truncated_prompts(self, prompts: Sequence[str]) -> tuple[int, int]:
         """(77, how many prompts either tokenizer makes longer than 77 tokens)."""
-        return TOKENS, count_cut(prompts, self._component(self.tokenizers or None))
+        return TOKENS, count_cut(prompts, self._component(self.tokenizers or None), TOKENS)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), 1280): the second text encoder's projected pooled embedding (`text_embeds`,
@@ -170,7 +161,7 @@ def _load_folder(folder: Path) -> tuple[nn.Module, nn.Module, list[nn.Module], l
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    require_components(folder, COMPONENTS, "an SDXL")
+    require_parts(folder, "an SDXL", COMPONENTS)
     unet = load_pretrained(UNet2DConditionModel, folder / "unet", "UNet")
     if unet.config.addition_embed_type != "text_time":
         raise WeightsError(f"the UNet in {folder} has addition_embed_type = {unet.config.addition_embed_type}, "
@@ -178,7 +169,6 @@ def _load_folder(folder: Path) -> tuple[nn.Module, nn.Module, list[nn.Module], l
     vae = load_pretrained(AutoencoderKL, folder / "vae", "VAE")
     encoders = [load_pretrained(CLIPTextModel, folder / "text_encoder", "text encoder"),
                 load_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2", "second text encoder")]
-    tokenizers = [load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2")]
     unet_cfg, (first, second) = unet.config, (e.config for e in encoders)
     pooled = unet_cfg.projection_class_embeddings_input_dim - TIME_IDS * unet_cfg.addition_time_embed_dim
     check_fit(folder, [
@@ -187,9 +177,8 @@ def _load_folder(folder: Path) -> tuple[nn.Module, nn.Module, list[nn.Module], l
         ("unet projection_class_embeddings_input_dim - 6 x addition_time_embed_dim", pooled,
          "text_encoder_2 projection_dim", second.projection_dim),
         ("unet in_channels", unet_cfg.in_channels, "vae latent_channels", vae.config.latent_channels),
-        *text_pairs("text_encoder", encoders[0], tokenizers[0]),
-        *text_pairs("text_encoder_2", encoders[1], tokenizers[1]),
     ])
+    tokenizers = [load_clip_tokenizer(folder / sub, encoder) for sub, encoder in zip(("tokenizer", "tokenizer_2"), encoders)]
     if pooled > unet_cfg.cross_attention_dim:
         raise WeightsError(f"the components in {folder}: a {pooled}-wide pooled text embedding wider than the "
                            f"{unet_cfg.cross_attention_dim}-wide context is not supported")
@@ -203,13 +192,15 @@ def _load_folder(folder: Path) -> tuple[nn.Module, nn.Module, list[nn.Module], l
 def build(weights: Path | str | None, config: dict | None, device: str) -> SDXLBackbone:
     from diffusers import UNet2DConditionModel
 
-    cfg = parse_config(SDXLConfig, "sdxl", config)
+    options = parse_options("sdxl", config, OPTIONS)
+    time_ids("sdxl", options)  # refused before any loading
+    check_prediction_type("sdxl", options["prediction_type"])
     if weights in (RANDOM, META):
         unet, digest = materialize(partial(UNet2DConditionModel, **SDXL_UNET_CONFIG), weights, None, device)
-        return SDXLBackbone("sdxl", unet, cfg, cfg.prediction_type or "epsilon", SD_SCHEDULE, digest)
-    folder = local_model_folder(weights, HUB_IDS, "unet/config.json", cfg.revision)
+        return SDXLBackbone("sdxl", unet, options, options["prediction_type"] or "epsilon", SD_SCHEDULE, digest)
+    folder = local_model_folder(weights, HUB_IDS, "unet/config.json", options["revision"])
     unet, vae, encoders, tokenizers, zero_empty = _load_folder(folder)
-    schedule, predicts = read_schedule(folder)
-    return SDXLBackbone("sdxl", unet.to(device), cfg, cfg.prediction_type or predicts or "epsilon", schedule,
+    schedule, predicts = read_schedule(folder, SD_SCHEDULE)
+    return SDXLBackbone("sdxl", unet.to(device), options, options["prediction_type"] or predicts or "epsilon", schedule,
                         folder_digest(folder, [*COMPONENTS, "scheduler", "model_index.json"]), vae.to(device),
                         [e.to(device) for e in encoders], tokenizers, zero_empty)
