@@ -211,10 +211,11 @@ def test_folders_that_are_not_sdxl_or_do_not_fit_are_refused(tiny_sdxl, tiny_sd,
 def test_extract_stores_one_forward_of_the_pipelines_conditioning(tiny_sdxl, pipe, tmp_path):
     """End to end through the CLI: the stored block is the UNet's own forward on the noised VAE
     latents with the conditioning diffusers' pipeline builds for the prompt."""
+    from diffusers import DDPMScheduler
     from test_extract_models import cli, demo_inputs
 
     from featurestore.store import FeatureStore
-    from pipelines.extract.noise import q_sample
+    from pipelines.extract.noise import image_eps
 
     config = tmp_path / "sdxl.json"
     config.write_text(json.dumps({"image_size": 64}))
@@ -225,7 +226,10 @@ def test_extract_stores_one_forward_of_the_pipelines_conditioning(tiny_sdxl, pip
     run = FeatureStore.open(str(tmp_path / "s.zarr")).runs()[0]
     with torch.no_grad():
         latents = pipe.vae.encode(demo_inputs(create_backbone("sdxl", tiny_sdxl, {"image_size": 64}), 3)).latent_dist.mean
-        x_t = q_sample(latents * 0.13025, [f"mnist-demo.npz#{i}" for i in range(3)], 500, 0, pipe.scheduler.alphas_cumprod)
+        eps = torch.stack([image_eps(0, f"mnist-demo.npz#{i}", 500, latents.shape[1:]) for i in range(3)])
+        # the training forward process of the folder's betas: DDPMScheduler.add_noise (Euler's own
+        # add_noise is x0 + sigma·eps, the same x_t before scale_model_input's 1/sqrt(sigma² + 1))
+        x_t = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents * 0.13025, eps, torch.full((3,), 500))
         context, _, pooled, _ = pipe.encode_prompt(["a photo of a dog"] * 3, device="cpu", do_classifier_free_guidance=False)
         time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32, text_encoder_projection_dim=32)
     direct = blocks_by_hooks(pipe.unet, {"mid": "mid_block"}, x_t, torch.full((3,), 500), encoder_hidden_states=context,
