@@ -111,3 +111,34 @@ def test_digest_covers_the_labels_and_loading_refusals(backbone, folder, tmp_pat
         create_backbone("dit", "meta", {"image_sise": 64})
     with pytest.raises(ValueError, match="image_size must be a multiple of 16"):
         create_backbone("dit", "meta", {"image_size": 72})
+
+
+def test_sizes_must_be_positive_and_sequence_lengths_at_least_one():
+    """Every transformer backbone refuses a non-positive image size in one line (-256 gave blocks of
+    shape (1152, -16, -16); 0 silently became the default) and a prompt of no tokens."""
+    for name in ("dit", "pixart", "sd3", "flux"):
+        for size in (-256, 0):
+            with pytest.raises(ValueError, match=rf"^{name} image_size must be a positive integer \(pixels\), got {size}$"):
+                create_backbone(name, "meta", {"image_size": size})
+    for name in ("pixart", "sd3", "flux"):
+        with pytest.raises(ValueError, match=rf"^{name} max_sequence_length must be at least 1, got 0$"):
+            create_backbone(name, "meta", {"max_sequence_length": 0})
+
+
+def test_scheduler_configs_dit_cannot_reproduce_are_refused(folder, tmp_path):
+    """As sd: betas only from beta_start, beta_end, beta_schedule, and DiT's output read as eps."""
+    copy = copy_of(folder, tmp_path)
+    config_file = copy / "scheduler" / "scheduler_config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["beta_schedule"] == "linear" and "prediction_type" in saved  # the keys below are real ones
+    for change, message in (({"trained_betas": [0.01] * 1000}, "trained_betas is not supported"),
+                            ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr is not supported"),
+                            ({"prediction_type": "v_prediction"},
+                             r"dit: prediction_type 'v_prediction' is not supported \(epsilon\)")):
+        config_file.write_text(json.dumps({**saved, **change}))
+        with pytest.raises(ValueError, match=message):
+            create_backbone("dit", copy, {"image_size": 64})
+    config_file.write_text(json.dumps({**saved, "beta_end": 0.03, "prediction_type": "epsilon"}))
+    betas = torch.linspace(saved["beta_start"], 0.03, 1000, dtype=torch.float64)  # DDPM's linear schedule
+    torch.testing.assert_close(create_backbone("dit", copy, {"image_size": 64}).alphas_cumprod(),
+                               torch.cumprod(1 - betas, 0).float())

@@ -108,3 +108,8 @@ def test_truncation_count_and_loading_refusals(backbone, folder, tmp_path):
         create_backbone("pixart", copy)
     with pytest.raises(ValueError, match="max_sequence_length must be a int"):
         create_backbone("pixart", "meta", {"max_sequence_length": "120"})
+    shutil.copytree(folder / "tokenizer", copy / "tokenizer")  # read before any weights are loaded:
+    schedule = copy / "scheduler" / "scheduler_config.json"
+    schedule.write_text(json.dumps({**json.loads(schedule.read_text()), "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match=r"pixart: prediction_type 'v_prediction' is not supported \(epsilon\)"):
+        create_backbone("pixart", copy)

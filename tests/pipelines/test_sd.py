@@ -240,3 +240,27 @@ def test_schedulers_and_unets_sd_cannot_handle_are_refused(sd2_folder, tmp_path)
                          projection_class_embeddings_input_dim=80).save_pretrained(folder / "unet")
     with pytest.raises(WeightsError, match=r"takes added conditioning \(text_time\).*use sdxl"):
         create_backbone("sd", folder)
+
+
+def test_a_scheduler_config_naming_no_prediction_type_leaves_the_presets(sd2_folder, tmp_path):
+    """sd21 is a v-prediction model: a folder whose scheduler config omits prediction_type keeps it
+    (it became diffusers' default epsilon); `sd` without a preset takes epsilon."""
+    import numpy as np
+
+    folder = copy_of(sd2_folder[0], tmp_path)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["prediction_type"]
+    config_file.write_text(json.dumps(saved))
+    sd21 = create_backbone("sd21", folder, {"image_size": 64})
+    assert sd21.prediction_type == "v_prediction"
+    assert create_backbone("sd21-base", folder, {"image_size": 64}).prediction_type == "epsilon"
+    assert create_backbone("sd", folder).prediction_type == "epsilon"
+    x_t, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300])
+    cond = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        v = sd21.module(x_t, t, encoder_hidden_states=cond).sample
+        eps = sd21.predict_eps(x_t, t, cond)
+    # SD's scaled_linear betas in numpy; eps = sqrt(ab)·v + sqrt(1 − ab)·x_t (Salimans & Ho 2022)
+    ab = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)[300]
+    torch.testing.assert_close(eps, float(np.sqrt(ab)) * v + float(np.sqrt(1 - ab)) * x_t, rtol=0, atol=1e-5)

@@ -104,13 +104,13 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> DiTBa
         return DiTBackbone(module, options["image_size"], str(weights), DIT_SCHEDULE)
     folder = local_model_folder(weights, HUB_IDS, "transformer/config.json", options["revision"])
     require_parts(folder, "a DiT", PARTS)
+    schedule, predicts = read_schedule(folder, DIT_SCHEDULE)
+    check_prediction_type("dit", predicts, ("epsilon",))
     parts = load_parts(folder, {"transformer": (DiTTransformer2DModel, "DiT transformer"),
                                 "vae": (AutoencoderKL, "VAE")})
     check_fit(folder, [("transformer in_channels", parts["transformer"].config.in_channels,
                         "vae latent_channels", parts["vae"].config.latent_channels)])
     index = folder / "model_index.json"
     id2label = json.loads(index.read_text()).get("id2label") if index.is_file() else None
-    schedule, predicts = read_schedule(folder, DIT_SCHEDULE)
-    check_prediction_type("dit", predicts, ("epsilon",))
     return DiTBackbone(parts["transformer"].to(device), options["image_size"], digest(folder, (*PARTS, index.name)),
                        schedule, parts["vae"].to(device), id2label)

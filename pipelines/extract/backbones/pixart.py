@@ -105,6 +105,8 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> PixAr
         return PixArtBackbone(module, options, str(weights), PIXART_SCHEDULE)
     folder = local_model_folder(weights, HUB_IDS, "transformer/config.json", options["revision"])
     require_parts(folder, "a PixArt", PARTS)
+    schedule, predicts = read_schedule(folder, PIXART_SCHEDULE)
+    check_prediction_type("pixart", predicts, ("epsilon",))
     parts = load_parts(folder, {"transformer": (PixArtTransformer2DModel, "PixArt transformer"),
                                 "vae": (AutoencoderKL, "VAE"), "text_encoder": (T5EncoderModel, "T5 text encoder")})
     transformer, vae, text = parts["transformer"], parts["vae"], parts["text_encoder"]
@@ -114,7 +116,5 @@ def build(weights: Path | str | None, config: dict | None, device: str) -> PixAr
         ("transformer in_channels", transformer.config.in_channels, "vae latent_channels", vae.config.latent_channels),
     ])
     tokenizer = load_tokenizer(T5TokenizerFast, folder / "tokenizer", text.config.vocab_size, exact=False)
-    schedule, predicts = read_schedule(folder, PIXART_SCHEDULE)
-    check_prediction_type("pixart", predicts, ("epsilon",))
     return PixArtBackbone(transformer.to(device), options, digest(folder, PARTS), schedule, vae.to(device),
                           text.to(device), tokenizer)
