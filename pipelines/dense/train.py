@@ -4,13 +4,16 @@ Batches come from `pipelines.heads.data.StoreBatches` (windows of whole chunks, 
 window read on a background thread), so memory is bounded by the window and the heads, never by
 the number of images. Targets are read per batch from the store (`TargetReader`), not held in memory.
 A grid of heads (one per (timestep, block), or per timestep) shares each pass: every head takes an
-AdamW step (linear warmup, then cosine decay per step) on every batch. There is no validation
-split and no early stopping: each head keeps its weights after the last epoch, and the output says so.
+AdamW step (linear warmup, then cosine decay per step) on every batch; a batch without a pixel to
+learn from takes no step, but the schedule still advances, so the learning rate follows the batches
+and reaches its end at the last one. There is no validation split and no early stopping: each head
+keeps its weights after the last epoch, and the output says so.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -100,7 +103,10 @@ class DenseTrainee:
         with autocast(device):
             out = self.forward(self.module, batch).float()
         loss = self.loss(out, batch.labels)
-        if loss is None:
+        if loss is None:  # nothing to learn from this batch: no step, but the schedule follows the batches
+            with warnings.catch_warnings():  # torch warns when the schedule steps before the optimizer has
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+                self.schedule.step()
             return
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,14 +127,16 @@ class DenseTrainee:
 
 def train_dense(data: StoreBatches, trainees: Sequence[DenseTrainee], rows: np.ndarray,
                 cfg: DenseTrainConfig) -> list[float]:
-    """`cfg.epochs` shared passes over `rows` (shuffled with (seed, epoch)); returns each epoch's seconds."""
+    """`cfg.epochs` shared passes over `rows` (shuffled with (seed, epoch); with draws="all", each
+    row's noise draw picked anew per epoch by `data.epoch_picks`); returns each epoch's seconds."""
     device = torch.device(cfg.device)
     seconds = []
     with bar("train", f"{len(trainees)} dense heads", cfg.epochs) as advance:
         for epoch in range(cfg.epochs):
             tic = time.perf_counter()
             with bar("images", "train", len(rows)) as images:
-                for _, batch in data.passes({"train": rows}, np.random.default_rng((cfg.seed, epoch))):
+                picks = data.epoch_picks(rows, cfg.seed, epoch)
+                for _, batch in data.passes({"train": rows}, np.random.default_rng((cfg.seed, epoch)), picks):
                     images(len(batch.rows))
                     batch = batch.to(device)
                     for t in trainees:
