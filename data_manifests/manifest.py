@@ -228,6 +228,8 @@ class Manifest:
                                         f"[{len(classes)}, 255] (outside the class indices), got {ignore!r}")
             if column == "depth" and info.get("unit") != "m":
                 raise ManifestError(f"{at}: target_info 'unit' must be 'm' (depth is decoded to metres)")
+            if column == "depth" and info.get("eval_crop") not in (None, "eigen"):
+                raise ManifestError(f"{at}: target_info 'eval_crop' must be 'eigen' or absent, got {info['eval_crop']!r}")
         known = set(self.ids)
         for k, pair in enumerate(self.pairs):
             if not isinstance(pair, tuple) or len(pair) != 4 or not all(isinstance(x, str) for x in pair):
