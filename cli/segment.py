@@ -11,6 +11,7 @@ from cli.app import (
     AllowIncompleteFlag, HoldoutOption, JsonFlag, QuietFlag, ResultsOption, RunOption, StoreArgument, app, parse_blocks,
     one_value, parse_stored_timesteps, parse_timestep, split_items, user_errors
 )
+from cli.knn import DrawsOption
 
 # Options `segment` and `depth` share (each keeps its own defaults).
 DenseBlocks = Annotated[list[str], typer.Option("--block", "--blocks", help="Block(s); repeat or separate by commas; all: every block of the run.")]
@@ -25,12 +26,17 @@ WeightDecayOption = Annotated[float, typer.Option(help="AdamW weight decay.")]
 WarmupOption = Annotated[float, typer.Option(help="Epochs of linear warmup.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of --holdout, shuffling and initial weights.")]
 DeviceOption = Annotated[str, typer.Option(help="Torch device; never falls back silently.")]
+TrainSplitOption = Annotated[str, typer.Option(help="Manifest split to train on.")]
+TestSplitOption = Annotated[str, typer.Option(help="Manifest split to test on.")]
 
 
 def dense_config(task: str, head: str, block: list[str], timestep: list[str], grid: bool, **kwargs):
     """The DenseConfig of a command's options (`train` options go to DenseTrainConfig)."""
+    from featurestore.store import parse_draws
     from pipelines.dense.runner import DenseConfig
     from pipelines.dense.train import DenseTrainConfig
+
+    kwargs["draws"] = parse_draws(kwargs["draws"])
 
     train = {k: kwargs.pop(k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed",
                                         "device")}
@@ -47,12 +53,16 @@ def print_heads(doc: dict, metrics: list[tuple[str, str]]) -> None:
         typer.echo(f"{h['name']}: {values}" + (f"  ({h['miou_classes']} classes in the mean)" if "miou_classes" in h else ""))
     if "baseline" in doc:
         typer.echo(baseline_line(doc["baseline"]))
-    variant = doc["heads"][0]["variant"]
-    typer.echo("variant: " + ("; ".join(f"{k}: {v}" for k, v in variant.items()) if isinstance(variant, dict) else variant))
-    for line in images_note(doc["runs"]):
+    typer.echo(variant_line(doc["heads"][0]["variant"]))
+    for line in filter(None, [*images_note(doc["runs"]), doc["config"].get("draws_meaning")]):
         typer.echo(line)
     typer.echo(f"({doc['images']['train']} train / {doc['images']['test']} test images; {doc['training']}; "
                f"saved {doc['out']})")
+
+
+def variant_line(variant: dict) -> str:
+    """A result's variants (which average, denominator, grid) in one line."""
+    return "variant: " + "; ".join(f"{k}: {v}" for k, v in variant.items())
 
 
 def baseline_line(baseline: dict) -> str:
@@ -76,9 +86,10 @@ def segment(
     temperature: Annotated[float, typer.Option(help="Open vocabulary: logits are cosines / temperature.")] = 0.07,
     zero_shot_attention: Annotated[bool, typer.Option("--zero-shot-attention", help="Train nothing: label each pixel by the class-name token with the highest value in the cross-attention map --block <block>.attn (a run extracted with --attention-maps and --prompt fixed:TEXT).")] = False,
     class_tokens: Annotated[Optional[str], typer.Option(help="--zero-shot-attention: the prompt position of each class's name token, in class order, comma-separated; '+' joins several tokens of one class (position 0 is the start token).")] = None,
-    train_split: Annotated[str, typer.Option(help="Manifest split to train on.")] = "train",
-    test_split: Annotated[str, typer.Option(help="Manifest split to test on.")] = "test",
+    train_split: TrainSplitOption = "train",
+    test_split: TestSplitOption = "test",
     holdout: HoldoutOption = None,
+    draws: DrawsOption = "mean",
     seed: SeedOption = 0,
     epochs: EpochsOption = 10,
     batch_size: BatchOption = 16,
@@ -112,21 +123,24 @@ def segment(
             raise ValueError(f"{', '.join(trained)}: not options of --zero-shot-attention (it trains nothing)")
         doc = attention_zero_shot(FeatureStore.open(store), run, parse_timestep(one_value(timestep, "--timestep")),
                                   one_value(block, "--block"), parse_class_tokens(class_tokens),
-                                  results_dir(store, out), train_split, test_split, holdout, seed, allow_incomplete)
+                                  results_dir(store, out), train_split, test_split, holdout, seed, allow_incomplete,
+                                  draws)
         if json_out:
             typer.echo(to_json(doc))
             return
         typer.echo(f"{doc['block']} t={doc['timestep']} (zero-shot, attention maps): mIoU {doc['miou']:.4f}  "
                    f"pixel accuracy {doc['pixel_accuracy']:.4f} ({doc['images']['test']} test images; "
                    f"saved {doc['out']})")
-        typer.echo(baseline_line(doc["baseline"]))
+        for line in filter(None, [baseline_line(doc["baseline"]), variant_line(doc["variant"]),
+                                  doc["settings"].get("draws_meaning")]):
+            typer.echo(line)
         return
     if class_tokens is not None:
         raise ValueError("--class-tokens is an option of --zero-shot-attention")
     cfg = dense_config("segment", head, block, timestep, grid, run_id=run, width=width, train_split=train_split,
-                       test_split=test_split, holdout=holdout, allow_incomplete=allow_incomplete, epochs=epochs,
-                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                       seed=seed, device=device)
+                       test_split=test_split, holdout=holdout, allow_incomplete=allow_incomplete, draws=draws,
+                       epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                       warmup_epochs=warmup_epochs, seed=seed, device=device)
     fs, folder = FeatureStore.open(store), results_dir(store, out)
     if text_embeddings is not None or unseen:
         from pipelines.dense.openvocab import openvocab_run

@@ -11,8 +11,15 @@ Depth follows the evaluation of Eigen et al. 2014 as coded in BTS / AdaBins (`co
 on valid pixels (MIN_DEPTH < ground truth, and < max_depth when a cap is set, inside the Eigen crop
 when asked; 0 marks an invalid pixel), predictions clipped to [MIN_DEPTH, max_depth]:
 AbsRel = mean |d - g| / g, RMSE = sqrt(mean (d - g)^2), log10 = mean |log10 d - log10 g|,
-delta_k = fraction of pixels with max(d / g, g / d) < 1.25^k, k = 1, 2, 3. All are means over
-every valid pixel of the test set: pixel-pooled, where BTS averages per-image means.
+delta_k = fraction of pixels with max(d / g, g / d) < 1.25^k, k = 1, 2, 3. Two averages
+(`DEPTH_AVERAGES`): "image" (BTS / AdaBins: each metric over one image's valid pixels, RMSE the
+root of that image's mean square, then the mean over the test images that have a valid pixel) and
+"pixel" (one mean over every valid pixel of the test set, RMSE the root of the pooled mean square).
+
+Both tasks are scored on the S x S input grid (`grid_variant`): the stored targets are the ground
+truth nearest-resampled through the reader's geometry, so with `--resize crop` the image borders
+outside the centre crop are not scored. This is not the original-resolution protocol of mmseg or
+BTS, which score at the ground truth's own resolution.
 """
 
 from __future__ import annotations
@@ -32,10 +39,28 @@ MIN_DEPTH = 1e-3  # metres: predictions are clipped to [MIN_DEPTH, max_depth] (B
 # The Eigen crop of NYUv2 (BTS eval: rows 45:471, columns 41:601 of a 480 x 640 image), as fractions
 # of the image's height and width, so that it applies to any image size and geometry.
 EIGEN_CROP = (45 / 480, 471 / 480, 41 / 640, 601 / 640)  # top, bottom, left, right
-DEPTH_VARIANT = ("pixel-pooled over all valid test pixels (0.001 < ground truth, < max_depth when capped, inside "
-                 "the Eigen crop when set); predictions clipped to [0.001, max_depth]; AbsRel = mean |d-g|/g, RMSE = "
-                 "sqrt(mean (d-g)^2) in the depth unit, log10 = mean |log10 d - log10 g|, delta<1.25^k = fraction "
-                 "with max(d/g, g/d) < 1.25^k (Eigen et al. 2014, as BTS/AdaBins compute_errors)")
+DEPTH_VARIANT = ("valid test pixels: 0.001 < ground truth, < max_depth when capped, inside the Eigen crop when "
+                 "set; predictions clipped to [0.001, max_depth]; AbsRel = mean |d-g|/g, RMSE = sqrt(mean (d-g)^2) "
+                 "in the depth unit, log10 = mean |log10 d - log10 g|, delta<1.25^k = fraction with max(d/g, g/d) < "
+                 "1.25^k (Eigen et al. 2014, as BTS/AdaBins compute_errors)")
+DEPTH_AVERAGES = {
+    "image": ("per image, then the mean over test images (BTS/AdaBins eval: compute_errors on each image's valid "
+              "pixels; RMSE = mean of per-image RMSEs); images without a valid pixel are left out and counted"),
+    "pixel": "pixel-pooled: one mean over all valid test pixels (RMSE = root of the pooled mean square)",
+}
+# How `--resize` decides which part of the original image the S x S grid covers.
+_GRID_COVERS = {"crop": "image borders outside the centre crop not scored",
+                "squash": "the whole image scored, squashed to a square (aspect ratio not kept)"}
+
+
+def grid_variant(resize: str, size: int, key: str) -> str:
+    """The grid a dense score is computed on, in words, for every dense result: the S x S input
+    grid of geometry key `key` (`featurestore.targets.geometry_key`, "crop-512") for `resize`
+    ("crop" | "squash"). ValueError for another resize."""
+    if resize not in _GRID_COVERS:
+        raise ValueError(f"targets at geometry {key} have resize {resize!r}, not one of {', '.join(_GRID_COVERS)}")
+    return (f"scored on the {size}x{size} input grid ({key}): ground truth nearest-resampled through the reader's "
+            f"geometry, {_GRID_COVERS[resize]}; not the original-resolution protocol")
 
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
@@ -149,52 +174,64 @@ def eigen_crop_mask(geometry: np.ndarray, image_size: np.ndarray, size: int) -> 
 
 @dataclass
 class DepthSums:
-    """Running sums of the depth metrics over valid pixels; `add` batches, `scores` at the end."""
+    """Running sums of the depth metrics (see the module) under `average` ("image" | "pixel",
+    DEPTH_AVERAGES); `add` test batches, `scores` at the end."""
 
     max_depth: float | None = None
-    pixels: int = 0
-    abs_rel: float = 0.0
-    squared: float = 0.0
-    log10: float = 0.0
-    within: list[int] = field(default_factory=lambda: [0, 0, 0])
+    average: str = "image"
+    pixels: int = 0  # valid pixels added
+    images: int = 0  # images with a valid pixel
+    empty_images: int = 0  # images without one (left out of the image average)
+    # abs_rel, squared error (pixel) or RMSE (image), log10, delta1..3: summed over pixels or images
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(6))
+
+    def __post_init__(self) -> None:
+        if self.average not in DEPTH_AVERAGES:
+            raise ValueError(f"--depth-average must be one of {', '.join(DEPTH_AVERAGES)}, not {self.average!r}")
 
     def add(self, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """Add a batch: `pred`, `truth` float (same shape, metres), `valid` an optional extra bool
-        mask (the Eigen crop). Pixels count where MIN_DEPTH < truth (< max_depth when capped) and `valid`."""
+        """Add a batch of images: `pred`, `truth` float (B, S, S) (any shape whose first axis is the
+        image), metres; `valid` an optional extra (B, S, S) bool mask (the Eigen crop). Pixels count
+        where MIN_DEPTH < truth (< max_depth when capped) and `valid`. ValueError for shapes that
+        differ or a non-finite prediction on a counted pixel."""
         pred, truth = np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-        if pred.shape != truth.shape:
+        if pred.shape != truth.shape or pred.ndim < 1:
             raise ValueError(f"depth prediction {pred.shape} and ground truth {truth.shape} differ in shape")
         keep = truth > MIN_DEPTH
         if self.max_depth is not None:
             keep &= truth < self.max_depth
         if valid is not None:
             keep &= valid
-        g = truth[keep]
-        d = np.clip(pred[keep], MIN_DEPTH, self.max_depth if self.max_depth is not None else np.inf)
-        if not np.isfinite(d).all():
-            raise ValueError("depth predictions hold non-finite values")
-        ratio = np.maximum(d / g, g / d)
-        self.pixels += len(g)
-        self.abs_rel += float((np.abs(d - g) / g).sum())
-        self.squared += float(((d - g) ** 2).sum())
-        self.log10 += float(np.abs(np.log10(d) - np.log10(g)).sum())
-        for k in range(3):
-            self.within[k] += int((ratio < 1.25 ** (k + 1)).sum())
+        for p, t, k in zip(pred, truth, keep):
+            g = t[k]
+            if not len(g):
+                self.empty_images += 1
+                continue
+            d = np.clip(p[k], MIN_DEPTH, self.max_depth if self.max_depth is not None else np.inf)
+            if not np.isfinite(d).all():
+                raise ValueError("depth predictions hold non-finite values")
+            ratio = np.maximum(d / g, g / d)
+            errors = np.stack([np.abs(d - g) / g, (d - g) ** 2, np.abs(np.log10(d) - np.log10(g)),
+                               *(ratio < 1.25 ** k for k in (1, 2, 3))])
+            self.pixels += len(g)
+            self.images += 1
+            if self.average == "pixel":
+                self.sums += errors.sum(axis=1)
+            else:
+                per_image = errors.mean(axis=1)
+                per_image[1] = math.sqrt(per_image[1])  # this image's RMSE
+                self.sums += per_image
 
     def scores(self) -> dict:
-        """{"abs_rel", "rmse", "log10", "delta1", "delta2", "delta3", "pixels", "variant"};
+        """{"abs_rel", "rmse", "log10", "delta1", "delta2", "delta3", "pixels", "images",
+        "images_without_valid_pixels", "max_depth", "average", "variant" {"depth", "average"}};
         ValueError when no pixel was valid."""
-        n = self.pixels
-        if n == 0:
+        if self.pixels == 0:
             raise ValueError("no valid depth pixel to score (ground truth invalid or beyond max_depth everywhere)")
-        return {"abs_rel": self.abs_rel / n, "rmse": math.sqrt(self.squared / n), "log10": self.log10 / n,
-                "delta1": self.within[0] / n, "delta2": self.within[1] / n, "delta3": self.within[2] / n,
-                "pixels": n, "max_depth": self.max_depth, "variant": DEPTH_VARIANT}
-
-
-def depth_scores(pred: np.ndarray, truth: np.ndarray, max_depth: float | None = None,
-                 valid: np.ndarray | None = None) -> dict:
-    """`DepthSums` of one batch: the depth metrics of `pred` against `truth` (see the module)."""
-    sums = DepthSums(max_depth)
-    sums.add(pred, truth, valid)
-    return sums.scores()
+        mean = self.sums / (self.pixels if self.average == "pixel" else self.images)
+        rmse = math.sqrt(mean[1]) if self.average == "pixel" else mean[1]
+        return {"abs_rel": float(mean[0]), "rmse": float(rmse), "log10": float(mean[2]),
+                "delta1": float(mean[3]), "delta2": float(mean[4]), "delta3": float(mean[5]),
+                "pixels": self.pixels, "images": self.images, "images_without_valid_pixels": self.empty_images,
+                "max_depth": self.max_depth, "average": self.average,
+                "variant": {"depth": DEPTH_VARIANT, "average": DEPTH_AVERAGES[self.average]}}

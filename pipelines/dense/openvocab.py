@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from featurestore.store import FeatureStore
+from pipelines.dense.heads import CosineLogits
 from pipelines.dense.metrics import IGNORE_INDEX, harmonic_mean, subset_miou
 from pipelines.heads.data import Batch
 from pipelines.heads.text_embeddings import select_text_embeddings
@@ -60,10 +61,15 @@ class OpenVocab:
         unseen classes and ignored pixels."""
         return self.lut.to(masks.device)[masks.long()]
 
-    def train_logits(self, module, batch: Batch) -> Tensor:
+    def train_logits(self, module: CosineLogits, batch: Batch) -> Tensor:
+        """(B, len(seen), S, S) float logits of a batch: cosines of `module`'s pixel embeddings
+        against the SEEN classes' text embeddings (float32, (len(seen), D)) / temperature, in the
+        order of `seen` (the positions `training_masks` gives)."""
         return module(batch.features, self.text[self.seen_index].to(batch.labels.device))
 
-    def test_logits(self, module, batch: Batch) -> Tensor:
+    def test_logits(self, module: CosineLogits, batch: Batch) -> Tensor:
+        """(B, K, S, S) float logits of a batch against every class's text embedding (float32,
+        (K, D), unseen classes included), in class order."""
         return module(batch.features, self.text.to(batch.labels.device))
 
     def scores(self, per_class_iou: dict[str, float | None]) -> dict:

@@ -14,7 +14,17 @@ Saved predictions (`--save-predictions DIR`, segmentation, one head): DIR/<file>
 and DIR/index.csv (columns id, file). The file is the image id itself plus ".png" when the id is
 made only of letters, digits, '.', '_' and '-' (not starting with '.'); any other id (with '/' or '#',
 say) becomes those characters kept, every other one replaced by '_', then '-' and the first 8 hex
-digits of the sha256 of the id, so that two ids never share a file.
+digits of the sha256 of the id, so that two ids never share a file. The folder is checked (new or
+empty) before training.
+
+Scores are computed on the S x S input grid of the run's targets (`metrics.grid_variant`, named in
+every head's variant), not at the original images' resolution: the store keeps the masks and depth
+maps only as nearest-resampled to the input grid, so an original-resolution evaluation cannot be
+run from it. Depth metrics average per image (BTS) or over pixels (`depth_average`).
+
+Noise draws (`draws`, runs of `extract --noise-draws K`; pipelines/analysis/__init__.py): "mean" or
+k for training and test images alike; "all": every epoch each train image feeds one of its draws,
+drawn anew (`StoreBatches.epoch_picks`), while test images are the mean of their draws.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,11 +41,12 @@ import numpy as np
 import torch
 
 from featurestore.store import FeatureStore, timestep_key
-from pipelines.analysis import results_path, run_images, write_json
+from pipelines.analysis import draws_meaning, results_path, run_images, single_draw_dropped, write_json
 from pipelines.dense.heads import CosineLogits, DenseSpec, build_dense_head, save_dense_head
 from pipelines.dense.openvocab import OpenVocab
 from pipelines.dense.metrics import (
-    DepthSums, class_pixel_counts, confusion_matrix, eigen_crop_mask, majority_baseline, segmentation_scores,
+    DEPTH_AVERAGES, DepthSums, class_pixel_counts, confusion_matrix, eigen_crop_mask, grid_variant, majority_baseline,
+    segmentation_scores,
 )
 from pipelines.dense.train import (
     TRAINING, DenseTrainConfig, DenseTrainee, TargetReader, depth_loss, predict_batches, segmentation_loss, train_dense,
@@ -48,13 +59,14 @@ from pipelines.heads.modules import Key
 TASKS = ("segment", "depth")
 EXAMPLES = 4  # test images whose ground truth and predictions go to examples.npz
 _SAFE = re.compile(r"[A-Za-z0-9._-]+")
+ALL_DRAWS = "every epoch each train image feeds one of its draws, drawn anew; test images: the mean of their draws"
 
 
 @dataclass
 class DenseConfig:
     task: str  # segment | depth
     head: str  # linear | hypercolumn | uhead
-    blocks: list[str] | None  # None: every block of the run (cross-attention maps excepted)
+    blocks: list[str] | None  # None: `Run.feature_blocks` (every block but the cross-attention maps)
     timesteps: list[int | None] | None  # None: every timestep of the run
     grid: bool = False
     run_id: str | None = None
@@ -63,6 +75,8 @@ class DenseConfig:
     test_split: str = "test"
     holdout: float | None = None
     allow_incomplete: bool = False
+    draws: str | int = "mean"  # noise draws read (module docstring)
+    depth_average: str = "image"  # depth: "image" (BTS) or "pixel" (metrics.DEPTH_AVERAGES); unused for segment
     train: DenseTrainConfig = field(default_factory=DenseTrainConfig)
 
     def __post_init__(self) -> None:
@@ -70,6 +84,8 @@ class DenseConfig:
             raise ValueError(f"unknown dense task {self.task!r}; tasks: {', '.join(TASKS)}")
         if self.blocks == [] or self.timesteps == []:
             raise ValueError("give --block and --timestep (or all)")
+        if self.depth_average not in DEPTH_AVERAGES:
+            raise ValueError(f"--depth-average must be one of {', '.join(DEPTH_AVERAGES)}, not {self.depth_average!r}")
 
 
 def head_groups(cfg: DenseConfig) -> list[list[Key]]:
@@ -83,6 +99,9 @@ def head_groups(cfg: DenseConfig) -> list[list[Key]]:
 
 
 def head_name(kind: str, keys: Sequence[Key]) -> str:
+    """A head's name: `<kind>_<timesteps>_<blocks>`, each list of `keys` ((timestep, block) pairs)
+    deduplicated in order and joined by '+', timesteps as `timestep_key` writes them ("t0", "none"):
+    head_name("linear", [(0, "fine"), (0, "coarse")]) == "linear_t0_fine+coarse"."""
     timesteps = "+".join(dict.fromkeys(timestep_key(t) for t, _ in keys))
     return f"{kind}_{timesteps}_{'+'.join(dict.fromkeys(b for _, b in keys))}"
 
@@ -107,6 +126,8 @@ class PredictionWriter:
         self.files: set[str] = set()
 
     def add(self, image_id: str, pred: np.ndarray) -> None:
+        """Write `pred`, (S, S) integer class indices in 0..255 (stored as uint8, 255 = ignored), as
+        the 8-bit PNG `prediction_file(image_id)`. ValueError when another id already took that file."""
         from PIL import Image
 
         name = prediction_file(image_id)
@@ -144,9 +165,10 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
 
     device = resolve_device(cfg.train.device)
     run = resolve_run(store, cfg.run_id)
-    cfg = replace(cfg, run_id=run.run_id, blocks=cfg.blocks or [b for b in run.blocks if not b.endswith(".attn")],
+    cfg = replace(cfg, run_id=run.run_id, blocks=cfg.blocks or run.feature_blocks,
                   timesteps=cfg.timesteps or list(run.timesteps))
     tg = run_targets(run)
+    grid = grid_variant(tg.resize, tg.size, tg.key)
     groups = head_groups(cfg)
     if save_predictions is not None and (cfg.task != "segment" or len(groups) != 1):
         raise ValueError("--save-predictions saves the class maps of one segmentation head: "
@@ -181,7 +203,7 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
                          f"targets ({len(with_targets)} of its {len(run)} images have)")
     keys = list(dict.fromkeys(k for g in groups for k in g))
     data = StoreBatches(run, keys, TargetReader(read), batch_size=cfg.train.batch_size,
-                        allow_incomplete=cfg.allow_incomplete)
+                        allow_incomplete=cfg.allow_incomplete, draws=cfg.draws)
     steps = -(-len(train_rows) // cfg.train.batch_size)
     trainees = []
     for group in groups:
@@ -192,19 +214,23 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
         if openvocab is not None:
             module = CosineLogits(module, openvocab.temperature)
         trainees.append(DenseTrainee(head_name(cfg.head, group), module, forward, loss, cfg.train, steps, device))
+    writer = PredictionWriter(save_predictions) if save_predictions is not None else None  # refused before training
     seconds = train_dense(data, trainees, train_rows, cfg.train)
     if openvocab is not None:
         for t in trainees:
             t.forward = openvocab.test_logits  # every class at test, the unseen included
 
-    settings = {**asdict(cfg), "run_id": run.run_id, **({"openvocab": openvocab.settings()} if openvocab else {})}
+    settings = {**asdict(cfg), "run_id": run.run_id, "draws_meaning": draws_meaning(cfg.draws, [run], ALL_DRAWS),
+                **({"openvocab": openvocab.settings()} if openvocab else {})}
+    settings = single_draw_dropped(settings, [run])
+    if segment:
+        del settings["depth_average"]
     task = "openvocab" if openvocab is not None else cfg.task
     out = results_path(results, task, settings, f"{cfg.head}-{run.run_id}", suffix="")
     out.mkdir(parents=True, exist_ok=True)
     ids = run.images.id
-    writer = PredictionWriter(save_predictions) if save_predictions is not None else None
     confusions = {t.name: np.zeros((out_channels, out_channels), np.int64) for t in trainees} if segment else {}
-    depth_sums = {t.name: DepthSums(info.get("max_depth")) for t in trainees} if not segment else {}
+    depth_sums = {t.name: DepthSums(info.get("max_depth"), cfg.depth_average) for t in trainees} if not segment else {}
     examples: dict[str, list[np.ndarray]] = {"truth": [], "rows": [], **{t.name: [] for t in trainees}}
     for batch, outputs in predict_batches(data, trainees, test_rows, device):
         truth = batch.labels.numpy()
@@ -236,6 +262,7 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
         save_dense_head(head, weights, extra={"run_id": run.run_id, "task": task, "lr": cfg.train.lr,
                                               **({"openvocab": openvocab.settings()} if openvocab else {})})
         scores = segmentation_scores(confusions[t.name], classes) if segment else depth_sums[t.name].scores()
+        scores["variant"]["grid"] = grid
         if openvocab is not None:
             scores.update(openvocab.scores(scores["per_class_iou"]))
         heads.append({"name": t.name, "kind": cfg.head, "keys": [list(k) for k in head.keys], **scores,
@@ -252,6 +279,7 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
         if openvocab is None:  # on the same test pixels as the heads (every head's confusion has the same rows)
             doc["baseline"] = majority_baseline(class_pixel_counts(read, train_rows, out_channels, ignore),
                                                 confusions[trainees[0].name].sum(1), classes)
+            doc["baseline"]["variant"]["grid"] = grid
     else:
         doc.update(depth_info=info)
     if index is not None:
@@ -259,11 +287,3 @@ def dense_run(store: FeatureStore, cfg: DenseConfig, results: Path, save_predict
     write_json(doc, out / "results.json")
     return doc
 
-
-def table(doc: Mapping[str, Any], metric: str) -> dict[str, dict[str, float]]:
-    """{timestep: {blocks: metric}} of a results document's heads, for the text output and README."""
-    rows: dict[str, dict[str, float]] = {}
-    for h in doc["heads"]:
-        ts = "+".join(dict.fromkeys(str(t) for t, _ in h["keys"]))
-        rows.setdefault(ts, {})["+".join(dict.fromkeys(b for _, b in h["keys"]))] = h[metric]
-    return rows

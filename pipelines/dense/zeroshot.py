@@ -8,7 +8,9 @@ for every image: `--prompt fixed:TEXT` listing the class names, e.g. "background
 where position 0 is the start token). Each pixel is labelled with the class whose token has the
 highest map value there: token maps are upsampled bilinearly (align_corners=False) to the stored
 masks' S x S, a class scores the maximum over its tokens, and the pixel takes the argmax over
-classes (the DAAM / attention-map baseline). Scored on the test split exactly like `segment`.
+classes (the DAAM / attention-map baseline). Scored on the test split exactly like `segment`, on
+the S x S input grid (`metrics.grid_variant`). On a run of several noise draws, `draws` reads the
+mean of each image's draws or draw k ("all" is refused: nothing is trained).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurestore.store import FeatureStore, timestep_key
-from pipelines.analysis import results_path, run_images, write_json
-from pipelines.dense.metrics import class_pixel_counts, confusion_matrix, majority_baseline, segmentation_scores
+from featurestore.store import FeatureStore, parse_draws, timestep_key
+from pipelines.analysis import draws_meaning, results_path, run_images, single_draw_dropped, write_json
+from pipelines.dense.metrics import (
+    class_pixel_counts, confusion_matrix, grid_variant, majority_baseline, segmentation_scores,
+)
 from pipelines.dense.train import TargetReader
 from pipelines.heads.data import StoreBatches
 from pipelines.heads.logistic import resolve_run, split_rows
@@ -57,13 +61,15 @@ def attention_labels(maps: np.ndarray, class_tokens: Sequence[Sequence[int]], si
 def attention_zero_shot(store: FeatureStore, run_id: str | None, timestep: int | None, block: str,
                         class_tokens: Sequence[Sequence[int]], results: Path, train_split: str = "train",
                         test_split: str = "test", holdout: float | None = None, seed: int = 0,
-                        allow_incomplete: bool = False) -> dict:
+                        allow_incomplete: bool = False, draws: str | int = "mean") -> dict:
     """Score the attention-map labels of the run's test images; returns the results document (also
     written to `<results>/segment-attention-<run>-<digest>.json`, its path in "out"). ValueError
-    when the block is not a cross-attention map, the token list does not name every class, or a
-    position is outside the map's tokens."""
+    when the block is not a cross-attention map, the token list does not name every class, a
+    position is outside the map's tokens, or `draws` is "all"."""
     from featurestore.targets import run_targets
 
+    if parse_draws(draws) == "all":
+        raise ValueError("--draws all: the zero-shot baseline trains nothing; give mean or a draw index")
     run = resolve_run(store, run_id)
     if not block.endswith(".attn"):
         maps = [b for b in run.blocks if b.endswith(".attn")]
@@ -74,7 +80,7 @@ def attention_zero_shot(store: FeatureStore, run_id: str | None, timestep: int |
         raise ValueError(f"the zero-shot baseline needs one prompt for every image (extract with --prompt fixed:TEXT "
                          f"naming the classes), so that a class's tokens sit at the same positions; run {run.run_id} "
                          f"was extracted with --prompt {prompt}")
-    tokens = run.array(timestep, block).shape[1]
+    tokens = run.array(timestep, block).shape[-3]  # (N, [draws,] tokens, h, w)
     tg = run_targets(run)
     classes = list(tg.classes)
     if len(class_tokens) != len(classes):
@@ -88,7 +94,7 @@ def attention_zero_shot(store: FeatureStore, run_id: str | None, timestep: int |
     if not len(test_rows):
         raise ValueError(f"no test image of run {run.run_id} has readable targets")
     data = StoreBatches(run, [(timestep, block)], TargetReader(tg.masks), batch_size=64,
-                        allow_incomplete=allow_incomplete)
+                        allow_incomplete=allow_incomplete, draws=draws)
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     with bar("segment", f"attention t={timestep} {block}", len(test_rows)) as advance:
         for _, batch in data.passes({"test": test_rows}, None):
@@ -98,14 +104,20 @@ def attention_zero_shot(store: FeatureStore, run_id: str | None, timestep: int |
             advance(len(batch.rows))
     settings = {"run_id": run.run_id, "timestep": timestep, "block": block,
                 "class_tokens": [list(t) for t in class_tokens], "train_split": train_split, "test_split": test_split,
-                "holdout": holdout, "seed": seed if holdout is not None else None, "allow_incomplete": allow_incomplete}
+                "holdout": holdout, "seed": seed if holdout is not None else None, "allow_incomplete": allow_incomplete,
+                "draws": parse_draws(draws), "draws_meaning": draws_meaning(draws, [run], "")}
+    settings = single_draw_dropped(settings, [run])
     out = results_path(results, "segment", settings, f"attention-{run.run_id}-{timestep_key(timestep)}-{block}")
     scores = segmentation_scores(confusion, classes)
+    grid = grid_variant(tg.resize, tg.size, tg.key)
+    scores["variant"]["grid"] = grid
+    baseline = majority_baseline(class_pixel_counts(tg.masks, train_rows, len(classes), tg.ignore_index),
+                                 confusion.sum(1), classes)
+    baseline["variant"]["grid"] = grid
     doc = {"task": "segment-attention", "store": store.url, "run_id": run.run_id, "settings": settings,
            "timestep": timestep, "block": block, "rule": RULE, "prompt": prompt, "classes": classes,
            "runs": run_images([run]), "images": {"test": len(test_rows)}, **scores,
            "confusion": confusion.tolist(), "out": str(out),
-           "baseline": majority_baseline(class_pixel_counts(tg.masks, train_rows, len(classes), tg.ignore_index),
-                                         confusion.sum(1), classes)}
+           "baseline": baseline}
     write_json(doc, out)
     return doc

@@ -16,11 +16,14 @@ S = 8  # input size: masks are S x S
 
 
 def dense_store(path, n: int = 48, seed: int = 0, *, ids: list[str] | None = None, chunk_rows: int = 16,
-                depth: bool = True, eval_crop: str | None = None) -> tuple[Run, dict]:
+                depth: bool = True, eval_crop: str | None = None, draws: int = 1) -> tuple[Run, dict]:
     """A store at `path` with one run (t=0, blocks "fine" (4, S, S) and "coarse" (6, S/2, S/2)) and
     masks (+ depth) targets. Mask pixels are class k where channel k of "fine" is largest (channel 3
     is noise); a few pixels are 255. Depth = 1 + 2 * sigmoid(channel 0). Splits alternate test/train.
-    Returns (run, {"masks", "depth", "fine", "coarse", "ids"})."""
+    With `draws` = K > 1 the run holds K noise draws: draw 0 is "fine" as above, draw d > 0 has its
+    class channels rolled by d (class k lights channel (k + d) % 3) and fresh noise ("fine" is then
+    (n, K, 4, S, S), "coarse" (n, K, 6, S/2, S/2)). Returns (run, {"masks", "depth", "fine",
+    "coarse", "ids"})."""
     rng = np.random.default_rng(seed)
     ids = ids or [f"img{i}" for i in range(n)]
     masks = rng.integers(0, 3, (n, S, S)).astype(np.uint8)
@@ -29,13 +32,20 @@ def dense_store(path, n: int = 48, seed: int = 0, *, ids: list[str] | None = Non
     masks[rng.random(masks.shape) < 0.05] = 255
     coarse = rng.normal(0, 1, (n, 6, S // 2, S // 2)).astype(np.float32)
     depth_maps = (1 + 2 / (1 + np.exp(-fine[:, 0]))).astype(np.float32)
+    if draws > 1:
+        others = [rng.normal(0, 0.3, fine.shape).astype(np.float32) for _ in range(1, draws)]
+        for d, other in enumerate(others, 1):
+            other[:, :3] += 2.0 * (masks[:, None] == (np.arange(3)[None, :, None, None] - d) % 3)
+        fine = np.stack([fine, *others], axis=1)
+        coarse = np.stack([coarse, *(rng.normal(0, 1, coarse.shape).astype(np.float32) for _ in others)], axis=1)
     depth_maps[rng.random(depth_maps.shape) < 0.05] = 0
     store = FeatureStore.open(str(path), mode="a")
     splits = ["train" if i % 2 else "test" for i in range(n)]
     rows = store.add_images("toyseg", {"id": ids, "label": [0] * n, "class_name": ["x"] * n, "split": splits,
                                        "domain": ["x"] * n, "source": ids})
     arrays = {"fine": (4, S, S), "coarse": (6, S // 2, S // 2)}
-    run = store.create_run({"dataset": "toyseg", "name": "dense"}, arrays=arrays,
+    spec = {"dataset": "toyseg", "name": "dense", **({"noise_draws": draws} if draws > 1 else {})}
+    run = store.create_run(spec, arrays=arrays,
                            timesteps=[0], rows=rows, chunk_rows=chunk_rows, dtype="float32",
                            provenance={"backbone": {"input": {"size": S}}})
     for c in range(run.n_chunks):

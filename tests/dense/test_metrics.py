@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipelines.dense.metrics import (
-    DepthSums, class_pixel_counts, confusion_matrix, depth_scores, eigen_crop_mask, harmonic_mean, majority_baseline,
+    DepthSums, class_pixel_counts, confusion_matrix, eigen_crop_mask, grid_variant, harmonic_mean, majority_baseline,
     segmentation_scores,
 )
 
@@ -114,10 +114,12 @@ def test_harmonic_mean():
 
 
 def test_depth_hand_worked():
-    truth = np.array([1.0, 2.0, 4.0, 0.0])  # the 0 is invalid
-    pred = np.array([1.0, 3.0, 2.0, 5.0])
-    s = depth_scores(pred, truth)
-    assert s["pixels"] == 3
+    truth = np.array([[1.0, 2.0, 4.0, 0.0]])  # one image; the 0 is invalid
+    pred = np.array([[1.0, 3.0, 2.0, 5.0]])
+    sums = DepthSums(average="pixel")
+    sums.add(pred, truth)
+    s = sums.scores()
+    assert s["pixels"] == 3 and s["images"] == 1
     assert s["abs_rel"] == pytest.approx((0 + 0.5 + 0.5) / 3)
     assert s["rmse"] == pytest.approx(math.sqrt((0 + 1 + 4) / 3))
     assert s["log10"] == pytest.approx((0 + math.log10(1.5) + math.log10(2)) / 3)
@@ -130,9 +132,9 @@ def test_depth_cap_clip_and_pooled_batches_against_an_independent_implementation
     truth = rng.uniform(0.5, 12, (4, 9, 9))
     truth[rng.random(truth.shape) < 0.1] = 0
     pred = rng.uniform(-1, 14, truth.shape)  # negatives and values over the cap get clipped
-    sums = DepthSums(max_depth=10.0)
-    for i in range(4):  # batches pool their pixels
-        sums.add(pred[i], truth[i])
+    sums = DepthSums(max_depth=10.0, average="pixel")
+    for i in range(0, 4, 2):  # batches pool their pixels
+        sums.add(pred[i:i + 2], truth[i:i + 2])
     s = sums.scores()
     keep = (truth > 1e-3) & (truth < 10)
     g, d = truth[keep], np.minimum(np.maximum(pred[keep], 1e-3), 10)
@@ -144,9 +146,61 @@ def test_depth_cap_clip_and_pooled_batches_against_an_independent_implementation
     assert [s["delta1"], s["delta2"], s["delta3"]] == pytest.approx([(thresh < 1.25 ** k).mean() for k in (1, 2, 3)])
 
 
-def test_depth_without_valid_pixels_is_refused():
+def bts_compute_errors(gt: np.ndarray, pred: np.ndarray) -> dict:
+    """BTS's compute_errors (cleinc/bts pytorch/bts_eval.py) for the metrics reported here, on one
+    image's valid pixels."""
+    thresh = np.maximum(gt / pred, pred / gt)
+    return {"abs_rel": np.mean(np.abs(gt - pred) / gt), "rmse": np.sqrt(np.mean((gt - pred) ** 2)),
+            "log10": np.mean(np.abs(np.log10(pred) - np.log10(gt))),
+            **{f"delta{k}": (thresh < 1.25 ** k).mean() for k in (1, 2, 3)}}
+
+
+def test_depth_image_average_is_the_mean_of_per_image_bts_errors():
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(0.5, 12, (5, 6, 7))
+    truth[rng.random(truth.shape) < 0.3] = 0
+    truth[3] = 0  # an image without a valid pixel is left out, and counted
+    truth[1, :4] = 0  # images differ in their number of valid pixels, so the two averages differ
+    pred = rng.uniform(-1, 14, truth.shape)
+    crop = np.zeros(truth.shape, bool)
+    crop[:, 1:, 1:] = True
+    sums = DepthSums(max_depth=10.0)  # the default average: per image
+    sums.add(pred[:2], truth[:2], crop[:2])
+    sums.add(pred[2:], truth[2:], crop[2:])
+    s = sums.scores()
+    per_image = []
+    for i in range(5):
+        # BTS eval: clip the prediction to [min_depth_eval, max_depth_eval], valid = min < gt < max, and the crop
+        d = pred[i].copy()
+        d[d < 1e-3], d[d > 10] = 1e-3, 10
+        valid = (truth[i] > 1e-3) & (truth[i] < 10) & crop[i]
+        if valid.any():
+            per_image.append(bts_compute_errors(truth[i][valid], d[valid]))
+    assert len(per_image) == 4 and s["images"] == 4 and s["images_without_valid_pixels"] == 1
+    for key in ("abs_rel", "rmse", "log10", "delta1", "delta2", "delta3"):
+        assert s[key] == pytest.approx(np.mean([e[key] for e in per_image])), key
+    assert s["average"] == "image" and "per image" in s["variant"]["average"]
+    pooled = DepthSums(max_depth=10.0, average="pixel")
+    pooled.add(pred, truth, crop)
+    assert pooled.scores()["rmse"] != pytest.approx(s["rmse"])  # the example tells the averages apart
+
+
+def test_depth_without_valid_pixels_and_an_unknown_average_are_refused():
+    sums = DepthSums()
+    sums.add(np.ones((2, 3)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="no valid depth pixel"):
-        depth_scores(np.ones(3), np.zeros(3))
+        sums.scores()
+    with pytest.raises(ValueError, match="--depth-average must be one of image, pixel, not 'median'"):
+        DepthSums(average="median")
+
+
+def test_grid_variant_names_the_grid_the_geometry_and_what_is_not_scored():
+    crop = grid_variant("crop", 512, "crop-512")
+    assert crop.startswith("scored on the 512x512 input grid (crop-512)")
+    assert "outside the centre crop not scored" in crop and "not the original-resolution protocol" in crop
+    assert "squashed" in grid_variant("squash", 768, "squash-768")
+    with pytest.raises(ValueError, match="resize 'pad'"):
+        grid_variant("pad", 8, "pad-8")
 
 
 def test_eigen_crop_on_an_unscaled_nyu_image():

@@ -51,6 +51,8 @@ def test_segment_saves_predictions_that_rescore_to_the_reported_miou(toy, tmp_pa
     assert [head["per_class_iou"][c] for c in doc["classes"]] == pytest.approx(ious)
     assert head["pixel_accuracy"] == pytest.approx((pred == truth)[truth != 255].mean())
     assert "left out" in head["variant"]["miou"]
+    assert head["variant"]["grid"].startswith("scored on the 8x8 input grid (crop-8): ground truth nearest-resampled")
+    assert "draws" not in doc["config"]  # a run of one noise draw: --draws changes nothing, so it is not a setting
     train_pixels = data["masks"][1::2][data["masks"][1::2] != 255]  # odd rows are the train split
     majority = int(np.argmax(np.bincount(train_pixels, minlength=3)))
     base = doc["baseline"]
@@ -95,8 +97,9 @@ def test_grid_trains_one_head_per_block_and_hypercolumn_fuses_them(toy, tmp_path
 
 def test_depth_metrics_equal_an_independent_computation_from_the_saved_head(toy, tmp_path, one_torch_thread):
     path, _, data = toy
-    result = invoke("depth", path, "--block", "fine", "--timestep", "0", "--epochs", "20", "--lr", "0.05",
-                    "--batch-size", "2", "--quiet", "--out", tmp_path, "--json")
+    args = ["depth", path, "--block", "fine", "--timestep", "0", "--epochs", "20", "--lr", "0.05", "--batch-size", "2",
+            "--quiet", "--out", tmp_path, "--json"]
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     (head,) = doc["heads"]
@@ -104,16 +107,29 @@ def test_depth_metrics_equal_an_independent_computation_from_the_saved_head(toy,
     test = np.arange(0, len(data["ids"]), 2)
     with torch.no_grad():
         pred = model({(0, "fine"): torch.from_numpy(data["fine"][test])})[:, 0].numpy().astype(np.float64)
-    g = data["depth"][test].astype(np.float64)
-    keep = (g > 1e-3) & (g < 10)
-    d, g = np.clip(pred[keep], 1e-3, 10), g[keep]
-    assert head["abs_rel"] == pytest.approx(np.mean(np.abs(d - g) / g), rel=1e-5)
-    assert head["rmse"] == pytest.approx(np.sqrt(np.mean((d - g) ** 2)), rel=1e-5)
-    assert head["delta1"] == pytest.approx(np.mean(np.maximum(d / g, g / d) < 1.25))
+    truth = data["depth"][test].astype(np.float64)
+    keep = (truth > 1e-3) & (truth < 10)
+    clipped = np.clip(pred, 1e-3, 10)
+    # the default: BTS's average, each metric on one image's valid pixels, then the mean over images
+    per_image = [(np.mean(np.abs(d - g) / g), np.sqrt(np.mean((d - g) ** 2)), np.mean(np.maximum(d / g, g / d) < 1.25))
+                 for d, g in ((clipped[i][keep[i]], truth[i][keep[i]]) for i in range(len(test)))]
+    assert head["average"] == "image" and head["images"] == len(test)
+    assert [head["abs_rel"], head["rmse"], head["delta1"]] == pytest.approx(np.mean(per_image, axis=0), rel=1e-5)
+    d, g = clipped[keep], truth[keep]
     constant = np.median(data["depth"][1::2][data["depth"][1::2] > 0])  # the train images' median depth
-    assert head["abs_rel"] < 0.8 * np.mean(np.abs(constant - g) / g)  # it learned something
-    assert doc["depth_info"]["max_depth"] == 10.0
-    assert "Eigen" in head["variant"] and head["max_depth"] == 10.0
+    assert np.mean(np.abs(d - g) / g) < 0.8 * np.mean(np.abs(constant - g) / g)  # it learned something
+    assert doc["depth_info"]["max_depth"] == 10.0 and head["max_depth"] == 10.0
+    assert "Eigen" in head["variant"]["depth"] and "BTS" in head["variant"]["average"]
+    assert head["variant"]["grid"].startswith("scored on the 8x8 input grid (crop-8)")
+    pooled = json.loads(invoke(*args, "--depth-average", "pixel").stdout)  # same seed: the same head
+    (p,) = pooled["heads"]
+    assert pooled["out"] != doc["out"] and p["average"] == "pixel" and "pixel-pooled" in p["variant"]["average"]
+    assert p["abs_rel"] == pytest.approx(np.mean(np.abs(d - g) / g), rel=1e-5)
+    assert p["rmse"] == pytest.approx(np.sqrt(np.mean((d - g) ** 2)), rel=1e-5)
+    assert p["delta1"] == pytest.approx(np.mean(np.maximum(d / g, g / d) < 1.25))
+    assert p["rmse"] != pytest.approx(head["rmse"], rel=1e-5)
+    text = invoke(*args[:-1], "--depth-average", "pixel")
+    assert "average: pixel-pooled" in text.stdout and "grid: scored on the 8x8 input grid" in text.stdout
 
 
 def test_depth_with_the_eigen_crop_scores_only_the_pixels_inside_it(tmp_path, build_dense_store):
@@ -135,6 +151,8 @@ def test_depth_with_the_eigen_crop_scores_only_the_pixels_inside_it(tmp_path, bu
     (["--grid", "--blocks", "fine,coarse", "--save-predictions", "P"], "one segmentation head: this grid has 2"),
     (["--unseen", "ring"], "needs both --text-embeddings and --unseen"),
     (["--epochs", "0"], "--epochs and --batch-size must be positive"),
+    (["--draws", "first"], "--draws takes mean, all or a draw index k"),
+    (["--draws", "1"], "draw 1 asked for, but the run holds 1 noise draw"),
     (["--text-embeddings", "/nope.safetensors", "--unseen", "ring"], "--text-embeddings /nope.safetensors: cannot read"),
 ])
 def test_bad_options_give_one_line(toy, tmp_path, args, message):
@@ -178,5 +196,41 @@ def test_ids_with_slashes_and_hashes_get_their_files(tmp_path, build_dense_store
     assert [r["id"] for r in rows] == ids[::2]
     assert all((tmp_path / "p" / r["file"]).is_file() and r["file"] == prediction_file(r["id"]) for r in rows)
     again = invoke("segment", tmp_path / "s.zarr", "--block", "fine", "--timestep", "0", "--epochs", "1", "--quiet",
-                   "--out", tmp_path / "r", "--save-predictions", tmp_path / "p")
+                   "--out", tmp_path / "again", "--save-predictions", tmp_path / "p")
     assert again.exit_code == 1 and "is not empty" in again.output
+    assert not (tmp_path / "again").exists()  # refused before training: no results folder was made
+
+
+def draw_predictions(path, doc, features) -> np.ndarray:
+    """The saved head's class predictions on (n, 4, S, S) features, 255 where the truth is ignored."""
+    (head,) = doc["heads"]
+    model = load_dense_head(path / doc["out"].rsplit("/", 1)[1] / head["weights"])
+    with torch.no_grad():
+        return model({(0, "fine"): torch.from_numpy(features)}).numpy().argmax(1)
+
+
+@pytest.mark.parametrize(("draws", "meaning"), [
+    ("1", "noise draws: draw 1 only (of 2)"),
+    ("mean", "noise draws: mean (float32 mean over the 2 draws of each image)"),
+    ("all", "noise draws: all of 2 (every epoch each train image feeds one of its draws"),
+])
+def test_draws_choose_the_features_of_a_two_draw_run(tmp_path, build_dense_store, one_torch_thread, draws, meaning):
+    _, data = build_dense_store(tmp_path / "s.zarr", n=24, draws=2)
+    args = ["segment", tmp_path / "s.zarr", "--block", "fine", "--timestep", "0", *FAST, "--out", tmp_path / "r",
+            "--draws", draws]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["config"]["draws"] == (int(draws) if draws.isdigit() else draws)
+    assert doc["config"]["draws_meaning"].startswith(meaning)
+    test = np.arange(0, 24, 2)
+    fine = data["fine"][test]  # (n, 2, 4, S, S)
+    scored = fine[:, 1] if draws == "1" else fine.mean(axis=1, dtype=np.float32)  # "all" scores the mean
+    truth = data["masks"][test]
+    pred = draw_predictions(tmp_path / "r", doc, np.ascontiguousarray(scored))
+    pred[truth == 255] = 255
+    assert doc["heads"][0]["miou"] == pytest.approx(independent_miou(truth, pred, 3)[0])
+    if draws == "1":
+        assert doc["heads"][0]["miou"] > 0.8  # draw 1's rolled channels were learned, not draw 0's
+    text = invoke(*args)
+    assert meaning in text.stdout

@@ -13,19 +13,21 @@ from featurestore.targets import RowTargets, write_targets
 CLASSES = ["background", "ring", "blob"]
 
 
-def attention_store(path, prompt="fixed:background ring blob", n=12, s=8, tokens=6):
+def attention_store(path, prompt="fixed:background ring blob", n=12, s=8, tokens=6, draws=1):
+    """Random maps (n, tokens, s, s), or (n, draws, tokens, s, s) for a run of several noise draws."""
     rng = np.random.default_rng(3)
     masks = rng.integers(0, 3, (n, s, s)).astype(np.uint8)
     masks[:, 0, 0] = 255
-    maps = rng.random((n, tokens, s, s)).astype(np.float32)
+    maps = rng.random((n, *((draws,) if draws > 1 else ()), tokens, s, s)).astype(np.float32)
     store = FeatureStore.open(str(path), mode="a")
     ids = [f"i{k}" for k in range(n)]
     rows = store.add_images("att", {"id": ids, "label": [0] * n, "class_name": ["x"] * n,
                                     "split": ["test"] * n, "domain": ["x"] * n, "source": ids})
-    run = store.create_run({"dataset": "att", "prompt": prompt}, arrays={"mid": (4, 2, 2), "up1.attn": (tokens, s, s)},
+    spec = {"dataset": "att", "prompt": prompt, **({"noise_draws": draws} if draws > 1 else {})}
+    run = store.create_run(spec, arrays={"mid": (4, 2, 2), "up1.attn": (tokens, s, s)},
                            timesteps=[50], rows=rows, chunk_rows=n, dtype="float32",
                            provenance={"backbone": {"input": {"size": s}}})
-    run.write_chunk(0, {(50, "mid"): np.zeros((n, 4, 2, 2), np.float32), (50, "up1.attn"): maps},
+    run.write_chunk(0, {(50, "mid"): np.zeros((n, *maps.shape[1:-3], 4, 2, 2), np.float32), (50, "up1.attn"): maps},
                     np.zeros(n, bool), [""] * n)
     write_targets(store, "att", rows, resize="crop", size=s, info={"mask": {"classes": CLASSES}},
                   load=lambda k: RowTargets((s, s), np.array([1.0, 0, 1, 0]), mask=masks[k]))
@@ -57,6 +59,25 @@ def test_each_pixel_takes_the_class_of_its_highest_token(tmp_path):
     text = invoke("segment", tmp_path / "s.zarr", "--zero-shot-attention", "--block", "up1.attn", "--timestep", "50",
                   "--class-tokens", "1,2,3+4", "--holdout", "0.5", "--out", tmp_path)
     assert f"predict the most frequent training class everywhere ({CLASSES[majority]!r})" in text.output
+
+
+def test_draws_choose_the_maps_of_a_two_draw_run_and_all_is_refused(tmp_path):
+    maps, masks = attention_store(tmp_path / "s.zarr", draws=2)
+    base = ["segment", tmp_path / "s.zarr", "--zero-shot-attention", "--block", "up1.attn", "--timestep", "50",
+            "--class-tokens", "1,2,3", "--holdout", "0.5", "--out", tmp_path]
+    test = np.flatnonzero(np.random.default_rng(0).random(len(masks)) < 0.5)
+    truth = masks[test]
+    keep = truth != 255
+    for draws, chosen in (("1", maps[:, 1]), ("mean", maps.mean(axis=1, dtype=np.float32))):
+        doc = json.loads(invoke(*base, "--draws", draws, "--json").stdout)
+        pred = chosen[test][:, 1:4].argmax(1)
+        assert doc["pixel_accuracy"] == pytest.approx((pred == truth)[keep].mean()), draws
+        assert doc["settings"]["draws"] == (1 if draws == "1" else "mean")
+    text = invoke(*base, "--draws", "1")
+    assert "noise draws: draw 1 only (of 2)" in text.output and "grid: scored on the 8x8 input grid" in text.output
+    refused = invoke(*base, "--draws", "all")
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1
+    assert "--draws all: the zero-shot baseline trains nothing" in refused.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
