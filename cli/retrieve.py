@@ -114,7 +114,8 @@ def retrieve(
     for name, metric in result.metrics.items():
         variant = ", ".join(f"{k}={v}" for k, v in metric.items() if k != "value" and v is not None)
         typer.echo(f"{name}: {metric['value']:.4f}  ({variant})")
-    for line in filter(None, [*images_note(result.runs), result.draws]):
+    left_out = result.self_left_out and f"{result.self_left_out} queries: {result.variants['gallery']}"
+    for line in filter(None, [*images_note(result.runs), result.draws, left_out]):
         typer.echo(line)
     typer.echo(f"({result.query['images']} {result.query['domain']} queries, {result.gallery['images']} "
                f"{result.gallery['domain']} gallery images, {len(result.classes)} classes, {result.features} features; "

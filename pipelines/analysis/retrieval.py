@@ -10,6 +10,11 @@ it (float32, on L2-normalised rows); equal similarities are ordered by ascending
 the order of a stable argsort of -similarity. Both are packed into one uint64 key per (query, item)
 (`ranking_keys`), so "ranked before" is "smaller key" and merging lists is sorting keys.
 
+Same-domain retrieval (queries and gallery the same images, e.g. digit against digit): each query's
+own image is left out of its gallery, the standard protocol (otherwise it is its own first hit),
+so R and the gallery size are one less for every query; the count is reported (`self_left_out`).
+A query set only partly inside the gallery is refused (its galleries would differ in size).
+
 Metrics (R: relevant items of a query in the whole gallery, K: the cutoff, P(r): precision at rank r):
 - AP `noninterp`: the sum of P(r) over relevant ranks r <= K, divided by min(R, K) (normalisation
   `min`; R for @all, so a perfect ranking scores 1) or by the relevant items retrieved within K
@@ -254,14 +259,35 @@ def _merge(best: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.concatenate([best, new], axis=1), axis=1, kind="stable")[:, :k]
 
 
-def stream_topk(slabs: Iterable[np.ndarray], queries: np.ndarray, k: int, device: str = "cpu") -> np.ndarray:
+def stream_topk(slabs: Iterable[np.ndarray], queries: np.ndarray, k: int, device: str = "cpu",
+                itself: np.ndarray | None = None) -> np.ndarray:
     """Ranking keys of the k best gallery rows per query, best first, over consecutive slabs of
-    L2-normalised rows (positions count across slabs); memory O(queries x (k + piece))."""
+    L2-normalised rows (positions count across slabs); memory O(queries x (k + piece)).
+    `itself` (Q,) int64: the gallery position of each query's own image, left out of its ranking
+    (-1: none; `self_positions`)."""
     queries = _finite_rows(queries, "query")
+    wide = k if itself is None else k + 1  # one more, for the query itself
     best = np.empty((len(queries), 0), np.uint64)
     for offset, piece in _pieces(slabs, piece_rows(len(queries))):
-        best = _merge(best, _piece_keys(queries, piece, offset, min(k, len(piece)), device), k)
-    return best
+        best = _merge(best, _piece_keys(queries, piece, offset, min(wide, len(piece)), device), wide)
+    return _without_self(best, itself, k)
+
+
+def _without_self(keys: np.ndarray, itself: np.ndarray | None, k: int) -> np.ndarray:
+    """The first k of each row of sorted keys once the key of the query's own image (`itself`) is
+    moved past every other (the largest uint64; finite similarities and positions < 2^32 never give it)."""
+    if itself is None:
+        return keys[:, :k]
+    own = key_indices(keys) == itself[:, None]
+    return np.sort(np.where(own, np.uint64(np.iinfo(np.uint64).max), keys), axis=1, kind="stable")[:, :k]
+
+
+def self_positions(query_images: np.ndarray, gallery_images: np.ndarray) -> np.ndarray:
+    """(Q,) int64: the gallery position of each query's own image (the same store row), -1 when
+    it is not in the gallery. Rows of a store are distinct images, so a row is in a gallery once."""
+    order = np.argsort(gallery_images, kind="stable")
+    at = np.minimum(np.searchsorted(gallery_images[order], query_images), len(order) - 1)
+    return np.where(gallery_images[order][at] == query_images, order[at], -1).astype(np.int64)
 
 
 def count_below(sorted_keys: np.ndarray, probes: np.ndarray) -> np.ndarray:
@@ -274,10 +300,12 @@ def count_below(sorted_keys: np.ndarray, probes: np.ndarray) -> np.ndarray:
 
 def stream_ranks(
     make_slabs: Callable[[], Iterable[np.ndarray]], queries: np.ndarray, query_classes: np.ndarray,
-    gallery_classes: np.ndarray, k: int, device: str = "cpu",
+    gallery_classes: np.ndarray, k: int, device: str = "cpu", itself: np.ndarray | None = None,
 ) -> tuple[np.ndarray, HitRanks]:
     """Top-k keys and the complete `HitRanks` (relevant: same class) in two passes over the gallery
-    (`make_slabs()` gives the slabs anew each time); memory O(sum of R + queries x (k + piece))."""
+    (`make_slabs()` gives the slabs anew each time); memory O(sum of R + queries x (k + piece)).
+    `itself` (Q,) int64, every entry >= 0: each query's own gallery position, left out of its
+    ranking (the items after it move up one rank; R and the gallery size are one less)."""
     queries = _finite_rows(queries, "query")
     rows = piece_rows(len(queries))
     groups = {c: np.flatnonzero(query_classes == c) for c in np.unique(query_classes)}
@@ -287,10 +315,11 @@ def stream_ranks(
             keys = _piece_keys(queries, piece, offset, len(piece), device)
             yield keys, gallery_classes[key_indices(keys)]
 
+    wide = k if itself is None else k + 1
     best = np.empty((len(queries), 0), np.uint64)
     parts: dict = {c: [] for c in groups}
     for keys, owner in scan():  # pass 1: the keys of every query's relevant items
-        best = _merge(best, keys[:, :k], k)
+        best = _merge(best, keys[:, :wide], wide)
         for c, members in groups.items():
             mine = owner[members] == c  # the same count on every row of a class
             parts[c].append(keys[members][mine].reshape(len(members), -1))
@@ -301,12 +330,19 @@ def stream_ranks(
             others = keys[members][owner[members] != c].reshape(len(members), -1)  # still sorted
             before[c] += count_below(others, relevant[c])
 
-    width = max((r.shape[1] for r in relevant.values()), default=0)
+    ranked = {c: np.arange(1, b.shape[1] + 1) + b for c, b in before.items()}
+    if itself is not None:  # each query's own image is one of its relevant items: drop it, close the gap
+        for c, members in groups.items():
+            own = key_indices(relevant[c]) == itself[members][:, None]
+            kept = ranked[c] - np.cumsum(own, axis=1)
+            ranked[c] = kept[~own].reshape(len(members), -1)
+    width = max((r.shape[1] for r in ranked.values()), default=0)
     ranks = np.full((len(queries), width), np.inf)
     for c, members in groups.items():
-        ranks[members, :before[c].shape[1]] = np.arange(1, before[c].shape[1] + 1) + before[c]
-    n_relevant = np.array([relevant[c].shape[1] for c in query_classes], dtype=np.int64)
-    return best, HitRanks(ranks, n_relevant, len(gallery_classes), len(gallery_classes))
+        ranks[members, :ranked[c].shape[1]] = ranked[c]
+    n_relevant = np.array([ranked[c].shape[1] for c in query_classes], dtype=np.int64)
+    size = len(gallery_classes) - (itself is not None)
+    return _without_self(best, itself, k), HitRanks(ranks, n_relevant, size, size)
 
 
 def _check(value: str, allowed: Sequence[str], what: str) -> None:
@@ -367,6 +403,8 @@ class RetrievalConfig:
 
 
 EXAMPLE_DEPTH = 10
+SELF_LEFT_OUT = ("the query itself is left out of its gallery (same image of the store): R and the gallery size "
+                 "are one less, the items ranked after it move up one rank")
 
 
 @dataclass
@@ -385,6 +423,7 @@ class RetrievalResult:
     runs: dict[str, dict[str, int]] = field(default_factory=dict)  # `run_images`: used, failed, pending per run
     settings: dict = field(default_factory=dict)  # the config with resolved run ids: the results file's digest
     variants: dict = field(default_factory=lambda: VARIANTS)
+    self_left_out: int = 0  # queries whose own image was left out of their gallery (same-domain retrieval)
     grid: str | None = None
     grid_note: str | None = None
     draws: str | None = None  # what --draws did (`draws_meaning`; None: runs of one draw)
@@ -429,6 +468,14 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
     if lacking:
         raise ValueError(f"no gallery image of query class(es) {', '.join(lacking)} in domain "
                          f"{config.gallery.domain!r}: their AP is undefined; leave them out with --split")
+    itself = self_positions(query_run.images.store_row[query_rows], gallery_run.images.store_row[gallery_rows])
+    left_out = int((itself >= 0).sum())
+    if 0 < left_out < len(itself):
+        raise ValueError(f"{left_out:,} of {len(itself):,} queries are also gallery images and the others are not: "
+                         "leaving out only some queries' own images gives galleries of unequal sizes; "
+                         "query and gallery the same images, or disjoint ones")
+    itself = itself if left_out else None
+    size = len(gallery_rows) - (left_out > 0)  # each query's gallery, without the query itself
     classes = np.array(sorted(set(query_names) | set(gallery_names)))
     query_classes, gallery_classes = np.searchsorted(classes, query_names), np.searchsorted(classes, gallery_names)
 
@@ -447,16 +494,16 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
             yield features(gallery_run, g, gallery_rows[part])
 
     cutoffs = [k for k in (*config.map_at, *config.precision_at) if k is not None]
-    k = min(max([*cutoffs, EXAMPLE_DEPTH]), len(gallery_rows))
-    n_relevant = np.bincount(gallery_classes, minlength=len(classes))[query_classes]
+    k = min(max([*cutoffs, EXAMPLE_DEPTH]), size)
+    n_relevant = np.bincount(gallery_classes, minlength=len(classes))[query_classes] - (left_out > 0)
     with bar("retrieve", f"t={q.timestep} {q.block}: queries", len(query_rows) + passes * len(gallery_rows)) as advance:
         queries = features(query_run, q, query_rows)
         if passes == 2:
-            top, hits = stream_ranks(slabs, queries, query_classes, gallery_classes, k, config.device)
+            top, hits = stream_ranks(slabs, queries, query_classes, gallery_classes, k, config.device, itself)
         else:
-            top = stream_topk(slabs(), queries, k, config.device)
+            top = stream_topk(slabs(), queries, k, config.device, itself)
             relevance = gallery_classes[key_indices(top)] == query_classes[:, None]
-            hits = HitRanks.from_relevance(relevance, n_relevant, len(gallery_rows))
+            hits = HitRanks.from_relevance(relevance, n_relevant, size)
     metrics, per_class = _metrics(hits, query_names, config)
 
     query_images, gallery_images = query_run.images.take(query_rows), gallery_run.images.take(gallery_rows)
@@ -481,12 +528,15 @@ def retrieve_run(store: FeatureStore, config: RetrievalConfig) -> RetrievalResul
         projection=None if project is None else {**asdict(config.projection), "trained_on_classes": sorted(split.seen)},
         features=queries.shape[1], device=config.device, metrics=metrics, per_class=per_class, examples=examples,
         runs=run_images(list({r.run_id: r for r in (query_run, gallery_run)}.values())),
+        self_left_out=left_out,
+        variants={**VARIANTS, "gallery": SELF_LEFT_OUT} if left_out else VARIANTS,
         draws=draws_meaning(config.draws, [query_run, gallery_run], (
             "the projection is fitted on every draw as a sample of its own; " if project is not None else "")
             + "queries and gallery: the float32 mean of their draws"),
         settings=single_draw_dropped({**{k: v for k, v in asdict(config).items() if k != "slab_rows"},
                                       "query": asdict(dataclasses.replace(q, run=query_run.run_id)),
-                                      "gallery": asdict(dataclasses.replace(g, run=gallery_run.run_id))},
+                                      "gallery": asdict(dataclasses.replace(g, run=gallery_run.run_id)),
+                                      **({"gallery_protocol": SELF_LEFT_OUT} if left_out else {})},
                                      [query_run, gallery_run]),
     )
 
