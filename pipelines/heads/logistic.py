@@ -100,7 +100,9 @@ def split_rows(run: Run, train_split: str, test_split: str, holdout: float | Non
     """Sorted int64 train/test rows of a run's extracted, non-failed images: from the split column,
     or a seeded holdout fraction when the data has a single split. An incomplete run raises
     IncompleteRunError (how many images are pending, and that `extract` resumes) unless
-    `allow_incomplete`; then only the extracted images are split."""
+    `allow_incomplete`; then only the extracted images are split. Train and test sets that share
+    an image (e.g. --train-split train --test-split train) raise ValueError: the test score would
+    be a training score. Every command that turns --train-split/--test-split into rows calls this."""
     status_ok = np.zeros(len(run), dtype=bool)
     status_ok[run.usable_rows(allow_incomplete)] = True
     splits = run.images.split
@@ -119,6 +121,10 @@ def split_rows(run: Run, train_split: str, test_split: str, holdout: float | Non
             f"need usable (extracted, not failed) images in both splits {train_split!r} and {test_split!r} "
             f"(they are in: {found}); choose --train-split/--test-split or use --holdout FRACTION"
         )
+    shared = np.intersect1d(train, test)  # a run's rows are distinct images of the store
+    if len(shared):
+        raise ValueError(f"the train split {train_split!r} and the test split {test_split!r} share {len(shared):,} "
+                         "images: scores on them would be training scores; choose disjoint --train-split/--test-split")
     return train, test
 
 
@@ -167,6 +173,8 @@ def resolve_run(store: FeatureStore, run_id: str | None) -> Run:
     if run_id is not None:
         return store.run(run_id)
     ids = store.run_ids()
+    if not ids:
+        raise ValueError(f"{store.url} holds no run yet: extract features first (featurestore extract)")
     if len(ids) != 1:
-        raise ValueError(f"{store.url} holds {len(ids)} runs; pick one with --run ({', '.join(ids) or 'none'})")
+        raise ValueError(f"{store.url} holds {len(ids)} runs; pick one with --run ({', '.join(ids)})")
     return store.run(ids[0])
