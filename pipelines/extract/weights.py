@@ -19,9 +19,6 @@ class WeightsError(ValueError):
     """A checkpoint that does not fit the backbone, or cannot be read."""
 
 
-
-
-
 def materialize(
     build: Callable[[], nn.Module], weights: str | Path | None, default: Path | None, device: str,
     convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
@@ -54,7 +51,12 @@ def file_digest(path: Path) -> str:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file, or a .pt/.pth/.th file with weights_only=True (never pickle code)."""
+    """Read a .safetensors file, or a .pt/.pth/.th/.bin/.ckpt file with weights_only=True (never
+    pickle code). WeightsError in one line for a missing path, a folder, or a file that is not a
+    readable checkpoint (the first sentence of the reason, `_reason`)."""
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder without a checkpoint: pass the checkpoint file itself "
+                           "(.safetensors, .pt, .pth, .th, .bin or .ckpt)")
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -63,18 +65,27 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: a corrupt or cut-short file
-            raise WeightsError(f"cannot read {path} as a safetensors file: {exc}") from exc
+            raise WeightsError(f"cannot read {path} as a safetensors file: {_reason(exc)}") from exc
     if path.suffix in (".pt", ".pth", ".th", ".bin", ".ckpt"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the user's input error
-            raise WeightsError(f"cannot read {path} as a weights-only torch checkpoint: {exc}") from exc
+            raise WeightsError(f"{path}: not a readable checkpoint ({_reason(exc)})") from exc
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
         return obj
-    raise WeightsError(f"{path}: unknown weights format {path.suffix!r} (use .safetensors, .pt, .pth or .th)")
+    raise WeightsError(f"{path}: unknown weights format {path.suffix!r} (use .safetensors, .pt, .pth, .th, .bin or .ckpt)")
+
+
+def _reason(exc: Exception) -> str:
+    """The first sentence of the first non-empty line of a reader's message, its type name when
+    there is none. torch's weights-only unpickler opens with a paragraph on the `weights_only`
+    default; its reason follows "WeightsUnpickler error:" and is taken instead."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ", 1)[0].rstrip(".") if lines else type(exc).__name__
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
