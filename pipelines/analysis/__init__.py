@@ -136,14 +136,30 @@ def images_note(runs: Mapping[str, Mapping[str, int]]) -> list[str]:
 
 # -- saving ---------------------------------------------------------------------------------------
 def results_dir(store_url: str, out: str | Path | None) -> Path:
-    """Where results go: `out`, or the store's own folder `<store path>.results/` (local stores only)."""
+    """Where results go: `out`, or the store's own folder `<store path>.results/` (local stores only).
+    ValueError in one line, before anything is computed, when that path or a folder above it is a
+    file (`output_path`)."""
     if out is not None:
-        return Path(out)
+        return output_path(out, "--out", "folder")
     local = str(store_url).removeprefix("file://")
     if "://" in local:
         raise ValueError(f"{store_url} is not a local path: give --out for the results")
     store = Path(local).resolve()
-    return store.with_name(store.name + RESULTS_SUFFIX)
+    return output_path(store.with_name(store.name + RESULTS_SUFFIX), "the results folder", "folder")
+
+
+def output_path(path: str | Path, option: str, kind: str) -> Path:
+    """`path` as a `kind` ("folder" or "file") that can be created or written: raises ValueError,
+    naming `option`, when `path` (for a folder) or a folder above it exists as something else than
+    a folder, so commands refuse it before computing (mkdir would fail with a bare OSError)."""
+    path = Path(path)
+    for above in (path, *path.parents) if kind == "folder" else path.parents:
+        if above.exists():
+            if not above.is_dir():
+                where = "is a file" if above == path else f"lies under {above}, which is a file"
+                raise ValueError(f"{option} {path} {where}: give a {kind} path whose parents are folders")
+            break
+    return path
 
 
 def results_path(folder: Path, command: str, settings: Mapping[str, Any], label: str, suffix: str = ".json") -> Path:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from featurestore.store import FeatureStore, timestep_key
-from pipelines.analysis import draws_meaning, results_path, run_images, single_draw_dropped, write_json
+from pipelines.analysis import draws_meaning, output_path, results_path, run_images, single_draw_dropped, write_json
 from pipelines.dense.heads import CosineLogits, DenseSpec, build_dense_head, save_dense_head
 from pipelines.dense.openvocab import OpenVocab
 from pipelines.dense.metrics import (
@@ -118,6 +118,7 @@ class PredictionWriter:
     """Writes `--save-predictions` PNGs and index.csv (refuses a folder that already holds files)."""
 
     def __init__(self, folder: Path):
+        output_path(folder, "--save-predictions", "folder")
         if folder.exists() and any(folder.iterdir()):
             raise ValueError(f"--save-predictions {folder} is not empty: give a new or empty folder")
         folder.mkdir(parents=True, exist_ok=True)
