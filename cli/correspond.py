@@ -48,7 +48,7 @@ def correspond(
     nearest target position by cosine, PCK@alpha per image and per point at the bbox and image
     thresholds, overall and per category."""
     from featurestore.store import FeatureStore
-    from pipelines.analysis import images_note, results_dir, to_json
+    from pipelines.analysis import images_note, output_path, results_dir, to_json
     from pipelines.correspond.runner import correspond_run, left_out_notes, save_correspond
     from pipelines.correspond.runner import save_matches as write_matches
     from pipelines.progress import set_quiet
@@ -64,6 +64,8 @@ def correspond(
         raise ValueError("--save-matches writes the matches of one map: give one --timestep and one --block")
     if save_matches is not None and Path(save_matches).exists():
         raise ValueError(f"{save_matches} exists; --save-matches never overwrites a file (remove it or name another)")
+    if save_matches is not None:
+        output_path(save_matches, "--save-matches", "file")
     result, matches = correspond_run(FeatureStore.open(store), run, t_list, block_list, upsample, soft_radius,
                                      soft_temperature, alphas, split, allow_incomplete, draws, bbox_of)
     saved = save_correspond(result, folder)
@@ -90,7 +92,7 @@ def correspond(
                 typer.echo(f"| {t} | {m.block} | {threshold} | {average} | " + " | ".join(values) + " |")
     for line in filter(None, [*images_note(result.runs), settings.get("draws_meaning")]):
         typer.echo(line)
-    notes = left_out_notes(result.pairs, result.points)
+    notes = left_out_notes(result.pairs, result.points, result.blocks_left_out)
     if notes:
         typer.echo("left out: " + "; ".join(notes))
     typer.echo(f"(saved {saved}" + (f"; matches in {save_matches}" if save_matches else "") + ")")

@@ -41,6 +41,7 @@ UPSAMPLES = {
 }
 MATCHES_COLUMNS = ("pair", "category", "kp", "src_x", "src_y", "true_x", "true_y", "pred_x", "pred_y",
                    "bbox_w", "bbox_h", "img_w", "img_h")  # bbox_w, bbox_h: the box of the threshold (bbox_of)
+MIN_SIDE = 2  # a map needs at least 2 x 2 positions: on one cell every keypoint ties onto the same pixel
 PAIRS_PER_READ = 64  # pairs whose features are read at a time (one map each; 1.5 GB of SD 2.1 up1 maps)
 
 
@@ -66,6 +67,7 @@ class CorrespondResult:
     runs: dict[str, dict[str, int]]
     settings: dict[str, Any]
     variants: dict[str, Any] = field(default_factory=dict)  # thresholds (bbox as bbox_of), averages, correct
+    blocks_left_out: list[str] = field(default_factory=list)  # "<block> [C, H, W]": maps too small to match on
     out: str | None = None  # the results file, once `save_correspond` has written it
 
     def to_dict(self) -> dict:
@@ -98,7 +100,9 @@ def correspond_run(
     Raises ValueError (StoreError included) in one line, before any feature is read, for an unknown
     upsample or bbox_of, soft options with upsample="input", an alpha that is not a finite positive
     number, draws "all" or a draw the run lacks, a run without keypoint targets or pairs, an
-    unknown t or block, or no pair left."""
+    unknown t or block, a named block whose map has fewer than MIN_SIDE x MIN_SIDE positions (e.g.
+    logits or pooled features stored as [C, 1, 1]: every match ties onto one pixel; without named
+    blocks such maps are left out and listed in `blocks_left_out`), or no pair left."""
     if upsample not in UPSAMPLES:
         raise ValueError(f"--upsample must be one of {', '.join(UPSAMPLES)}, got {upsample!r}")
     if upsample == "input" and (soft_radius is not None or soft_temperature is not None):
@@ -121,20 +125,35 @@ def correspond_run(
     if isinstance(draws, int) and draws >= run.noise_draws:
         raise StoreError(f"--draws {draws}: run {run.run_id} holds {run.noise_draws} noise draw"
                          f"{'s' if run.noise_draws != 1 else ''} per image (draws 0..{run.noise_draws - 1})")
+    named = blocks is not None
     timesteps = list(run.timesteps) if timesteps is None else list(timesteps)
     blocks = run.feature_blocks if blocks is None else list(blocks)
     for t in timesteps:
         if t not in run.timesteps:
-            raise StoreError(f"run {run.run_id} has no timestep {t!r}; timesteps: {run.timesteps}")
+            raise StoreError(f"run {run.run_id} has no timestep {timestep_key(t).removeprefix('t')}; timesteps: "
+                             + ", ".join(timestep_key(s).removeprefix("t") for s in run.timesteps))
     for b in blocks:
         if b not in run.blocks:
             raise StoreError(f"run {run.run_id} has no block {b!r}; blocks: {', '.join(run.blocks)}")
+    shapes = {b: _map_shape(run, b) for b in blocks}
+    small = {b: shape for b, shape in shapes.items() if min(shape[1:]) < MIN_SIDE}
+    if small and named:
+        b, shape = next(iter(small.items()))
+        raise ValueError(f"block {b!r} of run {run.run_id} holds maps of shape {list(shape)} (C, H, W): "
+                         f"correspondence needs at least {MIN_SIDE} x {MIN_SIDE} positions to match on")
+    blocks = [b for b in blocks if b not in small]
+    if not blocks:
+        raise ValueError(f"run {run.run_id} has no block with at least {MIN_SIDE} x {MIN_SIDE} positions to match "
+                         f"on (" + ", ".join(f"{b} {list(s)}" for b, s in small.items()) + ")")
     targets = run_targets(run)
-    listed = [p for p in targets.pairs() if split is None or p[3] == split]
+    every = targets.pairs()
+    listed = [p for p in every if split is None or p[3] == split]
+    if not listed and every:
+        raise ValueError(f"run {run.run_id} ({run.spec.get('dataset')!r}) has no image pairs of split {split!r}; "
+                         f"its pairs are of split {', '.join(sorted({p[3] for p in every}))}")
     if not listed:
-        raise ValueError(f"run {run.run_id} ({run.spec.get('dataset')!r}) has no image pairs"
-                         + (f" of split {split!r}" if split is not None else "")
-                         + ": its manifest declares none (correspondence needs a pair dataset, e.g. warps-cifar10)")
+        raise ValueError(f"run {run.run_id} ({run.spec.get('dataset')!r}) has no image pairs: its manifest declares "
+                         "none (correspondence needs a pair dataset, e.g. warps-cifar10)")
 
     usable = np.zeros(len(run), dtype=bool)
     usable[np.intersect1d(run.usable_rows(allow_incomplete), targets.usable_rows())] = True
@@ -193,8 +212,14 @@ def correspond_run(
                 "outside_target_input": outside_target},
         maps=maps, runs=run_images([run]), settings=settings,
         variants={"thresholds": {**THRESHOLDS, "bbox": BBOX_OF[bbox_of]}, "averages": AVERAGES, "correct": CORRECT},
+        blocks_left_out=[f"{b} {list(shape)}" for b, shape in small.items()],
     )
     return result, matches
+
+
+def _map_shape(run: Run, block: str) -> tuple[int, int, int]:
+    """(C, H, W) of `block`'s stored maps (the same at every timestep of a run)."""
+    return tuple(int(n) for n in run.array(run.timesteps[0], block).shape[-3:])
 
 
 def _boxes(targets: RunTargets, rows: np.ndarray) -> np.ndarray:
@@ -256,9 +281,9 @@ def _match_map(run: Run, t: int | None, block: str, chosen: _Pairs, keypoints: n
     return Matches(**{name: np.concatenate(values) for name, values in out.items()})
 
 
-def left_out_notes(pairs: dict[str, int], points: dict[str, int]) -> list[str]:
-    """What a result did not score, in words (`CorrespondResult.pairs` and `.points`, or the same keys
-    of its JSON); empty when everything was scored."""
+def left_out_notes(pairs: dict[str, int], points: dict[str, int], blocks: Sequence[str] = ()) -> list[str]:
+    """What a result did not score, in words (`CorrespondResult.pairs`, `.points` and
+    `.blocks_left_out`, or the same keys of its JSON); empty when everything was scored."""
     what = {"image_unusable": "pairs with an image without usable features or targets",
             "no_common_point": "pairs without a common visible keypoint inside both inputs"}
     notes = [f"{pairs[key]} {text}" for key, text in what.items() if pairs[key]]
@@ -267,6 +292,8 @@ def left_out_notes(pairs: dict[str, int], points: dict[str, int]) -> list[str]:
     if points.get("outside_target_input"):  # results written before it was counted lack the key
         notes.append(f"{points['outside_target_input']} target points outside the input (no candidate pixel "
                      "reaches them)")
+    if blocks:
+        notes.append(f"blocks with fewer than {MIN_SIDE} x {MIN_SIDE} positions (C, H, W): {', '.join(blocks)}")
     return notes
 
 
