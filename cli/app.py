@@ -148,10 +148,16 @@ def split_items(values: list[str] | None) -> list[str]:
 
 
 def parse_lrs(values: list[str] | None) -> list[float]:
+    """Learning rates, repeated or comma-separated; each must be a finite positive number."""
+    from pipelines.heads.training import check_number
+
     try:
-        return [float(v) for v in split_items(values)]
+        lrs = [float(v) for v in split_items(values)]
     except ValueError:
         raise ValueError(f"--lr takes numbers, got {values!r}") from None
+    for lr in lrs:
+        check_number("--lr", lr, positive=True)
+    return lrs
 
 
 def parse_blocks(values: list[str] | None) -> list[str] | None:

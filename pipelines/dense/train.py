@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from pipelines.analysis import finite_or_none
 from pipelines.dense.metrics import IGNORE_INDEX, MIN_DEPTH
 from pipelines.heads.data import Batch, StoreBatches
-from pipelines.heads.training import autocast, warmup_cosine
+from pipelines.heads.training import autocast, check_number, divergence, refuse_divergence, warmup_cosine
 from pipelines.progress import bar, log
 
 TRAINING = ("AdamW, linear warmup then cosine decay per step; every head keeps its weights after the last epoch "
@@ -43,11 +43,11 @@ class DenseTrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.warmup_epochs < 0:
-            raise ValueError("--epochs and --batch-size must be positive, --warmup-epochs not negative")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"--lr must be positive and --weight-decay not negative, got {self.lr}, "
-                             f"{self.weight_decay}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("--epochs and --batch-size must be positive")
+        check_number("--lr", self.lr, positive=True)
+        check_number("--weight-decay", self.weight_decay)
+        check_number("--warmup-epochs", self.warmup_epochs)
 
 
 class TargetReader:
@@ -97,6 +97,7 @@ class DenseTrainee:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, warmup, total))
         self.epoch_log: list[dict] = []
         self._loss_sum, self._images = 0.0, 0
+        self.divergence: str | None = None  # set by `end_epoch` when the head diverged (`divergence`)
 
     def step(self, batch: Batch, device: torch.device) -> None:
         self.module.train()
@@ -117,6 +118,7 @@ class DenseTrainee:
 
     def end_epoch(self, epochs: int, seconds: float) -> None:
         loss = self._loss_sum / self._images if self._images else float("nan")
+        self.divergence = divergence(self.name, len(self.epoch_log) + 1, self.module, loss, self._images > 0)
         record = {"epoch": len(self.epoch_log) + 1, "train_loss": finite_or_none(loss),
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
         self.epoch_log.append(record)
@@ -128,7 +130,8 @@ class DenseTrainee:
 def train_dense(data: StoreBatches, trainees: Sequence[DenseTrainee], rows: np.ndarray,
                 cfg: DenseTrainConfig) -> list[float]:
     """`cfg.epochs` shared passes over `rows` (shuffled with (seed, epoch); with draws="all", each
-    row's noise draw picked anew per epoch by `data.epoch_picks`); returns each epoch's seconds."""
+    row's noise draw picked anew per epoch by `data.epoch_picks`); returns each epoch's seconds.
+    ValueError as soon as a head diverges (`refuse_divergence`), before anything is scored or saved."""
     device = torch.device(cfg.device)
     seconds = []
     with bar("train", f"{len(trainees)} dense heads", cfg.epochs) as advance:
@@ -144,6 +147,7 @@ def train_dense(data: StoreBatches, trainees: Sequence[DenseTrainee], rows: np.n
             seconds.append(time.perf_counter() - tic)
             for t in trainees:
                 t.end_epoch(cfg.epochs, seconds[-1])
+            refuse_divergence([t.divergence for t in trainees], len(trainees))
             advance()
     for t in trainees:
         t.module.eval()

@@ -63,10 +63,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.recipe not in ("ours", "diffssl", "vermouth"):
             raise ValueError(f"unknown recipe {self.recipe!r}; choose ours, diffssl or vermouth")
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or self.warmup_epochs < 0:
-            raise ValueError("epochs and batch size must be positive, patience and warmup not negative")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
+            raise ValueError("epochs and batch size must be positive, patience not negative")
+        check_number("--weight-decay", self.weight_decay)
+        check_number("--warmup-epochs", self.warmup_epochs)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"the validation fraction must be between 0 and 1, got {self.val_fraction}")
+
+
+def check_number(flag: str, value: float, positive: bool = False) -> None:
+    """Refuse, in one ValueError naming `flag`, a `value` that is not finite, or not > 0 when
+    `positive`, or < 0 otherwise (a learning rate, weight decay or warmup length)."""
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{flag} must be a finite {'positive' if positive else 'non-negative'} number, got {value}")
 
 
 def autocast(device: torch.device):
@@ -94,6 +103,25 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def divergence(name: str, epoch: int, module: torch.nn.Module, loss: float, stepped: bool) -> str | None:
+    """Why head `name` diverged in `epoch`, or None: its mean train loss `loss` over the epoch is not
+    finite although it took a step (`stepped`), or its weights are not finite."""
+    finite_weights = all(bool(p.isfinite().all()) for p in module.parameters())
+    if finite_weights and (math.isfinite(loss) or not stepped):
+        return None
+    return (f"head {name} diverged at epoch {epoch} (train loss {loss:.4g}"
+            f"{'' if finite_weights else ', weights not finite'})")
+
+
+def refuse_divergence(reasons: Sequence[str | None], heads: int) -> None:
+    """Refuse the command in one ValueError when a head diverged (`divergence` of each head): its
+    scores would be a diverged head's, so no head of the grid is scored or saved."""
+    diverged = [r for r in reasons if r]
+    if diverged:
+        grid = f" (any diverged head refuses the grid of {heads} heads)" if heads > 1 else ""
+        raise ValueError(f"{'; '.join(diverged)}: lower --lr; nothing saved{grid}")
 
 
 class Trainee:
@@ -135,6 +163,7 @@ class Trainee:
         self._last_lr = lr
         self.best_state: dict[str, torch.Tensor] = {}
         self.stopped = False
+        self.divergence: str | None = None  # set by `trained` when the head diverged (`divergence`)
 
     @property
     def best_epoch(self) -> int:
@@ -165,10 +194,12 @@ class Trainee:
 
     def trained(self, seconds: float) -> None:
         """An epoch's pass ended after `seconds` (shared by the grid: reading, training, and
-        validating the previous epoch's weights): record its mean train loss and last learning rate."""
+        validating the previous epoch's weights): record its mean train loss and last learning rate,
+        and whether the head diverged (`divergence`)."""
         if self.schedule_per_epoch:
             self.schedule.step()
         loss = float(self._loss_sum) / self._loss_images if self._loss_images else float("nan")
+        self.divergence = divergence(self.name, len(self.epoch_log) + 1, self.head, loss, self._loss_images > 0)
         self.epoch_log.append({"epoch": len(self.epoch_log) + 1, "train_loss": finite_or_none(loss), "val_top1": None,
                                "lr": self._last_lr, "seconds": seconds})
         self._loss_sum.zero_()
@@ -214,7 +245,8 @@ class GridLog:
 def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.ndarray, val_rows: np.ndarray,
                cfg: TrainConfig) -> GridLog:
     """Train every head on one shared pass per epoch until all stop or `cfg.epochs`; each ends with
-    the weights of its best validation score. A bar counts the epochs, another the images of a pass."""
+    the weights of its best validation score. A bar counts the epochs, another the images of a pass.
+    ValueError as soon as a head diverges (`refuse_divergence`), before anything is scored or saved."""
     times = GridLog([], [])
     with bar("train", f"{len(trainees)} heads", cfg.epochs) as advance:
         for epoch in range(cfg.epochs):
@@ -231,6 +263,7 @@ def train_grid(data: StoreBatches, trainees: Sequence[Trainee], train_rows: np.n
             times.read_seconds.append(data.read_seconds - read_before)
             for t in active:
                 t.trained(times.epoch_seconds[-1])
+            refuse_divergence([t.divergence for t in active], len(trainees))
             advance()
         _shared_pass(data, trainees, {"val": val_rows}, None)  # the weights of each head's last epoch
     for t in trainees:
