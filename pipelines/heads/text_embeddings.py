@@ -36,7 +36,7 @@ def read_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
     names, text = _read_table(path)
     if names != classes:
         diff = next((k for k in range(min(len(names), len(classes))) if names[k] != classes[k]), min(len(names), len(classes)))
-        raise ValueError(f"text embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
+        raise ValueError(f"--text-embeddings {path}: classes do not match the run's ({len(names)} vs {len(classes)}; "
                          f"first difference at label {diff}: {names[diff:diff + 1]} vs {classes[diff:diff + 1]})")
     return text
 
@@ -47,23 +47,40 @@ def select_text_embeddings(path: str, classes: list[str]) -> torch.Tensor:
     names, text = _read_table(path)
     missing = [c for c in classes if c not in names]
     if missing:
-        raise ValueError(f"text embeddings {path}: no embedding for class(es) {', '.join(missing[:8])}"
+        raise ValueError(f"--text-embeddings {path}: no embedding for class(es) {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''} (it has {len(names)} classes)")
     return text[[names.index(c) for c in classes]]
 
 
 def _read_table(path: str) -> tuple[list[str], torch.Tensor]:
-    from safetensors import safe_open
+    """(class names, float32 (K, D) embeddings) of the table at `path`. ValueError (naming
+    --text-embeddings) for a file that is not safetensors or lacks the tensor or the classes, and
+    for a table no cosine classifier can use: a non-finite value, or a row of norm 0 (its cosine
+    with anything is undefined)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, "pt") as f:
-        tensors = list(f.keys())  # a safe_open handle is not iterable
-        if "embeddings" not in tensors:
-            raise ValueError(f"text embeddings {path}: no tensor 'embeddings' (found: {', '.join(tensors)})")
-        text = f.get_tensor("embeddings")
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, "pt") as f:
+            tensors = list(f.keys())  # a safe_open handle is not iterable
+            if "embeddings" not in tensors:
+                raise ValueError(f"--text-embeddings {path}: no tensor 'embeddings' (found: {', '.join(tensors)})")
+            text = f.get_tensor("embeddings")
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"--text-embeddings {path}: not a safetensors file ({e})") from None
     if "classes" not in meta:
-        raise ValueError(f"text embeddings {path}: no 'classes' metadata (a JSON list of class names in label order)")
+        raise ValueError(f"--text-embeddings {path}: no 'classes' metadata (a JSON list of class names in label order)")
     names = json.loads(meta["classes"])
     if text.ndim != 2 or len(names) != text.shape[0]:
-        raise ValueError(f"text embeddings {path}: 'embeddings' {tuple(text.shape)} does not hold one row per class of {len(names)}")
-    return names, text.float()
+        raise ValueError(f"--text-embeddings {path}: 'embeddings' {tuple(text.shape)} does not hold one row per class "
+                         f"of {len(names)}")
+    text = text.float()
+    bad = [names[k] for k in range(len(names)) if not bool(text[k].isfinite().all())]
+    if bad:
+        raise ValueError(f"--text-embeddings {path}: non-finite values in the rows of {len(bad)} class(es): "
+                         f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
+    zero = [names[k] for k in range(len(names)) if not bool(text[k].any())]
+    if zero:
+        raise ValueError(f"--text-embeddings {path}: the rows of {len(zero)} class(es) have norm 0 (no cosine is "
+                         f"defined): {', '.join(zero[:8])}{' ...' if len(zero) > 8 else ''}")
+    return names, text
