@@ -692,7 +692,8 @@ class Run:
         if block not in self.blocks:
             raise StoreError(f"run {self.run_id} has no block {block!r}; blocks: {', '.join(self.blocks)}")
         if t not in self.timesteps:
-            raise StoreError(f"run {self.run_id} has no timestep {t!r}; timesteps: {self.timesteps}")
+            raise StoreError(f"run {self.run_id} has no timestep {_t_text(t)}; timesteps: "
+                             f"{', '.join(_t_text(x) for x in self.timesteps)}")
         return self._get(f"{timestep_key(t)}/{block}")
 
     def chunk_arrays(self) -> list[str]:

@@ -337,7 +337,7 @@ def test_unknown_timestep_lists_the_valid_ones(make_run, t):
     w = make_run()
     with pytest.raises(StoreError, match="timestep") as err:
         w.run.array(t, "mid")
-    assert "10" in str(err.value) and "None" in str(err.value)
+    assert "10" in str(err.value) and "none" in str(err.value)
 
 
 def test_run_rows_map_to_images(make_run):
@@ -500,3 +500,13 @@ def test_record_session_through_two_handles_keeps_both(make_run):
     second.record_session({"worker": 2})
     sessions = FeatureStore.open(w.path, "r").run(w.run.run_id).attrs["sessions"]
     assert [s["worker"] for s in sessions] == [1, 2]
+
+
+def test_a_missing_timestep_is_named_as_the_cli_spells_it(tmp_path):
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), mode="a")
+    rows = store.add_images("x", {"id": ["a"], "label": [0], "class_name": ["c"], "split": ["train"], "domain": ["d"],
+                                  "source": ["a"]})
+    run = store.create_run({"name": "t"}, arrays={"b": (1, 1, 1)}, timesteps=[10, 20], rows=rows, chunk_rows=1,
+                           dtype="float16", provenance={})
+    with pytest.raises(StoreError, match=r"^run \w+ has no timestep none; timesteps: 10, 20$"):
+        run.array(None, "b")
