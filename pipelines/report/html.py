@@ -383,7 +383,7 @@ def render_correspond(data: ReportData, item: Loaded) -> Html:
                 rows.append([label_t(m["timestep"]), m["block"], threshold, average, *values])
     caption = (f"PCK@α over {d['pairs']['scored']} of {d['pairs']['listed']} pairs ({d['points']['scored']} points); "
                f"{d['variants']['correct']}")
-    notes = left_out_notes(d["pairs"], d["points"])
+    notes = left_out_notes(d["pairs"], d["points"], d.get("blocks_left_out", ()))
     variants = tag("details", join([tag("summary", "what the variants mean"), table(
         ["variant", "value", "meaning"], [[kind, name, meaning] for kind in ("thresholds", "averages")
                                           for name, meaning in d["variants"][kind].items()])]))
