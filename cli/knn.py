@@ -41,7 +41,7 @@ def knn(
 ) -> None:
     """Weighted kNN (DINO protocol) from the cache: cosine similarity, exact FAISS search, top-1/top-5
     (a class without a vote is never in the top 5)."""
-    from featurestore.store import FeatureStore, parse_draws
+    from featurestore.store import FeatureStore, parse_draws, timestep_text
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.analysis.knn import knn_run, save_knn
     from pipelines.progress import set_quiet
@@ -58,7 +58,7 @@ def knn(
         typer.echo(to_json(result.to_dict()))
         return
     for value in ks:
-        typer.echo(f"{block_name} t={t} k={value}: top-1 {result.top1[value]:.4f} top-5 {result.top5[value]:.4f}")
+        typer.echo(f"{block_name} t={timestep_text(t)} k={value}: top-1 {result.top1[value]:.4f} top-5 {result.top5[value]:.4f}")
     for line in filter(None, [*images_note(result.runs), result.settings.get("draws_meaning")]):
         typer.echo(line)
     typer.echo(f"({result.train} train / {result.test} test images, {result.features} features; saved {saved})")

@@ -80,7 +80,7 @@ def probe(
     """Probe blocks from the cache: logistic regression, or trained heads (a grid of blocks x
     timesteps x learning rates in one pass over the cache per epoch). Trained heads' weights and
     results.json go to a folder probe-<head>-<run>-<digest>/ in the results folder."""
-    from featurestore.store import FeatureStore, parse_draws
+    from featurestore.store import FeatureStore, parse_draws, timestep_text
     from pipelines.analysis import images_note, results_dir, to_json
     from pipelines.heads.modules import DIFFORMER_BLOCKS, DIFFORMER_TIMESTEPS
     from pipelines.progress import set_quiet
@@ -139,7 +139,7 @@ def probe(
         if json_out:
             typer.echo(to_json(result.to_dict()))
             return
-        typer.echo(f"{result.block} t={result.timestep}: top-1 {result.top1:.4f} "
+        typer.echo(f"{result.block} t={timestep_text(result.timestep)}: top-1 {result.top1:.4f} "
                    f"(train {result.train_top1:.4f}; {result.train} train / {result.test} test images)")
         for line in filter(None, [*images_note(result.runs), result.settings.get("draws_meaning")]):
             typer.echo(line)

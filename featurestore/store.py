@@ -455,7 +455,7 @@ class FeatureStore:
                 lines.append(f"  {run_id}  unreadable: {exc}")
                 continue
             lines.append(f"  {run_id}  {run.spec.get('backbone', '?')}  {run.spec.get('dataset', '?')}  "
-                         f"t={','.join(_t_text(t) for t in run.timesteps)}  blocks={','.join(run.blocks)}  "
+                         f"t={','.join(timestep_text(t) for t in run.timesteps)}  blocks={','.join(run.blocks)}  "
                          f"{run.status_text()}")
         lines += [f"  {run_id}  broken: {why}" for run_id, why in self.broken_runs().items()]
         lines += [f"  {run_id}  never fully created" for run_id in self.incomplete_run_ids()]
@@ -692,8 +692,8 @@ class Run:
         if block not in self.blocks:
             raise StoreError(f"run {self.run_id} has no block {block!r}; blocks: {', '.join(self.blocks)}")
         if t not in self.timesteps:
-            raise StoreError(f"run {self.run_id} has no timestep {_t_text(t)}; timesteps: "
-                             f"{', '.join(_t_text(x) for x in self.timesteps)}")
+            raise StoreError(f"run {self.run_id} has no timestep {timestep_text(t)}; timesteps: "
+                             f"{', '.join(timestep_text(x) for x in self.timesteps)}")
         return self._get(f"{timestep_key(t)}/{block}")
 
     def chunk_arrays(self) -> list[str]:
@@ -967,7 +967,7 @@ class Run:
             f"Run {self.run_id} ({kind}) in {self.store.url}",
             f"  backbone {self.spec.get('backbone', '?')}, dataset {self.spec.get('dataset', '?')}; "
             f"{len(self):,} images, {self.status_text()}",
-            f"  timesteps: {', '.join(_t_text(t) for t in self.timesteps)}",
+            f"  timesteps: {', '.join(timestep_text(t) for t in self.timesteps)}",
             f"  blocks (C x H x W): {blocks}",
             f"  dtype {self.attrs.get('dtype', '?')}, {self.chunk_rows:,} rows per chunk",
         ])
@@ -1262,7 +1262,8 @@ def _read_text(fs: Any, path: str) -> str:
         return "marker gone"
 
 
-def _t_text(t: int | None) -> str:
+def timestep_text(t: int | None) -> str:
+    """A timestep as the CLI spells it: "none" for a timestep-free run's None, else the integer."""
     return "none" if t is None else str(t)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.store import FeatureStore, Run, StoreError, parse_draws, timestep_key
+from featurestore.store import FeatureStore, Run, StoreError, parse_draws, timestep_key, timestep_text
 from featurestore.targets import RunTargets, run_targets
 from pipelines.analysis import draws_meaning, results_path, run_images, single_draw_dropped, write_json
 from pipelines.correspond.compute import (
@@ -130,8 +130,8 @@ def correspond_run(
     blocks = run.feature_blocks if blocks is None else list(blocks)
     for t in timesteps:
         if t not in run.timesteps:
-            raise StoreError(f"run {run.run_id} has no timestep {timestep_key(t).removeprefix('t')}; timesteps: "
-                             + ", ".join(timestep_key(s).removeprefix("t") for s in run.timesteps))
+            raise StoreError(f"run {run.run_id} has no timestep {timestep_text(t)}; timesteps: "
+                             + ", ".join(map(timestep_text, run.timesteps)))
     for b in blocks:
         if b not in run.blocks:
             raise StoreError(f"run {run.run_id} has no block {b!r}; blocks: {', '.join(run.blocks)}")

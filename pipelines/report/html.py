@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.store import timestep_text
 from pipelines.analysis.cka import CkaResult
 from pipelines.analysis.sweep import SweepResult
 from pipelines.correspond.compute import AVERAGES, THRESHOLDS
@@ -39,7 +40,6 @@ from pipelines.report.results import (
     collect_report,
     headline,
     joined,
-    label_t,
     pooling,
     variant_text,
 )
@@ -113,7 +113,7 @@ def pivot(values: Mapping[tuple[int | None, str], float], caption: str) -> Html:
             return "—"
         return tag("b", fmt(values[key])) if values[key] == best else values[key]
 
-    rows = [[label_t(t), *(value((t, b)) for b in blocks)] for t in timesteps]
+    rows = [[timestep_text(t), *(value((t, b)) for b in blocks)] for t in timesteps]
     return table(["t", *blocks], rows, caption, grid=True)
 
 
@@ -166,7 +166,7 @@ def render_store(doc: Mapping[str, Any]) -> Html:
         blocks = join(tag("div", f"{b} {'×'.join(map(str, chw))}", class_="nowrap") for b, chw in run["blocks"].items())
         rows.append([
             Html(tag("code", run["run_id"])), spec.get("backbone", "—"), spec.get("dataset", "—"),
-            ", ".join(map(label_t, run["timesteps"])), blocks, run["done"], run["failed"], run["pending"],
+            ", ".join(map(timestep_text, run["timesteps"])), blocks, run["done"], run["failed"], run["pending"],
             when(run["created"]), when(run["finished"]), Html(tag("code", short_digest(digest))), session_timings(run["sessions"]),
         ])
     headers = ["run", "backbone", "dataset", "timesteps", "blocks (C×H×W)", "done", "failed", "pending",
@@ -307,7 +307,7 @@ def render_heads(data: ReportData, item: Loaded) -> Html:
     rows = []
     for h in d["heads"]:
         name = tag("b", h["name"] + " (best on validation)") if h["name"] == d["best_head"] else h["name"]
-        rows.append([name, h["kind"], h["lr"], joined(f"t={label_t(t)} {b}" for t, b in h["keys"]), h["top1"],
+        rows.append([name, h["kind"], h["lr"], joined(f"t={timestep_text(t)} {b}" for t, b in h["keys"]), h["top1"],
                      h["top5"], h.get("val_top1"), f"{h.get('best_epoch', '—')} of {h.get('epochs', '—')}"])
     images = d["images"]
     best = next(h for h in d["heads"] if h["name"] == d["best_head"])
@@ -338,7 +338,7 @@ def render_fewshot(data: ReportData, item: Loaded) -> Html:
     rows = []
     for c in d["classifiers"]:
         by_shots = {s["shots"]: s for s in c["scores"]}
-        rows.append([c["name"], joined(f"t={label_t(t)} {b}" for t, b in c["keys"]),
+        rows.append([c["name"], joined(f"t={timestep_text(t)} {b}" for t, b in c["keys"]),
                      *(Html(tag("td", f"{by_shots[k]['mean']:.3f} ± {by_shots[k]['std']:.3f}", class_="num",
                                 data_sort=by_shots[k]["mean"])) if k in by_shots else "—" for k in shots)])
     caption = (f"top-1 on {d['test']} test images, mean ± std (ddof {d['std_ddof']}) over seeds "
@@ -380,7 +380,7 @@ def render_correspond(data: ReportData, item: Loaded) -> Html:
             for average in AVERAGES:
                 values = ([Html(tag("td", f"n/a (no {threshold})", class_="na"))] * len(alphas) if scores is None
                           else [scores[average][a] for a in alphas])
-                rows.append([label_t(m["timestep"]), m["block"], threshold, average, *values])
+                rows.append([timestep_text(m["timestep"]), m["block"], threshold, average, *values])
     caption = (f"PCK@α over {d['pairs']['scored']} of {d['pairs']['listed']} pairs ({d['points']['scored']} points); "
                f"{d['variants']['correct']}")
     notes = left_out_notes(d["pairs"], d["points"], d.get("blocks_left_out", ()))
@@ -413,7 +413,7 @@ def render_dense(data: ReportData, item: Loaded) -> Html:
         metrics = {"miou_seen": "mIoU seen", "miou_unseen": "mIoU unseen", "harmonic": "harmonic mean", "miou": "mIoU"}
     else:
         metrics = {"miou": "mIoU", "pixel_accuracy": "pixel accuracy"}
-    rows = [[h["name"], joined(f"t={label_t(t)} {b}" for t, b in h["keys"]), *(h[k] for k in metrics)]
+    rows = [[h["name"], joined(f"t={timestep_text(t)} {b}" for t, b in h["keys"]), *(h[k] for k in metrics)]
             for h in d["heads"]]
     images = d["images"]
     parts = [heading(data, item),

@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure as MplFigure
 
 from featurestore.inspect import inspect_store
-from featurestore.store import FeatureStore
+from featurestore.store import FeatureStore, timestep_text
 from pipelines.analysis import results_dir
 from pipelines.analysis.cka import CkaResult
 from pipelines.analysis.sweep import SweepResult, SweepRow
@@ -266,10 +266,6 @@ def numbers(values: Iterable[Any], what: str) -> None:
         raise ValueError(f"{what} are not all numbers")
 
 
-def label_t(t: int | None) -> str:
-    return "none" if t is None else str(t)
-
-
 def run_text(data: ReportData, run_id: str) -> str:
     return data.runs[run_id].describe()
 
@@ -318,9 +314,9 @@ def parse_sweep(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     figures = [sweep_figure(sweep, info, by, data.t_axis) for by in ("timestep", "block")
                if by == "block" or any(r.timestep is not None for r in sweep.rows)]
     best = max(sweep.rows, key=lambda r: r.linear_top1)
-    entry = Entry("sweep", [sweep.run_id], joined(label_t(r.timestep) for r in sweep.rows),
+    entry = Entry("sweep", [sweep.run_id], joined(timestep_text(r.timestep) for r in sweep.rows),
                   joined(r.block for r in sweep.rows), settings_text(sweep.settings),
-                  f"best linear-probe top-1 (test), at t={label_t(best.timestep)} {best.block}", best.linear_top1)
+                  f"best linear-probe top-1 (test), at t={timestep_text(best.timestep)} {best.block}", best.linear_top1)
     title = (f"sweep: {info.describe()}, {count(len({r.timestep for r in sweep.rows}), 'timestep')} x "
              f"{count(len({r.block for r in sweep.rows}), 'block')}, {pooling(sweep.pool)}")
     return Loaded(name, "sweep", sweep, title, entry, figures)
@@ -342,7 +338,7 @@ def sweep_panels(sweep: SweepResult, by: str) -> list[Panel]:
                                       if r.block == b and r.timestep is not None)) for b in blocks]
             panels.append(Panel(what, curves))
         else:
-            curves = [Curve(f"t={label_t(t)}", [(blocks.index(r.block), getattr(r, metric)) for r in sweep.rows
+            curves = [Curve(f"t={timestep_text(t)}", [(blocks.index(r.block), getattr(r, metric)) for r in sweep.rows
                                                 if r.timestep == t]) for t in timesteps]
             panels.append(Panel(what, curves, dict(enumerate(blocks))))
     return panels
@@ -382,7 +378,7 @@ def parse_cka(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     def side(run_id: str) -> str:  # a run, with its one timestep or one block when the grid has one
         ts = list(dict.fromkeys(k[1] for k in keys if k[0] == run_id))
         bs = list(dict.fromkeys(k[2] for k in keys if k[0] == run_id))
-        return "".join([run_text(data, run_id), f", t={label_t(ts[0])}" if len(ts) == 1 else "",
+        return "".join([run_text(data, run_id), f", t={timestep_text(ts[0])}" if len(ts) == 1 else "",
                         f", block {bs[0]}" if len(bs) == 1 else ""])
 
     title = f"linear CKA, {cka.grid} grid: {' vs '.join(map(side, run_ids))}"
@@ -392,7 +388,7 @@ def parse_cka(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     estimator = next(iter(ordered))
     off = [v for i, row in enumerate(ordered[estimator]) for j, v in enumerate(row)
            if v is not None and cka.views[cka.rows[i]] != cka.views[cka.cols[j]]]
-    entry = Entry("cka", run_ids, joined(map(label_t, timesteps)), joined(blocks),
+    entry = Entry("cka", run_ids, joined(map(timestep_text, timesteps)), joined(blocks),
                   settings_text(cka.settings, ["grid"]) or f"method={cka.method}",
                   f"mean linear CKA ({estimator}) of different views", float(np.mean(off)) if off else None)
     return Loaded(name, "cka", cka, title, entry,
@@ -403,7 +399,7 @@ def parse_cka(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
 def parse_probe(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     numbers([doc["top1"], doc["train_top1"]], "probe accuracies")
     check_class_metrics(doc, doc["test"])
-    t = label_t(doc["timestep"])
+    t = timestep_text(doc["timestep"])
     title = f"linear probe (logistic regression): {run_text(data, doc['run_id'])}, t={t}, {doc['block']}"
     entry = Entry("probe", [doc["run_id"]], t, doc["block"], settings_text(doc.get("settings") or {}),
                   "linear-probe top-1 (test)", doc["top1"])
@@ -431,7 +427,7 @@ def parse_heads(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     config = doc["config"]
     heads = {h["kind"] for h in doc["heads"]}
     title = f"trained heads ({', '.join(sorted(heads))}): {run_text(data, doc['run_id'])}"
-    entry = Entry("probe", list(doc["runs"]), joined(map(label_t, config["timesteps"])), joined(config["blocks"]),
+    entry = Entry("probe", list(doc["runs"]), joined(map(timestep_text, config["timesteps"])), joined(config["blocks"]),
                   settings_text(config, ["lrs", "expert_blocks"]),
                   f"top-1 (test) of {doc['best_head']}, chosen on validation", doc["top1"])
     return Loaded(name, "heads", doc, title, entry, heads_figures(doc, data.runs[doc["run_id"]]))
@@ -461,7 +457,7 @@ def heads_plot(doc: Mapping[str, Any], info: RunInfo, panel: Panel) -> MplFigure
 
 def parse_knn(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     numbers([*doc["top1"].values(), *doc["top5"].values()], "kNN accuracies")
-    t = label_t(doc["timestep"])
+    t = timestep_text(doc["timestep"])
     title = f"weighted kNN: {run_text(data, doc['run_id'])}, t={t}, {doc['block']}"
     k, top1 = max(doc["top1"].items(), key=lambda kv: kv[1])
     entry = Entry("knn", [doc["run_id"]], t, doc["block"], settings_text(doc.get("settings") or {}),
@@ -487,7 +483,7 @@ def parse_fewshot(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     keys = [k for c in doc["classifiers"] for k in c["keys"]]
     at_most = max(shots)
     top = max((s["mean"], c["name"]) for c in doc["classifiers"] for s in c["scores"] if s["shots"] == at_most)
-    entry = Entry("fewshot", list(doc["runs"]), joined(label_t(k[0]) for k in keys), joined(k[1] for k in keys),
+    entry = Entry("fewshot", list(doc["runs"]), joined(timestep_text(k[0]) for k in keys), joined(k[1] for k in keys),
                   settings_text(doc["config"], ["shots", "seeds", "lrs"] + (["train", "head_options"] if doc["head"]
                                                                             in ("logistic", "knn") else [])),
                   f"{at_most}-shot top-1, mean over {len(doc['seeds'])} seeds, best classifier ({top[1]})", top[0])
@@ -499,7 +495,7 @@ def parse_retrieve(name: str, path: Path, doc: dict, data: ReportData) -> Loaded
     q, g = doc["query"], doc["gallery"]
 
     def maps(s: Mapping[str, Any]) -> str:
-        return f"{run_text(data, s['run_id'])}, t={label_t(s['timestep'])}, {s['block']}"
+        return f"{run_text(data, s['run_id'])}, t={timestep_text(s['timestep'])}, {s['block']}"
 
     if maps(q) == maps(g):
         title = f"retrieval: {q['domain']} queries vs {g['domain']} gallery, {maps(q)}"
@@ -507,7 +503,7 @@ def parse_retrieve(name: str, path: Path, doc: dict, data: ReportData) -> Loaded
         title = f"retrieval: {q['domain']} queries ({maps(q)}) vs {g['domain']} gallery ({maps(g)})"
     title += f", split {doc['split']}" if doc.get("split") else ""
     metric, values = next(iter(doc["metrics"].items()))
-    entry = Entry("retrieve", list(doc["runs"]), joined([label_t(q["timestep"]), label_t(g["timestep"])]),
+    entry = Entry("retrieve", list(doc["runs"]), joined([timestep_text(q["timestep"]), timestep_text(g["timestep"])]),
                   joined([q["block"], g["block"]]), settings_text(doc.get("settings") or {}, ["query", "gallery"]),
                   f"{metric} ({variant_text(values)})", values["value"])
     return Loaded(name, "retrieve", doc, title, entry, pngs_of(path))
@@ -526,14 +522,14 @@ def parse_correspond(name: str, path: Path, doc: dict, data: ReportData) -> Load
             scores = m["pck"]["overall"][threshold]
             if scores is not None:
                 numbers([scores[average][str(a)] for average in scores for a in doc["alphas"]],
-                        f"PCK at t={label_t(m['timestep'])} {m['block']}")
+                        f"PCK at t={timestep_text(m['timestep'])} {m['block']}")
     alpha, threshold, best = correspond_headline(doc)
     maps = doc["maps"]
     title = (f"semantic correspondence (upsample {doc['upsample']}): {run_text(data, doc['run_id'])}, "
              f"{count(len(maps), 'map')}, {doc['pairs']['scored']} pairs")
-    entry = Entry("correspond", [doc["run_id"]], joined(label_t(m["timestep"]) for m in maps),
+    entry = Entry("correspond", [doc["run_id"]], joined(timestep_text(m["timestep"]) for m in maps),
                   joined(m["block"] for m in maps), settings_text(doc["settings"]),
-                  f"PCK@{alpha} per point, {threshold} threshold (best map, t={label_t(best['timestep'])} "
+                  f"PCK@{alpha} per point, {threshold} threshold (best map, t={timestep_text(best['timestep'])} "
                   f"{best['block']})", best["pck"]["overall"][threshold]["per_point"][alpha])
     return Loaded(name, "correspond", doc, title, entry)
 
@@ -554,7 +550,7 @@ def parse_other(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     numbers_ = headline(doc)
     score = next((v for k, v in numbers_.items() if k.startswith("top1") and isinstance(v, (int, float))), None)
     entry = Entry(name.split("/")[-1].split("-")[0].removesuffix(".json"), list(doc["runs"]),
-                  label_t(doc["timestep"]) if "timestep" in doc else "—", str(doc.get("block", "—")),
+                  timestep_text(doc["timestep"]) if "timestep" in doc else "—", str(doc.get("block", "—")),
                   settings_text(doc.get("settings") or {}), "top-1" if score is not None else "—", score)
     return Loaded(name, "other", doc, name, entry, pngs_of(path))
 
@@ -577,7 +573,7 @@ def parse_dense(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
     scored = [h for h in doc["heads"] if h[key] is not None]
     best = (min if doc["task"] == "depth" else max)(scored, key=lambda h: h[key]) if scored else None
     which = f"{label} of the best head ({best['name']})" if best else f"{label}: undefined for every head"
-    entry = Entry(doc["task"], list(doc["runs"]), joined(map(label_t, config["timesteps"])), joined(config["blocks"]),
+    entry = Entry(doc["task"], list(doc["runs"]), joined(map(timestep_text, config["timesteps"])), joined(config["blocks"]),
                   settings_text(config, ["train"]), which, best[key] if best else None)
     figures = []
     single = {(h["keys"][0][0], h["keys"][0][1]): h[key] for h in doc["heads"] if len(h["keys"]) == 1}
@@ -586,7 +582,7 @@ def parse_dense(name: str, path: Path, doc: dict, data: ReportData) -> Loaded:
         blocks = list(dict.fromkeys(b for _, b in single))
         matrix = [[single.get((t, b)) for b in blocks] for t in timesteps]
         fig = heatmap_figure(f"{info.backbone} on {info.dataset}\n{label} per (t, block)",
-                             {key: matrix}, [f"t={label_t(t)}" for t in timesteps], blocks, label)
+                             {key: matrix}, [f"t={timestep_text(t)}" for t in timesteps], blocks, label)
         figures.append(Figure(f"{label} per (t, block)", png(fig)))
     examples = path.parent / "examples.npz"
     if examples.is_file():

@@ -77,3 +77,28 @@ def test_unknown_test_label_is_never_right():
     x = l2_normalized(np.eye(3, dtype=np.float32))
     sims, indices = search_topk(x, x, 1)
     assert knn_accuracy(sims, indices, np.array([0, 1, 2]), np.array([0, 1, 9]), [1])[1] == pytest.approx((2 / 3, 2 / 3))
+
+
+def test_a_timestep_free_run_is_printed_as_the_cli_spells_it(tmp_path):
+    """knn and probe on an expert's run (timestep None) print t=none, the value --timestep takes."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from featurestore.store import FeatureStore
+
+    store = FeatureStore.open(str(tmp_path / "s.zarr"), mode="a")
+    n = 12
+    labels = np.arange(n) % 2
+    rows = store.add_images("toy", {"id": [f"i{i}" for i in range(n)], "label": labels,
+                                    "class_name": [f"c{v}" for v in labels],
+                                    "split": ["train" if i < 8 else "test" for i in range(n)],
+                                    "domain": ["x"] * n, "source": [f"i{i}" for i in range(n)]})
+    run = store.create_run({"name": "expert"}, arrays={"b": (2, 1, 1)}, timesteps=[None], rows=rows, chunk_rows=n,
+                           dtype="float32", provenance={})
+    values = np.random.default_rng(0).standard_normal((n, 2, 1, 1)).astype(np.float32) + labels[:, None, None, None]
+    run.write_chunk(0, {(None, "b"): values}, np.zeros(n, bool), [""] * n)
+    for command in (["knn", "--k", "3"], ["probe"]):
+        result = CliRunner().invoke(app, [command[0], str(tmp_path / "s.zarr"), "--block", "b", "--timestep", "none",
+                                          *command[1:], "--out", str(tmp_path / "r")])
+        assert result.exit_code == 0, result.output
+        assert "b t=none" in result.output and "None" not in result.output
