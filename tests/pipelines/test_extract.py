@@ -3,10 +3,6 @@ values against a direct computation, determinism, re-runs, resume after kill -9,
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import pytest
 import torch
 import zarr
 from PIL import Image
+from killed_extract import kill_extract_after
 from typer.testing import CliRunner
 
 from cli.main import EXIT_SOME_FAILED, app
@@ -116,18 +113,7 @@ def test_rerun_writes_nothing_and_a_changed_spec_is_a_new_run(tmp_path):
 def test_resume_after_kill_9_gives_the_uninterrupted_arrays(tmp_path):
     args = ["--dataset", "demo", "--limit", "512", "--timesteps", "50,400", "--chunk-rows", "32", "--batch-size", "16"]
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "extract", *args, "--store", str(killed)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2],
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(killed.glob("runs/*/done/c/*"))) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_extract_after(args, killed, done_chunks=3)
 
     status = json.loads(cli("inspect", killed, "--json").output)["runs"][0]
     assert 0 < status["done"] < 512 and status["pending"] > 0, status

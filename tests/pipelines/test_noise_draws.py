@@ -4,17 +4,12 @@ change a bit; `--ensemble K` is the float32 mean of the K draws; refusals are on
 run sizes scale by K."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from killed_extract import kill_extract_after
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -111,18 +106,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_draws(tmp_path):
     args = ["--dataset", "demo", "--limit", "384", "--timesteps", "50", "--blocks", "block2", "--noise-draws", "3",
             "--chunk-rows", "16", "--batch-size", "16"]
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "extract", *args, "--store", str(killed)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2],
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(killed.glob("runs/*/done/c/*"))) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_extract_after(args, killed, done_chunks=2)
     status = json.loads(cli("inspect", killed, "--json").output)["runs"][0]
     assert 0 < status["done"] < 384 and status["pending"] > 0, status
 
