@@ -4,36 +4,19 @@ inf/NaN of one draw is counted; deterministic noise and experts refuse it in one
 
 import hashlib
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from extract_helpers import BLOCKS, IMAGES, TIMESTEPS, config, only_run
 from typer.testing import CliRunner
 
 import pipelines.extract.runner as runner
 from cli.main import app
 from data_manifests.builders import DEMO_DIR
-from featurestore.store import FeatureStore
 from pipelines.extract.backbone import Backbone, create_backbone
 from pipelines.extract.noise import image_eps
-from pipelines.extract.runner import ExtractConfig, extract
-
-IMAGES = 6
-TIMESTEPS = [10, 300]
-BLOCKS = ["block1", "block3"]
-
-
-def config(store, **changes) -> ExtractConfig:
-    cfg = ExtractConfig(store=str(store), backbone="ddpm-mnist", dataset="demo", limit=IMAGES, timesteps=TIMESTEPS,
-                        blocks=BLOCKS, batch_size=4, chunk_rows=2, progress=False)
-    return replace(cfg, **changes)
-
-
-def only_run(store):
-    (run,) = FeatureStore.open(str(store)).runs()
-    return run
-
+from pipelines.extract.runner import extract
 
 def arrays(run) -> dict:
     return {(t, b): run.numpy(t, b) for t in run.timesteps for b in run.blocks}

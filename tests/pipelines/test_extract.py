@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from killed_extract import kill_extract_after
+from extract_helpers import kill_extract_after
 from typer.testing import CliRunner
 
 from cli.main import EXIT_SOME_FAILED, app

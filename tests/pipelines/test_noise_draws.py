@@ -4,12 +4,11 @@ change a bit; `--ensemble K` is the float32 mean of the K draws; refusals are on
 run sizes scale by K."""
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from killed_extract import kill_extract_after
+from extract_helpers import BLOCKS, IMAGES, TIMESTEPS, config, kill_extract_after, only_run
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -17,23 +16,7 @@ from data_manifests.builders import DEMO_DIR
 from featurestore.store import FeatureStore
 from pipelines.extract.backbone import create_backbone
 from pipelines.extract.noise import image_eps
-from pipelines.extract.runner import ExtractConfig, dry_run, extract
-
-IMAGES = 6
-TIMESTEPS = [10, 300]
-BLOCKS = ["block1", "block3"]
-
-
-def config(store, **changes) -> ExtractConfig:
-    cfg = ExtractConfig(store=str(store), backbone="ddpm-mnist", dataset="demo", limit=IMAGES, timesteps=TIMESTEPS,
-                        blocks=BLOCKS, batch_size=4, chunk_rows=2, progress=False)
-    return replace(cfg, **changes)
-
-
-def only_run(store):
-    (run,) = FeatureStore.open(str(store)).runs()
-    return run
-
+from pipelines.extract.runner import dry_run, extract
 
 def raw(run) -> dict:
     """Every (t, block) array as stored, draw axis included."""

@@ -1,5 +1,6 @@
-"""An extraction killed with SIGKILL once it has finished some chunks: the start of every
-resume-after-kill test."""
+"""Helpers of the extraction tests: a small demo spec (`config`), the one run of a store, and an
+extraction killed with SIGKILL once it has finished some chunks (the start of every
+resume-after-kill test)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,28 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from featurestore.store import FeatureStore, Run
+from pipelines.extract.runner import ExtractConfig
+
 ROOT = Path(__file__).resolve().parents[2]
+IMAGES = 6
+TIMESTEPS = [10, 300]
+BLOCKS = ["block1", "block3"]
+
+
+def config(store: Path, **changes) -> ExtractConfig:
+    """ddpm-mnist on the first IMAGES demo digits at TIMESTEPS, BLOCKS; chunks of 2 rows, batches of 4."""
+    cfg = ExtractConfig(store=str(store), backbone="ddpm-mnist", dataset="demo", limit=IMAGES, timesteps=TIMESTEPS,
+                        blocks=BLOCKS, batch_size=4, chunk_rows=2, progress=False)
+    return replace(cfg, **changes)
+
+
+def only_run(store: Path) -> Run:
+    (run,) = FeatureStore.open(str(store)).runs()
+    return run
 
 
 def kill_extract_after(args: list[str], store: Path, done_chunks: int, timeout: float = 120) -> None:
