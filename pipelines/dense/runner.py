@@ -121,8 +121,7 @@ class PredictionWriter:
         output_path(folder, "--save-predictions", "folder")
         if folder.exists() and any(folder.iterdir()):
             raise ValueError(f"--save-predictions {folder} is not empty: give a new or empty folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
+        self.folder = folder  # made by the first prediction, so a run refused before it leaves no folder
         self.index: dict[str, str] = {}
         self.files: set[str] = set()
 
@@ -136,9 +135,11 @@ class PredictionWriter:
             raise ValueError(f"two test images map to the prediction file {name} (id {image_id!r})")
         self.files.add(name)
         self.index[image_id] = name
+        self.folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pred.astype(np.uint8), mode="L").save(self.folder / name)
 
     def close(self) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "index.csv"
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)

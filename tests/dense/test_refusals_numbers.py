@@ -48,6 +48,13 @@ def test_a_diverged_head_is_refused_and_nothing_is_saved(store, tmp_path, one_to
                    "nothing saved")
 
 
+def test_a_diverged_head_leaves_no_predictions_folder(store, tmp_path, one_torch_thread):
+    result = invoke("segment", store, "--block", "fine", "--timestep", "0", "--lr", "1e6", "--epochs", "2",
+                    "--batch-size", "1", "--quiet", "--out", tmp_path / "r", "--save-predictions", tmp_path / "p")
+    assert_refused(result, tmp_path / "r", "diverged at epoch 1")
+    assert not (tmp_path / "p").exists()
+
+
 class OnePass:
     """The part of StoreBatches that train_dense reads: the same two batches every epoch."""
 
