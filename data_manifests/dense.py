@@ -121,24 +121,33 @@ def voc2012(root: Path, name: str, splits: tuple[str, ...] = ("train", "val")) -
     return _with_mask(_manifest(name, root, NO_IMAGE_LABEL, rows), mask_sources, "voc-palette", VOC_CLASSES)
 
 
+def _paired_folders(root: Path, images: str, annotations: str, folders: tuple[tuple[str, str], ...], name: str,
+                    what: str) -> tuple[list[tuple[str, int, str, str]], list[str]]:
+    """Rows (source, label 0, split, "photo") of every `root/<images>/<folder>/*.jpg` and the mask
+    source `<annotations>/<folder>/<stem>.png` of each, for (folder, split) in `folders`.
+    ManifestError (one line) for a missing folder or images without their `what`."""
+    rows, masks, missing = [], [], []
+    for folder, split in folders:
+        layout = f"{images}/{folder}/ and {annotations}/{folder}/ under the {name} root"
+        labelled = set(_files(_folder(root / annotations / folder, name, layout), ".png"))
+        for file in _files(_folder(root / images / folder, name, layout), ".jpg"):
+            stem = file.removesuffix(".jpg")
+            if f"{stem}.png" not in labelled:
+                missing.append(file)
+            rows.append((f"{images}/{folder}/{file}", 0, split, "photo"))
+            masks.append(f"{annotations}/{folder}/{stem}.png")
+    _without(what, missing, name)
+    return rows, masks
+
+
 def ade20k(root: Path, name: str) -> Manifest:
     """ADE20K SceneParsing (150 classes): `root/ADEChallengeData2016/images/{training,validation}/*.jpg`
     with `annotations/<same folder>/<stem>.png` (0 = other, ignored; 1..150 -> classes 0..149).
     Splits: training -> train, validation -> val."""
-    base = _folder(root / "ADEChallengeData2016", name,
-                   "the folder holding ADEChallengeData2016/ (images/ and annotations/, each with training/ "
-                   "and validation/)")
-    rows, masks, missing = [], [], []
-    for folder, split in (("training", "train"), ("validation", "val")):
-        layout = f"ADEChallengeData2016/images/{folder} and ADEChallengeData2016/annotations/{folder}"
-        labelled = set(_files(_folder(base / "annotations" / folder, name, layout), ".png"))
-        for file in _files(_folder(base / "images" / folder, name, layout), ".jpg"):
-            stem = file.removesuffix(".jpg")
-            if f"{stem}.png" not in labelled:
-                missing.append(file)
-            rows.append((f"ADEChallengeData2016/images/{folder}/{file}", 0, split, "photo"))
-            masks.append(f"ADEChallengeData2016/annotations/{folder}/{stem}.png")
-    _without("annotation PNG", missing, name)
+    _folder(root / "ADEChallengeData2016", name,
+            "the folder holding ADEChallengeData2016/ (images/ and annotations/, each with training/ and validation/)")
+    rows, masks = _paired_folders(root, "ADEChallengeData2016/images", "ADEChallengeData2016/annotations",
+                                  (("training", "train"), ("validation", "val")), name, "annotation PNG")
     return _with_mask(_manifest(name, root, NO_IMAGE_LABEL, rows), masks, "ade20k", ADE20K_CLASSES)
 
 
@@ -171,17 +180,8 @@ def coco_stuff(root: Path, name: str, annotations: str = "annotations") -> Manif
     with `root/<annotations>/<same folder>/<stem>.png` from stuffthingmaps_trainval2017.zip (COCO id
     - 1, 255 unlabeled; mmsegmentation's `_labelTrainIds.png` conversions beside them are not read).
     Splits: train2017 -> train, val2017 -> val."""
-    rows, masks, missing = [], [], []
-    for folder, split in (("train2017", "train"), ("val2017", "val")):
-        layout = f"images/{folder}/ and {annotations}/{folder}/ (stuffthingmaps PNGs) under the COCO-Stuff root"
-        labelled = set(_files(_folder(root / annotations / folder, name, layout), ".png"))
-        for file in _files(_folder(root / "images" / folder, name, layout), ".jpg"):
-            stem = file.removesuffix(".jpg")
-            if f"{stem}.png" not in labelled:
-                missing.append(file)
-            rows.append((f"images/{folder}/{file}", 0, split, "photo"))
-            masks.append(f"{annotations}/{folder}/{stem}.png")
-    _without("stuffthingmaps PNG", missing, name)
+    rows, masks = _paired_folders(root, "images", annotations, (("train2017", "train"), ("val2017", "val")), name,
+                                  "stuffthingmaps PNG")
     return _with_mask(_manifest(name, root, NO_IMAGE_LABEL, rows), masks, "coco-stuff-171", COCO_STUFF_CLASSES)
 
 
